@@ -1,0 +1,86 @@
+"""The backend protocol and the :class:`Check` it is given.
+
+A backend answers for *all* levels of one request at once: :meth:`Backend.hit` admits the
+request only if every check passes, and then consumes at every level; otherwise it consumes
+nothing anywhere. Backends are plain objects you build and pass in: no registry, no URLs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from ..decision import Decision, Verdict
+from ..keys import Identity
+from ..policy import Policy
+
+__all__ = ["Backend", "Check"]
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One level of one request: which policy, at which scope, for which identity, at what cost.
+
+    ``identity`` is hashed into the storage key (see :mod:`fastapi_ratelimit.keys`); the global
+    level uses the empty identity. ``cost`` is the number of units to consume (or, for
+    :meth:`Backend.refund`, to give back).
+    """
+
+    policy: Policy
+    scope: str
+    identity: Identity = ""
+    cost: int = 1
+
+    def __post_init__(self) -> None:
+        cost = self.cost
+        if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
+            raise ValueError(f"Check.cost must be a whole number >= 1, got {cost!r}")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Where rate-limit state lives. Implementations: ``MemoryBackend``, ``RedisBackend``."""
+
+    async def hit(self, checks: Sequence[Check]) -> Verdict:
+        """Check every level and consume at all of them, or at none (all-or-nothing)."""
+        ...
+
+    async def peek(self, checks: Sequence[Check]) -> Verdict:
+        """What :meth:`hit` would answer, without consuming anything. ``remaining`` is the
+        current count."""
+        ...
+
+    async def refund(self, checks: Sequence[Check]) -> None:
+        """Give back ``check.cost`` units at each level (never above the full quota)."""
+        ...
+
+    async def reset(self, checks: Sequence[Check]) -> None:
+        """Forget all state of these levels for these identities."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections. The backend must not be used afterwards."""
+        ...
+
+
+def make_decision(
+    check: Check, allowed: bool, remaining: int, reset_us: int, retry_us: int
+) -> Decision:
+    """Shared by the backends, so both turn microseconds into a Decision identically."""
+    return Decision(
+        allowed,
+        check.policy.limit,
+        remaining if remaining > 0 else 0,
+        reset_us / 1_000_000,
+        retry_us / 1_000_000,
+        check.policy.name,
+        check.scope,
+    )
+
+
+def ensure_distinct(keys: Sequence[str]) -> None:
+    # Two checks on one key would both read the same state and the second write would
+    # overwrite the first: refuse rather than undercount.
+    if len(set(keys)) != len(keys):
+        raise ValueError("the same policy, scope and identity appear twice in one check")

@@ -1,0 +1,217 @@
+"""The embedded default backend: all state in one bounded dict in this process.
+
+Atomicity comes from never awaiting inside a read-modify-write: every public coroutine runs
+to completion in one step of the event loop, so no per-key locks are needed. Memory is
+bounded by ``max_keys``: when full, expired keys are swept first (a full pass, amortised over
+at least ``max_keys // 8`` insertions), then the least recently used key is evicted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from typing import Any
+
+from ..algorithms import fixed_window as fw
+from ..algorithms import gcra as gc
+from ..algorithms import sliding_window_counter as sc
+from ..algorithms import sliding_window_log as sl
+from ..algorithms import token_bucket as tb
+from ..algorithms._base import Evaluation
+from ..clock import Clock, SystemClock
+from ..decision import Decision, Verdict
+from ..errors import ConfigurationError
+from ..keys import KeyBuilder
+from ..policy import Algorithm
+from .base import Check, ensure_distinct, make_decision
+
+__all__ = ["MemoryBackend"]
+
+_FW, _SL, _SC, _TB, _GC = (
+    Algorithm.FIXED_WINDOW,
+    Algorithm.SLIDING_WINDOW_LOG,
+    Algorithm.SLIDING_WINDOW_COUNTER,
+    Algorithm.TOKEN_BUCKET,
+    Algorithm.GCRA,
+)
+#: Expired keys dropped from the LRU end on each insert: keeps memory trending down without a
+#: background task.
+_OPPORTUNISTIC_EXPIRY = 2
+
+
+class MemoryBackend:
+    """In-process rate-limit state. Fast, exact, and shared by nothing outside this process.
+
+    Args:
+        max_keys: most keys kept at once (default 100,000; about 200-400 bytes each).
+        clock: time source; tests pass a :class:`~fastapi_ratelimit.clock.FakeClock`.
+        prefix: key prefix (keys are hashed, see :mod:`fastapi_ratelimit.keys`).
+        key_secret: optional secret for the key hash.
+        ttl_margin: seconds kept past the point where a key stops mattering.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_keys: int = 100_000,
+        clock: Clock | None = None,
+        prefix: str = "rl",
+        key_secret: bytes | None = None,
+        ttl_margin: float = 1.0,
+    ) -> None:
+        if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
+            raise ConfigurationError("max_keys", max_keys, "must be a whole number >= 1")
+        if not (isinstance(ttl_margin, (int, float)) and 0 <= ttl_margin <= 60):
+            raise ConfigurationError("ttl_margin", ttl_margin, "must be between 0 and 60 seconds")
+        self._max_keys = max_keys
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._keys = KeyBuilder(prefix, secret=key_secret)
+        self._margin_us = round(ttl_margin * 1_000_000)
+        # key -> [expires_at_us, state]; insertion order is recency order (LRU first).
+        self._data: OrderedDict[str, list[Any]] = OrderedDict()
+        self._sweep_credit = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    @property
+    def max_keys(self) -> int:
+        return self._max_keys
+
+    async def hit(self, checks: Sequence[Check]) -> Verdict:
+        return self._check(checks, commit=True)
+
+    async def peek(self, checks: Sequence[Check]) -> Verdict:
+        return self._check(checks, commit=False)
+
+    async def refund(self, checks: Sequence[Check]) -> None:
+        now = self._clock.now_us()
+        for check in checks:
+            key = self._key(check)
+            state = self._get(key, now)
+            if state is None:
+                continue
+            policy = check.policy
+            rate = policy.rate
+            algorithm = policy.algorithm
+            if algorithm is _SL:
+                sl.refund(state, check.cost)
+                if not state:
+                    del self._data[key]
+                continue
+            if algorithm is _FW:
+                state = fw.refund(state, now, rate.period_us, check.cost)
+            elif algorithm is _SC:
+                state = sc.refund(state, now, rate.period_us, check.cost)
+            elif algorithm is _TB:
+                state = tb.refund(state, now, rate.limit, rate.period_us, rate.capacity, check.cost)
+            else:
+                state = gc.refund(state, now, rate.limit, rate.period_us, check.cost)
+            # Refunds keep the key's expiry: the state now needs less time, never more.
+            self._data[key][1] = state
+
+    async def reset(self, checks: Sequence[Check]) -> None:
+        for check in checks:
+            self._data.pop(self._key(check), None)
+
+    async def aclose(self) -> None:
+        self._data.clear()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _key(self, check: Check) -> str:
+        policy = check.policy
+        return self._keys.key(check.scope, policy.name, policy.algorithm.code, check.identity)
+
+    def _get(self, key: str, now: int) -> Any:
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= now:
+            del self._data[key]
+            return None
+        return entry[1]
+
+    def _check(self, checks: Sequence[Check], *, commit: bool) -> Verdict:
+        now = self._clock.now_us()
+        keys = [self._key(c) for c in checks]
+        if len(keys) > 1:
+            ensure_distinct(keys)
+        evaluations: list[tuple[Evaluation, Any]] = []
+        all_allowed = True
+        for check, key in zip(checks, keys, strict=True):
+            state = self._get(key, now)
+            evaluation = self._evaluate(check, state, now)
+            evaluations.append((evaluation, state))
+            all_allowed = all_allowed and evaluation.allowed
+        consume = commit and all_allowed
+        decisions: list[Decision] = []
+        for check, key, (ev, state) in zip(checks, keys, evaluations, strict=True):
+            if consume:
+                self._store(check, key, ev, state, now)
+                remaining = math.floor(ev.available - check.cost)
+                reset_us = ev.reset_commit_us
+            else:
+                remaining = math.floor(ev.available)
+                reset_us = ev.reset_keep_us
+            decisions.append(make_decision(check, ev.allowed, remaining, reset_us, ev.retry_us))
+        return Verdict(tuple(decisions))
+
+    @staticmethod
+    def _evaluate(check: Check, state: Any, now: int) -> Evaluation:
+        policy = check.policy
+        rate = policy.rate
+        algorithm = policy.algorithm
+        if algorithm is _SC:
+            return sc.evaluate(state, now, rate.limit, rate.period_us, check.cost)
+        if algorithm is _GC:
+            return gc.evaluate(state, now, rate.limit, rate.period_us, rate.capacity, check.cost)
+        if algorithm is _TB:
+            return tb.evaluate(state, now, rate.limit, rate.period_us, rate.capacity, check.cost)
+        if algorithm is _FW:
+            return fw.evaluate(state, now, rate.limit, rate.period_us, check.cost)
+        log = state if state is not None else deque()
+        sl.trim(log, now, rate.period_us)
+        return sl.evaluate(log, now, rate.limit, rate.period_us, check.cost)
+
+    def _store(self, check: Check, key: str, ev: Evaluation, state: Any, now: int) -> None:
+        if check.policy.algorithm is _SL:
+            log = state if state is not None else deque()
+            log.extend([now] * check.cost)
+            new_state: Any = log
+        else:
+            new_state = ev.new_state
+        expires = now + ev.ttl_us + self._margin_us
+        entry = self._data.get(key)
+        if entry is not None:
+            entry[0] = expires
+            entry[1] = new_state
+            self._data.move_to_end(key)
+            return
+        self._make_room(now)
+        self._data[key] = [expires, new_state]
+
+    def _make_room(self, now: int) -> None:
+        data = self._data
+        # Cheap, incremental expiry: the least recently written keys are the likeliest to be
+        # expired.
+        for _ in range(_OPPORTUNISTIC_EXPIRY):
+            if not data:
+                break
+            oldest_key = next(iter(data))
+            if data[oldest_key][0] > now:
+                break
+            del data[oldest_key]
+        if len(data) < self._max_keys:
+            return
+        if self._sweep_credit <= 0:
+            expired = [k for k, entry in data.items() if entry[0] <= now]
+            for k in expired:
+                del data[k]
+            # The next full sweep waits for at least max_keys/8 evictions: amortised O(1).
+            self._sweep_credit = max(len(expired), self._max_keys // 8, 1)
+            if len(data) < self._max_keys:
+                return
+        data.popitem(last=False)
+        self._sweep_credit -= 1

@@ -1,0 +1,312 @@
+"""Redis backend on ``redis.asyncio``: standalone, Sentinel and Cluster.
+
+Every request's levels go to Redis in ONE ``EVALSHA`` of the multi-level script (see
+``lua/_main.lua``), which decides all-or-nothing: if any level denies, no level consumes.
+Time comes from ``redis.call('TIME')``, so app servers with skewed clocks agree.
+
+Redis Cluster: the keys of different identities hash to different slots, and one script may
+only touch one slot. There the backend runs one script call per slot, concurrently, and when
+some slot denies, it refunds the slots that consumed. Between the consume and the refund
+(one round trip) a concurrent request may see those levels slightly fuller than they are:
+it can be denied early, never admitted past a limit.
+
+Connections: the number of calls in flight is bounded (``max_in_flight``), so a burst of
+thousands of requests waits for a connection instead of failing with ``MaxConnectionsError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.crc import key_slot
+from redis.exceptions import RedisError
+
+from ..clock import Clock
+from ..decision import Decision, Verdict
+from ..errors import BackendError, ConfigurationError
+from ..keys import KeyBuilder
+from ._scripts import multi_level_script
+from .base import Check, ensure_distinct, make_decision
+
+__all__ = ["RedisBackend"]
+
+_Mode = Literal["h", "p", "r"]
+_CREDENTIALS_RE = re.compile(r"(?<=://)[^@/\s]*@")
+
+
+class RedisBackend:
+    """Rate-limit state in Redis.
+
+    Args:
+        client: a ``redis.asyncio.Redis`` (standalone or from a Sentinel's ``master_for``) or a
+            ``redis.asyncio.cluster.RedisCluster``. The backend does not close a client it was
+            given; use :meth:`from_url` or :meth:`from_sentinel` to let it own one.
+        prefix: key prefix.
+        key_secret: optional secret for the identifier hash (see :mod:`fastapi_ratelimit.keys`).
+        timeout: seconds allowed for one Redis call; ``None`` for no limit. A call that runs
+            over raises :class:`~fastapi_ratelimit.errors.BackendError`.
+        max_in_flight: most concurrent Redis calls; further ones wait their turn.
+        ttl_margin: seconds every key lives past the point where its state stops mattering.
+        clock: **tests only.** Send this clock's time instead of using Redis ``TIME``, so the
+            same scenario can run against the memory backend.
+    """
+
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        *,
+        prefix: str = "rl",
+        key_secret: bytes | None = None,
+        timeout: float | None = 0.25,
+        max_in_flight: int = 64,
+        ttl_margin: float = 1.0,
+        clock: Clock | None = None,
+        _owns_client: bool = False,
+        _redacted_url: str = "",
+    ) -> None:
+        if not isinstance(client, (Redis, RedisCluster)):
+            raise ConfigurationError(
+                "client", type(client).__name__, "must be a redis.asyncio Redis or RedisCluster"
+            )
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ConfigurationError("timeout", timeout, "must be a number of seconds > 0 or None")
+        if (
+            isinstance(max_in_flight, bool)
+            or not isinstance(max_in_flight, int)
+            or max_in_flight < 1
+        ):
+            raise ConfigurationError("max_in_flight", max_in_flight, "must be a whole number >= 1")
+        if not (isinstance(ttl_margin, (int, float)) and 0 <= ttl_margin <= 60):
+            raise ConfigurationError("ttl_margin", ttl_margin, "must be between 0 and 60 seconds")
+        self._client = client
+        self._cluster = isinstance(client, RedisCluster)
+        self._keys = KeyBuilder(prefix, secret=key_secret)
+        self._timeout = timeout
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._margin_ms = str(round(ttl_margin * 1000))
+        self._clock = clock
+        self._owns_client = _owns_client
+        self._redacted_url = _redacted_url
+        # One AsyncScript per client: EVALSHA, reloaded automatically after SCRIPT FLUSH.
+        self._script = client.register_script(multi_level_script())
+
+    # -- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        cluster: bool = False,
+        max_connections: int = 64,
+        socket_timeout: float | None = 1.0,
+        **options: Any,
+    ) -> RedisBackend:
+        """Build a backend that owns its client.
+
+        ``url`` is a ``redis://`` or ``rediss://`` URL; ``cluster=True`` treats it as one node
+        of a Redis Cluster. The pool holds at most ``max_connections`` connections and callers
+        wait for a free one rather than fail. Remaining ``options`` go to :class:`RedisBackend`.
+        """
+        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigurationError(
+                "url", redact_url(str(url)), "must start with redis://, rediss:// or unix://"
+            )
+        client: Redis | RedisCluster
+        if cluster:
+            client = RedisCluster.from_url(
+                url, max_connections=max_connections, socket_timeout=socket_timeout
+            )
+        else:
+            pool = BlockingConnectionPool.from_url(
+                url, max_connections=max_connections, socket_timeout=socket_timeout, timeout=None
+            )
+            client = Redis(connection_pool=pool)
+        options.setdefault("max_in_flight", max_connections)
+        return cls(client, _owns_client=True, _redacted_url=redact_url(url), **options)
+
+    @classmethod
+    def from_sentinel(
+        cls,
+        sentinels: Sequence[tuple[str, int]],
+        service_name: str,
+        *,
+        password: str | None = None,
+        sentinel_password: str | None = None,
+        db: int = 0,
+        socket_timeout: float | None = 1.0,
+        **options: Any,
+    ) -> RedisBackend:
+        """Build a backend that follows the master of ``service_name`` through Sentinel."""
+        if not sentinels:
+            raise ConfigurationError("sentinels", sentinels, "needs at least one (host, port)")
+        sentinel_kwargs = {"password": sentinel_password} if sentinel_password else {}
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(sentinels),
+            sentinel_kwargs=sentinel_kwargs,
+            password=password,
+            db=db,
+            socket_timeout=socket_timeout,
+        )
+        client = sentinel.master_for(service_name)
+        shown = ",".join(f"{h}:{p}" for h, p in sentinels)
+        return cls(
+            client, _owns_client=True, _redacted_url=f"sentinel://{shown}/{service_name}", **options
+        )
+
+    def __repr__(self) -> str:
+        kind = "cluster" if self._cluster else "standalone"
+        return (
+            f"RedisBackend({kind}, {self._redacted_url or 'client'}, prefix={self._keys.prefix!r})"
+        )
+
+    @property
+    def client(self) -> Redis | RedisCluster:
+        return self._client
+
+    @property
+    def key_builder(self) -> KeyBuilder:
+        return self._keys
+
+    def key_for(self, check: Check) -> str:
+        """The Redis key that holds ``check``'s state (for operators and tests)."""
+        policy = check.policy
+        return self._keys.key(check.scope, policy.name, policy.algorithm.code, check.identity)
+
+    # -- the Backend protocol ----------------------------------------------------------------
+
+    async def hit(self, checks: Sequence[Check]) -> Verdict:
+        return await self._run("h", checks)
+
+    async def peek(self, checks: Sequence[Check]) -> Verdict:
+        return await self._run("p", checks)
+
+    async def refund(self, checks: Sequence[Check]) -> None:
+        if checks:
+            await self._run("r", checks)
+
+    async def reset(self, checks: Sequence[Check]) -> None:
+        keys = [self.key_for(c) for c in checks]
+        if not keys:
+            return
+        if self._cluster:
+            # DEL of keys in several slots is a CROSSSLOT error: one DEL per slot.
+            by_slot: dict[int, list[str]] = defaultdict(list)
+            for key in keys:
+                by_slot[key_slot(key.encode())].append(key)
+            await asyncio.gather(
+                *(self._call("reset", self._client.delete, *ks) for ks in by_slot.values())
+            )
+        else:
+            await self._call("reset", self._client.delete, *keys)
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    async def _run(self, mode: _Mode, checks: Sequence[Check]) -> Verdict:
+        if not checks:
+            return Verdict(())
+        keys = [self.key_for(c) for c in checks]
+        if len(keys) > 1:
+            ensure_distinct(keys)
+        if not self._cluster:
+            return Verdict(tuple(await self._eval(mode, checks, keys)))
+        by_slot: dict[int, list[int]] = defaultdict(list)
+        for index, key in enumerate(keys):
+            by_slot[key_slot(key.encode())].append(index)
+        if len(by_slot) == 1:
+            return Verdict(tuple(await self._eval(mode, checks, keys)))
+        return await self._run_per_slot(mode, checks, keys, list(by_slot.values()))
+
+    async def _run_per_slot(
+        self, mode: _Mode, checks: Sequence[Check], keys: list[str], groups: list[list[int]]
+    ) -> Verdict:
+        results = await asyncio.gather(
+            *(self._eval(mode, [checks[i] for i in g], [keys[i] for i in g]) for g in groups),
+            return_exceptions=True,
+        )
+        committed = [
+            g
+            for g, r in zip(groups, results, strict=True)
+            if mode == "h" and isinstance(r, list) and all(d.allowed for d in r)
+        ]
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        decisions: list[Decision | None] = [None] * len(checks)
+        for group, result in zip(groups, results, strict=True):
+            if isinstance(result, list):
+                for i, decision in zip(group, result, strict=True):
+                    decisions[i] = decision
+        all_allowed = failure is None and all(d is not None and d.allowed for d in decisions)
+        if mode == "h" and not all_allowed and committed:
+            # Another slot refused (or failed): give back what the passing slots consumed.
+            undo = [i for g in committed for i in g]
+            await self._eval("r", [checks[i] for i in undo], [keys[i] for i in undo])
+            for i in undo:
+                d = decisions[i]
+                assert d is not None
+                decisions[i] = Decision(
+                    d.allowed,
+                    d.limit,
+                    d.remaining + checks[i].cost,
+                    d.reset_after,
+                    d.retry_after,
+                    d.policy,
+                    d.scope,
+                )
+        if failure is not None:
+            raise failure
+        return Verdict(tuple(d for d in decisions if d is not None))
+
+    async def _eval(self, mode: _Mode, checks: Sequence[Check], keys: list[str]) -> list[Decision]:
+        now = "" if self._clock is None else str(self._clock.now_us())
+        args: list[str | int] = [mode, now, self._margin_ms]
+        for check in checks:
+            policy = check.policy
+            rate = policy.rate
+            args += (policy.algorithm.code, rate.limit, rate.period_us, rate.capacity, check.cost)
+        reply = await self._call("script", self._script, keys, args)
+        if mode == "r":
+            return []
+        return [
+            make_decision(check, reply[j] == 1, reply[j + 1], reply[j + 2], reply[j + 3])
+            for check, j in zip(checks, range(0, 4 * len(checks), 4), strict=True)
+        ]
+
+    async def _call(self, operation: str, function: Any, *args: Any) -> Any:
+        try:
+            async with self._slots:
+                if self._timeout is None:
+                    return await function(*args)
+                async with asyncio.timeout(self._timeout):
+                    return await function(*args)
+        except TimeoutError as exc:
+            raise BackendError(
+                f"Redis {operation} timed out after {self._timeout}s ({self._where()})"
+            ) from exc
+        except (RedisError, OSError) as exc:
+            raise BackendError(
+                f"Redis {operation} failed: {type(exc).__name__}: {_scrub(str(exc))} "
+                f"({self._where()})"
+            ) from exc
+
+    def _where(self) -> str:
+        return self._redacted_url or ("cluster" if self._cluster else "client")
+
+
+def redact_url(url: str) -> str:
+    """``redis://user:secret@host:6379/0`` -> ``redis://***@host:6379/0``."""
+    return _CREDENTIALS_RE.sub("***@", url)
+
+
+def _scrub(message: str) -> str:
+    return redact_url(message)[:300]

@@ -1,0 +1,72 @@
+"""The result of a rate-limit check."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["Decision", "Verdict"]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One level's answer for one request.
+
+    Attributes:
+        allowed: whether this level admits the request.
+        limit: the quota of the policy (burst capacity for token bucket and GCRA).
+        remaining: units left after this request (never negative). When the request as a whole
+            was denied, nothing was consumed and this is the unchanged count.
+        reset_after: seconds until the quota is fully restored (0 when nothing is used).
+        retry_after: seconds until a request of the same cost could pass; > 0 exactly when denied.
+        policy: the policy name.
+        scope: the level (``"global"``, ``"ip"``, ``"user"``, ``"user+endpoint"``, ...).
+    """
+
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_after: float
+    retry_after: float
+    policy: str
+    scope: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The answer for all levels of one request, decided atomically.
+
+    ``allowed`` is true only when every level admits the request; otherwise no level consumed
+    anything. ``decisions`` are in the order the checks were given.
+    """
+
+    decisions: tuple[Decision, ...]
+
+    @classmethod
+    def of(cls, decisions: Sequence[Decision]) -> Verdict:
+        return cls(tuple(decisions))
+
+    @property
+    def allowed(self) -> bool:
+        return all(d.allowed for d in self.decisions)
+
+    @property
+    def denied(self) -> tuple[Decision, ...]:
+        """The levels that refused the request."""
+        return tuple(d for d in self.decisions if not d.allowed)
+
+    @property
+    def retry_after(self) -> float:
+        """Seconds until every denying level would admit the request (0 when allowed)."""
+        return max((d.retry_after for d in self.decisions), default=0.0)
+
+    @property
+    def binding(self) -> Decision | None:
+        """The most restrictive level: the denying one with the longest wait or, when the
+        request passed, the one with the smallest share of its quota left."""
+        if not self.decisions:
+            return None
+        denied = self.denied
+        if denied:
+            return max(denied, key=lambda d: d.retry_after)
+        return min(self.decisions, key=lambda d: (d.remaining / d.limit, d.remaining))
