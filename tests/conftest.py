@@ -9,8 +9,8 @@ environment variable ``CI`` is ``"true"``.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
-from typing import NoReturn
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, NoReturn
 
 import pytest
 import pytest_asyncio
@@ -19,6 +19,8 @@ import redis.asyncio
 
 # tests/ has no __init__.py: pytest (rootdir/prepend import mode) puts tests/ on sys.path.
 from servers import RedisCluster, RedisSentinelSetup, RedisServer, redis_server_binary
+
+from fastapi_ratelimit import Backend, MemoryBackend, RedisBackend
 
 
 def _unavailable(reason: str, details: str = "") -> NoReturn:
@@ -136,3 +138,54 @@ def cluster_url(redis_cluster: RedisCluster) -> str:
         with redis.Redis(host=node.host, port=node.port) as client:
             client.flushall()
     return redis_cluster.url
+
+
+# -- backends under test -------------------------------------------------------------------------
+
+BackendFactory = Callable[..., Backend]
+
+#: Every backend kind the contract suite runs against. Markers let `-m "not redis"` skip the
+#: ones that need servers.
+BACKEND_KINDS = [
+    pytest.param("memory", id="memory"),
+    pytest.param("redis", id="redis", marks=pytest.mark.redis),
+    pytest.param("cluster", id="cluster", marks=[pytest.mark.redis, pytest.mark.cluster]),
+    pytest.param("sentinel", id="sentinel", marks=[pytest.mark.redis, pytest.mark.sentinel]),
+]
+
+
+def _flushed_sentinel_master(setup: RedisSentinelSetup) -> None:
+    with redis.Redis(host=setup.master.host, port=setup.master.port) as client:
+        client.flushall()
+
+
+@pytest_asyncio.fixture(params=BACKEND_KINDS)
+async def make_backend(request: pytest.FixtureRequest) -> AsyncIterator[BackendFactory]:
+    """A factory for fresh, empty backends of one kind; keyword arguments (``clock``, ...) go
+    to the backend constructor. Everything it made is closed after the test."""
+    kind: str = request.param
+    created: list[Backend] = []
+
+    def factory(**options: Any) -> Backend:
+        if kind != "memory":
+            # Generous: CI machines are small and shared; timeouts have their own tests.
+            options.setdefault("timeout", 5.0)
+        backend: Backend
+        if kind == "memory":
+            backend = MemoryBackend(**options)
+        elif kind == "redis":
+            backend = RedisBackend.from_url(request.getfixturevalue("redis_url"), **options)
+        elif kind == "cluster":
+            url = request.getfixturevalue("cluster_url")
+            backend = RedisBackend.from_url(url, cluster=True, **options)
+        else:
+            setup: RedisSentinelSetup = request.getfixturevalue("redis_sentinel")
+            _flushed_sentinel_master(setup)
+            backend = RedisBackend.from_sentinel(setup.sentinels, setup.service_name, **options)
+        created.append(backend)
+        return backend
+
+    factory.kind = kind  # type: ignore[attr-defined]
+    yield factory
+    for backend in created:
+        await backend.aclose()

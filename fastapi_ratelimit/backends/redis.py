@@ -94,6 +94,11 @@ class RedisBackend:
         self._clock = clock
         self._owns_client = _owns_client
         self._redacted_url = _redacted_url
+        self._sentinel_clients: list[Redis] = []
+        # redis-py's RedisCluster breaks ("'NoneType' object has no attribute 'writelines'")
+        # when many commands race its lazy first initialize(): do it once, under a lock.
+        self._initialized = not self._cluster
+        self._init_lock = asyncio.Lock()
         # One AsyncScript per client: EVALSHA, reloaded automatically after SCRIPT FLUSH.
         self._script = client.register_script(multi_level_script())
 
@@ -157,9 +162,11 @@ class RedisBackend:
         )
         client = sentinel.master_for(service_name)
         shown = ",".join(f"{h}:{p}" for h, p in sentinels)
-        return cls(
+        backend = cls(
             client, _owns_client=True, _redacted_url=f"sentinel://{shown}/{service_name}", **options
         )
+        backend._sentinel_clients = list(sentinel.sentinels)
+        return backend
 
     def __repr__(self) -> str:
         kind = "cluster" if self._cluster else "standalone"
@@ -208,8 +215,15 @@ class RedisBackend:
             await self._call("reset", self._client.delete, *keys)
 
     async def aclose(self) -> None:
-        if self._owns_client:
+        if not self._owns_client:
+            return
+        if isinstance(self._client, RedisCluster):
             await self._client.aclose()
+        else:
+            # We built the pool ourselves, so the client would not close it on its own.
+            await self._client.aclose(close_connection_pool=True)
+        for sentinel_client in self._sentinel_clients:
+            await sentinel_client.aclose()
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -249,9 +263,10 @@ class RedisBackend:
         all_allowed = failure is None and all(d is not None and d.allowed for d in decisions)
         if mode == "h" and not all_allowed and committed:
             # Another slot refused (or failed): give back what the passing slots consumed.
-            undo = [i for g in committed for i in g]
-            await self._eval("r", [checks[i] for i in undo], [keys[i] for i in undo])
-            for i in undo:
+            await asyncio.gather(
+                *(self._eval("r", [checks[i] for i in g], [keys[i] for i in g]) for g in committed)
+            )
+            for i in (i for g in committed for i in g):
                 d = decisions[i]
                 assert d is not None
                 decisions[i] = Decision(
@@ -284,6 +299,8 @@ class RedisBackend:
 
     async def _call(self, operation: str, function: Any, *args: Any) -> Any:
         try:
+            if not self._initialized:
+                await self._initialize()
             async with self._slots:
                 if self._timeout is None:
                     return await function(*args)
@@ -298,6 +315,18 @@ class RedisBackend:
                 f"Redis {operation} failed: {type(exc).__name__}: {_scrub(str(exc))} "
                 f"({self._where()})"
             ) from exc
+
+    async def _initialize(self) -> None:
+        async with self._init_lock:
+            if self._initialized:
+                return
+            assert isinstance(self._client, RedisCluster)
+            if self._timeout is None:
+                await self._client.initialize()
+            else:
+                async with asyncio.timeout(self._timeout):
+                    await self._client.initialize()
+            self._initialized = True
 
     def _where(self) -> str:
         return self._redacted_url or ("cluster" if self._cluster else "client")
