@@ -75,13 +75,13 @@ def test_secret_changes_digest() -> None:
 
 @pytest.mark.parametrize("prefix", ["", "a:b", "{x}", "a b", "x" * 65])
 def test_bad_prefix(prefix: str) -> None:
-    with pytest.raises(ConfigurationError, match="^prefix: "):
+    with pytest.raises(ConfigurationError, match=r"^prefix: "):
         KeyBuilder(prefix)
 
 
 @pytest.mark.parametrize("scope", ["", "a:b", "{x}", "user\n"])
 def test_bad_scope(scope: str) -> None:
-    with pytest.raises(ConfigurationError, match="^scope: "):
+    with pytest.raises(ConfigurationError, match=r"^scope: "):
         KeyBuilder().key(scope, "p", "fw", "id")
 
 
