@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 import limits
 import redis
@@ -308,11 +308,13 @@ async def drive(op: Op, tasks: int, seconds: float, counter: Iterator[int]) -> C
         while True:
             try:
                 allowed = await op(next(counter))
-            except Exception as exc:
-                allowed = True
+            except Exception as exc:  # counted and reported, never as a completed check
+                if clock() >= deadline:
+                    return
                 counts.errors += 1
                 if not counts.first_error:
                     counts.first_error = f"{type(exc).__name__}: {exc}"[:300]
+                continue
             if clock() >= deadline:
                 return
             counts.done += 1
@@ -411,16 +413,22 @@ async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
             )
 
     limits_uri = f"async+redis://{HOST}:{server.port}"
-    storages: list[tuple[str, RedisStorage]] = [("coredis", RedisStorage(limits_uri))]
+    implementations: list[Literal["coredis", "redispy"]] = ["coredis"]
     if not args.no_redispy:
-        storages.append(("redispy", RedisStorage(limits_uri, implementation="redispy")))
-    for impl, storage in storages:
-        limiters: list[tuple[str, RateLimiter]] = [
-            ("fixed_window", FixedWindowRateLimiter(storage))
-        ]
-        if impl == "coredis":  # the default implementation: measure both strategies
-            limiters.append(("moving_window", MovingWindowRateLimiter(storage)))
-        for name, limiter in limiters:
+        implementations.append("redispy")
+    storages: list[RedisStorage] = []
+    for impl in implementations:
+        strategies: list[tuple[str, type[RateLimiter]]] = [("fixed_window", FixedWindowRateLimiter)]
+        if impl == "coredis":  # limits' default implementation: measure both strategies
+            strategies.append(("moving_window", MovingWindowRateLimiter))
+        for name, strategy in strategies:
+            # One storage (client, pool) per strategy and its own key prefix: the fixed window
+            # keeps a counter where the moving window keeps a list under the same item key.
+            storage = RedisStorage(
+                limits_uri, implementation=impl, key_prefix=f"LIMITS-{impl}-{name}"
+            )
+            storages.append(storage)
+            limiter = strategy(storage)
             for levels in (1, 5):
                 cases.append(
                     Case(
@@ -461,7 +469,7 @@ async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
     finally:
         await monitor.aclose()
         await redis_backend.aclose()
-        for _, storage in storages:
+        for storage in storages:
             await close_limits_storage(storage)
         for backend in memory_backends:
             await backend.aclose()

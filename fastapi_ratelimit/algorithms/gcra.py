@@ -2,8 +2,12 @@
 
 One stored value per key: the theoretical arrival time ``tat`` (microseconds, a float). The
 emission interval is ``T = window / limit`` and the tolerance ``tau = capacity * T``: a request
-of cost N passes when ``max(tat, now) + N*T - now <= tau``. Retry-after is exact:
-``new_tat - now - tau``. Twin: ``gcra.lua``.
+of cost N passes when ``backlog + N*T <= tau``, where ``backlog = max(tat - now, 0)``.
+Retry-after is exact: ``backlog + N*T - tau``. Twin: ``gcra.lua``.
+
+The maths runs on the backlog, a small number, never on absolute times: at today's epoch in
+microseconds (about 1.8e15) a double's step is 0.25 us, enough to refuse the very first
+request of a burst of one. ``SLACK_US`` absorbs the rounding of the stored ``tat``.
 """
 
 from __future__ import annotations
@@ -14,23 +18,25 @@ from ._base import Evaluation
 
 State = float
 
+#: Tolerance for float rounding of the stored tat (a quarter microsecond at most).
+SLACK_US = 1.0
+
 
 def evaluate(
     state: State | None, now: int, limit: int, window: int, capacity: int, cost: int
 ) -> Evaluation:
     interval = window / limit
     tau = capacity * interval
-    tat = now if state is None else max(state, now)
-    new_tat = tat + cost * interval
-    diff = new_tat - now
-    allowed = diff <= tau
+    backlog = 0.0 if state is None else max(state - now, 0.0)
+    diff = backlog + cost * interval
+    allowed = diff <= tau + SLACK_US
     return Evaluation(
         allowed,
-        (tau - (tat - now)) / interval,
-        0 if allowed else max(1, math.ceil(diff - tau)),
+        (tau - backlog) / interval,
+        0 if allowed else max(1, math.ceil(diff - tau - SLACK_US)),
         math.ceil(diff),
-        math.ceil(tat - now),
-        new_tat,
+        math.ceil(backlog),
+        now + diff,
         math.ceil(diff),
     )
 
@@ -38,4 +44,5 @@ def evaluate(
 def refund(state: State | None, now: int, limit: int, window: int, amount: int) -> State | None:
     if state is None:
         return None
-    return max(float(now), state - amount * (window / limit))
+    backlog = max(state - now, 0.0) - amount * (window / limit)
+    return now + max(backlog, 0.0)

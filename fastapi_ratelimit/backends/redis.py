@@ -26,7 +26,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.crc import key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from ..clock import Clock
 from ..decision import Decision, Verdict
@@ -100,7 +100,8 @@ class RedisBackend:
         self._initialized = not self._cluster
         self._init_lock = asyncio.Lock()
         # One AsyncScript per client: EVALSHA, reloaded automatically after SCRIPT FLUSH.
-        self._script = client.register_script(multi_level_script())
+        self._source = multi_level_script()
+        self._script = client.register_script(self._source)
 
     # -- construction --------------------------------------------------------------------------
 
@@ -289,13 +290,22 @@ class RedisBackend:
             policy = check.policy
             rate = policy.rate
             args += (policy.algorithm.code, rate.limit, rate.period_us, rate.capacity, check.cost)
-        reply = await self._call("script", self._script, keys, args)
+        reply = await self._call("script", self._invoke_script, keys, args)
         if mode == "r":
             return []
         return [
             make_decision(check, reply[j] == 1, reply[j + 1], reply[j + 2], reply[j + 3])
             for check, j in zip(checks, range(0, 4 * len(checks), 4), strict=True)
         ]
+
+    async def _invoke_script(self, keys: list[str], args: list[str | int]) -> Any:
+        try:
+            # EVALSHA; on NOSCRIPT, redis-py loads the script and retries once.
+            return await self._script(keys, args)
+        except NoScriptError:
+            # Flushed again between that load and the retry (SCRIPT FLUSH in a loop, a
+            # failover to a fresh replica): EVAL sends the source and cannot miss.
+            return await self._client.eval(self._source, len(keys), *keys, *args)
 
     async def _call(self, operation: str, function: Any, *args: Any) -> Any:
         try:

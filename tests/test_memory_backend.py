@@ -1,0 +1,93 @@
+"""What only the memory backend has to show: bounded size, expiry, LRU eviction."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastapi_ratelimit import Algorithm, Check, ConfigurationError, FakeClock, MemoryBackend, Policy
+
+
+async def test_stays_within_max_keys_after_a_million_identities() -> None:
+    backend = MemoryBackend(max_keys=10_000, clock=FakeClock())
+    policy = Policy("ip", "5/minute", Algorithm.FIXED_WINDOW)
+    high_water = 0
+    for i in range(1_000_000):
+        await backend.hit([Check(policy, "ip", f"id-{i}")])
+        if i % 997 == 0:
+            high_water = max(high_water, len(backend))
+    assert len(backend) <= 10_000
+    assert high_water <= 10_000
+    assert len(backend) >= 9_000  # it evicts one at a time, it does not throw state away
+
+
+async def test_expired_keys_are_evicted_before_live_ones() -> None:
+    clock = FakeClock()
+    backend = MemoryBackend(max_keys=10, clock=clock, ttl_margin=0)
+    short = Policy("short", "1/second", Algorithm.FIXED_WINDOW)
+    long = Policy("long", "1/hour", Algorithm.FIXED_WINDOW)
+    for i in range(5):
+        await backend.hit([Check(long, "user", f"keep{i}")])
+    for i in range(5):
+        await backend.hit([Check(short, "user", f"gone{i}")])
+    clock.advance(2)
+    for i in range(5):
+        await backend.hit([Check(short, "user", f"new{i}")])
+    assert len(backend) == 10
+    # The long-lived users are still limited: their state survived the evictions.
+    for i in range(5):
+        assert not (await backend.hit([Check(long, "user", f"keep{i}")])).allowed
+
+
+async def test_least_recently_used_is_evicted_when_nothing_expired() -> None:
+    backend = MemoryBackend(max_keys=3, clock=FakeClock())
+    policy = Policy("p", "2/hour", Algorithm.GCRA)
+    for name in ("a", "b", "c"):
+        await backend.hit([Check(policy, "ip", name)])
+    await backend.hit([Check(policy, "ip", "a")])  # a is now the most recently used
+    await backend.hit([Check(policy, "ip", "d")])  # evicts b
+    assert (await backend.peek([Check(policy, "ip", "a")])).decisions[0].remaining == 0
+    assert (await backend.peek([Check(policy, "ip", "c")])).decisions[0].remaining == 1
+    assert (await backend.peek([Check(policy, "ip", "b")])).decisions[0].remaining == 2
+
+
+async def test_expired_state_is_dropped() -> None:
+    clock = FakeClock()
+    backend = MemoryBackend(max_keys=100, clock=clock)
+    policy = Policy("p", "1/second", Algorithm.SLIDING_WINDOW_LOG)
+    for i in range(100):
+        await backend.hit([Check(policy, "ip", f"{i}")])
+    assert len(backend) == 100
+    clock.advance(10)
+    # No background task: each insert drops expired keys from the least recently used end,
+    # and a full insert sweeps them all.
+    for i in range(50):
+        await backend.hit([Check(policy, "ip", f"fresh{i}")])
+    assert len(backend) == 50
+    # A read of an expired key drops it too.
+    before = len(backend)
+    await backend.hit([Check(policy, "ip", "x")])
+    clock.advance(10)
+    await backend.peek([Check(policy, "ip", "x")])
+    assert len(backend) == before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_keys": 0}, "max_keys"),
+        ({"max_keys": -5}, "max_keys"),
+        ({"max_keys": 1.5}, "max_keys"),
+        ({"ttl_margin": -1}, "ttl_margin"),
+        ({"prefix": ""}, "prefix"),
+    ],
+)
+def test_bad_configuration_names_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        MemoryBackend(**kwargs)  # type: ignore[arg-type]
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize("cost", [0, -1, 1.5, True])
+def test_bad_cost_is_refused(cost: object) -> None:
+    with pytest.raises(ValueError, match="cost"):
+        Check(Policy("p", "1/second"), "ip", "a", cost)  # type: ignore[arg-type]
