@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import textwrap
@@ -119,7 +118,6 @@ _WORKER = textwrap.dedent(
     async def main(url, algorithm):
         backend = RedisBackend.from_url(url, timeout=10.0)
         check = [Check(Policy("p", "100/day", Algorithm(algorithm)), "ip", "shared")]
-        await asyncio.sleep(float(sys.argv[3]) - asyncio.get_running_loop().time() % 1 * 0)
         verdicts = await asyncio.gather(*(backend.hit(check) for _ in range(250)))
         await backend.aclose()
         print(sum(v.allowed for v in verdicts))
@@ -133,11 +131,9 @@ _WORKER = textwrap.dedent(
 def test_two_processes_sharing_redis_admit_exactly_the_limit(
     redis_url: str, algorithm: Algorithm
 ) -> None:
-    if algorithm is Algorithm.SLIDING_WINDOW_LOG:
-        pass  # "100/day" keeps a 100-entry list: fine.
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, redis_url, algorithm.value, "0"],
+            [sys.executable, "-c", _WORKER, redis_url, algorithm.value],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -197,7 +193,7 @@ async def test_timeout_is_a_backend_error(redis_url: str) -> None:
         await backend.hit(five_levels())
         await admin.execute_command("CLIENT", "PAUSE", "700", "ALL")
         started = asyncio.get_running_loop().time()
-        with pytest.raises(BackendError, match="timed out after 0.1s") as info:
+        with pytest.raises(BackendError, match=r"timed out after 0\.1s") as info:
             await backend.hit(five_levels())
         elapsed = asyncio.get_running_loop().time() - started
         assert isinstance(info.value.__cause__, TimeoutError)
@@ -288,10 +284,10 @@ async def test_bad_configuration_names_the_field(
 
 
 def test_bad_url_and_client_are_configuration_errors() -> None:
-    with pytest.raises(ConfigurationError, match="^url: ") as info:
+    with pytest.raises(ConfigurationError, match=r"^url: ") as info:
         RedisBackend.from_url("http://user:pw@localhost")
     assert "pw@" not in str(info.value)
-    with pytest.raises(ConfigurationError, match="^client: "):
+    with pytest.raises(ConfigurationError, match=r"^client: "):
         RedisBackend(object())  # type: ignore[arg-type]
 
 
@@ -316,9 +312,3 @@ async def test_sentinel_backend_follows_the_master(redis_sentinel) -> None:  # t
         assert keys >= 5
     finally:
         await backend.aclose()
-
-
-def test_module_runs_without_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The library never reads the environment or .env files.
-    monkeypatch.setattr(os, "environ", {})
-    assert RedisBackend is not None
