@@ -10,11 +10,13 @@ import asyncio
 import time
 
 import pytest
-from conftest import BackendFactory
+from conftest import BACKEND_KINDS, BackendFactory
 
-from fastapi_ratelimit import Algorithm, Check, FakeClock, MemoryBackend, Policy, RedisBackend
+from fastapi_ratelimit import Algorithm, Check, FakeClock, Policy, RedisBackend
 
 ALGORITHMS = list(Algorithm)
+#: TTLs are a Redis matter; the memory backend's expiry has its own tests.
+REDIS_KINDS = [kind for kind in BACKEND_KINDS if kind.id != "memory"]
 
 
 def policy(algorithm: Algorithm, rate: str = "10/10 seconds", name: str = "p") -> Policy:
@@ -209,13 +211,12 @@ async def test_concurrent_multi_level_hits_stay_exact(make_backend: BackendFacto
     assert final.decisions[0].remaining == 0
 
 
+@pytest.mark.parametrize("make_backend", REDIS_KINDS, indirect=True)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 async def test_every_key_has_a_bounded_ttl(
     make_backend: BackendFactory, algorithm: Algorithm
 ) -> None:
     backend = make_backend()
-    if isinstance(backend, MemoryBackend):
-        pytest.skip("TTLs are a Redis matter; the memory backend's expiry has its own tests")
     assert isinstance(backend, RedisBackend)
     p = Policy("p", "5/2 seconds" + (";burst=9" if algorithm.uses_burst else ""), algorithm)
     for i in range(30):
