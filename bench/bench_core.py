@@ -533,33 +533,47 @@ def markdown(cases: Sequence[Case], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: (case id, label) of the limits rows that fastapi_ratelimit's 5-level Redis check is held to.
+REFERENCES = (
+    ("limits-coredis-fixed_window-1", "limits coredis FW, 1 level"),
+    ("limits-redispy-fixed_window-1", "limits redispy FW, 1 level"),
+    ("limits-coredis-fixed_window-5", "limits coredis FW x5"),
+)
+
+
 def compare(cases: Sequence[Case]) -> dict[str, Any]:
-    """fastapi_ratelimit 5-level Redis checks/s against limits' 1-level fixed window."""
+    """fastapi_ratelimit 5-level Redis checks/s against limits' fixed window (1 level, x5)."""
     by_id = {c.id: c for c in cases}
-    ref = by_id.get("limits-coredis-fixed_window-1")
-    if ref is None:
-        return {}
-    base = ref.median
-    rows = {}
-    text = [
-        f"fastapi_ratelimit Redis, 5 levels (one atomic call), vs limits (coredis, the default) "
-        f"fixed window, 1 level = {fmt_rate(base)} checks/s:",
-        "",
+    refs = [
+        (ref_id, label, by_id[ref_id].median) for ref_id, label in REFERENCES if ref_id in by_id
     ]
-    for algorithm in Algorithm:
-        case = by_id.get(f"frl-redis-{algorithm.value}-5")
-        if case is None:
-            continue
-        ratio = case.median / base if base else float("inf")
-        rows[algorithm.value] = {"checks_per_s": case.median, "ratio": ratio, "ge": ratio >= 1}
-        verdict = ">=" if ratio >= 1 else "<"
-        text.append(
-            f"- {algorithm.value}: {fmt_rate(case.median)} checks/s = {ratio:.2f}x "
-            f"({verdict} limits 1-level fixed window)"
-        )
+    frl = [
+        (a.value, by_id[f"frl-redis-{a.value}-5"])
+        for a in Algorithm
+        if f"frl-redis-{a.value}-5" in by_id
+    ]
+    if not refs or not frl:
+        return {}
+    head = " | ".join(f"{label} ({fmt_rate(base)}/s)" for _, label, base in refs)
+    text = [
+        "fastapi_ratelimit Redis, 5 levels in one atomic call, as a multiple of limits "
+        "(>= 1.00 means at least as many checks/s):",
+        "",
+        f"| Algorithm (5 levels) | checks/s | {head} |",
+        "|---|--:|" + "--:|" * len(refs),
+    ]
+    rows: dict[str, Any] = {}
+    for name, case in frl:
+        ratios = {ref_id: case.median / base if base else float("inf") for ref_id, _, base in refs}
+        rows[name] = {
+            "checks_per_s": case.median,
+            "ratio": ratios,
+            "ge": {ref_id: r >= 1 for ref_id, r in ratios.items()},
+        }
+        cells = " | ".join(f"{r:.2f}x {'>=' if r >= 1 else '<'}" for r in ratios.values())
+        text.append(f"| {name} | {fmt_rate(case.median)} | {cells} |")
     return {
-        "reference": ref.id,
-        "reference_checks_per_s": base,
+        "references": {ref_id: base for ref_id, _, base in refs},
         "rows": rows,
         "text": "\n".join(text),
     }

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["Decision", "Verdict"]
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """One level's answer for one request.
 
     Attributes:
@@ -21,6 +21,9 @@ class Decision:
         retry_after: seconds until a request of the same cost could pass; > 0 exactly when denied.
         policy: the policy name.
         scope: the level (``"global"``, ``"ip"``, ``"user"``, ``"user+endpoint"``, ...).
+
+    A NamedTuple rather than a frozen dataclass: as immutable, and four times cheaper to
+    build, which counts with five of them per request on the hot path.
     """
 
     allowed: bool

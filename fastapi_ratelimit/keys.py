@@ -24,13 +24,18 @@ Identity = str | tuple[str, ...]
 
 _SAFE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+\-]{0,63}")
 _MAX_CACHED_SCOPES = 1024
+#: Recently built keys: the global and endpoint levels, and active clients, repeat a lot.
+#: Only short identities are cached (a 64 KiB header must not pin 64 KiB), and the cache is
+#: simply emptied when full, so a flood of distinct identities costs a rebuild, not memory.
+_KEY_CACHE_SIZE = 8192
+_MAX_CACHED_IDENTITY = 128
 
 
 class KeyBuilder:
     """Builds storage keys. ``secret`` (optional) keys the hash, so that low-entropy
     identifiers such as IP addresses cannot be recovered from the store by brute force."""
 
-    __slots__ = ("_prefix", "_scopes", "_secret")
+    __slots__ = ("_cache", "_prefix", "_scopes", "_secret")
 
     def __init__(self, prefix: str = "rl", *, secret: bytes | None = None) -> None:
         if not isinstance(prefix, str) or not _SAFE_RE.fullmatch(prefix):
@@ -42,6 +47,7 @@ class KeyBuilder:
         self._prefix = prefix
         self._secret = secret or b""
         self._scopes: set[str] = set()
+        self._cache: dict[tuple[str, str, str, Identity], str] = {}
 
     @property
     def prefix(self) -> str:
@@ -60,9 +66,19 @@ class KeyBuilder:
         return h.hexdigest()
 
     def key(self, scope: str, policy: str, algorithm_code: str, identity: Identity) -> str:
+        cache_key = (scope, policy, algorithm_code, identity)
+        key = self._cache.get(cache_key)
+        if key is not None:
+            return key
         if scope not in self._scopes:
             self._check_scope(scope)
-        return f"{self._prefix}:{scope}:{policy}:{algorithm_code}:{{{self.digest(identity)}}}"
+        key = f"{self._prefix}:{scope}:{policy}:{algorithm_code}:{{{self.digest(identity)}}}"
+        size = len(identity) if isinstance(identity, str) else sum(map(len, identity))
+        if size <= _MAX_CACHED_IDENTITY:
+            if len(self._cache) >= _KEY_CACHE_SIZE:
+                self._cache.clear()
+            self._cache[cache_key] = key
+        return key
 
     def pattern(self) -> str:
         """A SCAN pattern matching every key this builder makes."""

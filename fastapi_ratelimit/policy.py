@@ -80,6 +80,11 @@ class Policy:
     #: Longest time, in microseconds, for which stored state can still change a decision.
     #: Storage TTLs never exceed it (plus a small margin).
     horizon_us: int = field(init=False, repr=False, compare=False)
+    #: The quota shown to clients: the burst for bucket algorithms, else the limit.
+    limit: int = field(init=False, repr=False, compare=False)
+    #: ``"<code> <limit> <window us> <capacity> "``: the policy as the Lua script reads it,
+    #: built once so a Redis check only appends the cost.
+    wire: str = field(init=False, repr=False, compare=False)
 
     def __init__(
         self,
@@ -115,11 +120,10 @@ class Policy:
         object.__setattr__(self, "rate", rate)
         object.__setattr__(self, "algorithm", algorithm)
         object.__setattr__(self, "horizon_us", _horizon_us(rate, algorithm))
-
-    @property
-    def limit(self) -> int:
-        """The quota shown to clients: the burst for bucket algorithms, else the limit."""
-        return self.rate.capacity if self.algorithm.uses_burst else self.rate.limit
+        object.__setattr__(self, "limit", rate.capacity if algorithm.uses_burst else rate.limit)
+        object.__setattr__(
+            self, "wire", f"{algorithm.code} {rate.limit} {rate.period_us} {rate.capacity} "
+        )
 
     @property
     def window(self) -> float:
