@@ -21,6 +21,7 @@ class Decision(NamedTuple):
         retry_after: seconds until a request of the same cost could pass; > 0 exactly when denied.
         policy: the policy name.
         scope: the level (``"global"``, ``"ip"``, ``"user"``, ``"user+endpoint"``, ...).
+        window: the policy's window in seconds (``w`` in ``RateLimit-Policy``).
 
     A NamedTuple rather than a frozen dataclass: as immutable, and four times cheaper to
     build, which counts with five of them per request on the hot path.
@@ -33,6 +34,7 @@ class Decision(NamedTuple):
     retry_after: float
     policy: str
     scope: str
+    window: float
 
 
 @dataclass(frozen=True, slots=True)

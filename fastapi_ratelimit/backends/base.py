@@ -76,6 +76,7 @@ def make_decision(
         retry_us / 1_000_000,
         check.policy.name,
         check.scope,
+        check.policy.window,
     )
 
 

@@ -23,11 +23,12 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from loguru import logger
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from ..clock import Clock
 from ..decision import Decision, Verdict
@@ -264,9 +265,15 @@ class RedisBackend:
         all_allowed = failure is None and all(d is not None and d.allowed for d in decisions)
         if mode == "h" and not all_allowed and committed:
             # Another slot refused (or failed): give back what the passing slots consumed.
-            await asyncio.gather(
-                *(self._eval("r", [checks[i] for i in g], [keys[i] for i in g]) for g in committed)
+            refunds = await asyncio.gather(
+                *(self._eval("r", [checks[i] for i in g], [keys[i] for i in g]) for g in committed),
+                return_exceptions=True,
             )
+            for error in refunds:
+                if isinstance(error, BaseException):
+                    # The request is refused either way; the levels stay charged until their
+                    # window passes. Say so, once per failed refund.
+                    logger.warning("could not refund a cluster slot after a denial: {}", error)
             for i in (i for g in committed for i in g):
                 d = decisions[i]
                 assert d is not None
@@ -303,6 +310,7 @@ class RedisBackend:
         except NoScriptError:
             # Flushed again between that load and the retry (SCRIPT FLUSH in a loop, a
             # failover to a fresh replica): EVAL sends the source and cannot miss.
+            logger.info("rate-limit script flushed twice in a row; falling back to EVAL once")
             return await client.eval(self._source, len(keys), *keys, *args)
 
     async def _call(self, operation: str, function: Any, *args: Any) -> Any:
@@ -318,7 +326,8 @@ class RedisBackend:
             raise BackendError(
                 f"Redis {operation} timed out after {self._timeout}s ({self._where()})"
             ) from exc
-        except (RedisError, OSError) as exc:
+        # RedisClusterException (slot not covered, ...) is not a RedisError.
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise BackendError(
                 f"Redis {operation} failed: {type(exc).__name__}: {_scrub(str(exc))} "
                 f"({self._where()})"

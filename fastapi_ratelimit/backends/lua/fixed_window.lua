@@ -21,10 +21,6 @@ ALGORITHMS['fw'] = {
     return allowed, available, retry, ends_in, reset_keep, commit
   end,
   refund = function(key, now, limit, window, capacity, amount)
-    local start = math.floor(now / window) * window
-    local raw = redis.call('HMGET', key, 's', 'c')
-    if raw[1] and tonumber(raw[1]) == start then
-      redis.call('HSET', key, 'c', int_str(math.max(0, tonumber(raw[2]) - amount)))
-    end
+    refund_window_count(key, now, window, amount)
   end,
 }
