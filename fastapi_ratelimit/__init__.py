@@ -10,11 +10,21 @@ from typing import TYPE_CHECKING, Any
 from .backends.base import Backend, Check
 from .backends.memory import MemoryBackend
 from .clock import Clock, FakeClock, SystemClock
+from .context import RequestContext, report_cost
+from .costs import CostTable
 from .decision import Decision, Verdict
+from .decorators import rate_limit
+from .dependencies import RateLimit
 from .errors import BackendError, ConfigurationError, RateLimitError
+from .headers import HeaderStyle
+from .identity import ClientIP, TrustedProxies
 from .keys import KeyBuilder
+from .limiter import CompositeLimit, RateLimiter
+from .middleware import RateLimitMiddleware
 from .policy import Algorithm, Policy, Scope
 from .rate import Rate, parse_rate
+from .route_limits import RateLimitExceeded, rate_limit_exceeded_handler
+from .tiers import DEFAULT_TIERS, Tier
 
 if TYPE_CHECKING:
     from .backends.redis import RedisBackend
@@ -22,25 +32,40 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_TIERS",
     "Algorithm",
     "Backend",
     "BackendError",
     "Check",
+    "ClientIP",
     "Clock",
+    "CompositeLimit",
     "ConfigurationError",
+    "CostTable",
     "Decision",
     "FakeClock",
+    "HeaderStyle",
     "KeyBuilder",
     "MemoryBackend",
     "Policy",
     "Rate",
+    "RateLimit",
     "RateLimitError",
+    "RateLimitExceeded",
+    "RateLimitMiddleware",
+    "RateLimiter",
     "RedisBackend",
+    "RequestContext",
     "Scope",
     "SystemClock",
+    "Tier",
+    "TrustedProxies",
     "Verdict",
     "__version__",
     "parse_rate",
+    "rate_limit",
+    "rate_limit_exceeded_handler",
+    "report_cost",
 ]
 
 

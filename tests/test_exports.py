@@ -5,6 +5,21 @@ import fastapi_ratelimit
 
 def test_public_api() -> None:
     assert set(fastapi_ratelimit.__all__) == {
+        "DEFAULT_TIERS",
+        "ClientIP",
+        "CompositeLimit",
+        "CostTable",
+        "HeaderStyle",
+        "RateLimit",
+        "RateLimitExceeded",
+        "RateLimitMiddleware",
+        "RateLimiter",
+        "RequestContext",
+        "Tier",
+        "TrustedProxies",
+        "rate_limit",
+        "rate_limit_exceeded_handler",
+        "report_cost",
         "Algorithm",
         "Backend",
         "BackendError",

@@ -1,0 +1,61 @@
+"""Per-request state, kept in ``scope["fastapi_ratelimit"]`` (Starlette's advice for passing
+data from middleware to endpoints), never on a shared object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .backends.base import Check
+from .decision import Decision
+
+if TYPE_CHECKING:
+    from .decision import Verdict
+    from .limiter import RateLimiter
+    from .route_limits import RouteLimit
+    from .tiers import Tier
+
+__all__ = ["SCOPE_KEY", "RequestContext", "report_cost"]
+
+SCOPE_KEY = "fastapi_ratelimit"
+
+
+@dataclass(slots=True, eq=False)
+class RequestContext:
+    """Who is calling, what it costs, and what was decided, for one request.
+
+    ``api_key`` is the raw key: it only ever goes to the key builder, which hashes it.
+    """
+
+    limiter: RateLimiter
+    ip: str
+    api_key: str | None
+    user: str | None
+    tier: Tier | None
+    endpoint: str
+    route: Any
+    cost: int
+    #: Every level decided for this request, for the response headers.
+    decisions: list[Decision] = field(default_factory=list)
+    #: Checks charged with the request's cost (refunded or adjusted after the response).
+    charged: list[Check] = field(default_factory=list)
+    #: Route limits already charged, so a guard or decorator never counts twice.
+    handled: set[int] = field(default_factory=set)
+    #: Route limits whose checks are refunded by status after the response.
+    refundable: list[tuple[RouteLimit, Check]] = field(default_factory=list)
+    #: A cost the endpoint reported after running (see :func:`report_cost`).
+    reported_cost: int | None = None
+    #: Set by the middleware, so route guards know their headers will be added for them.
+    middleware: bool = False
+    #: A route guard's denial, so the middleware can answer it with problem+json.
+    denial: Verdict | None = None
+
+
+def report_cost(request: Any, cost: int) -> None:
+    """From an endpoint: the request really cost ``cost`` units. After the response, the
+    difference to what was charged is refunded (or charged, where quota is left)."""
+    if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
+        raise ValueError(f"report_cost: cost must be a whole number >= 0, got {cost!r}")
+    context = request.scope.get(SCOPE_KEY)
+    if isinstance(context, RequestContext):
+        context.reported_cost = cost

@@ -1,0 +1,61 @@
+"""What a request costs: a table keyed by ``"<METHOD> <route template>"``, a default, and an
+optional callable, validated once at construction."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+from .errors import ConfigurationError
+
+__all__ = ["CostTable", "endpoint_key"]
+
+_ENDPOINT_RE = re.compile(r"(GET|POST|PUT|PATCH|DELETE|OPTIONS|WEBSOCKET|\*) /\S*")
+MAX_COST = 1_000_000
+
+
+def endpoint_key(method: str, template: str) -> str:
+    """``("HEAD", "/users/{id}")`` -> ``"GET /users/{id}"``: HEAD counts like GET."""
+    if method == "HEAD":
+        method = "GET"
+    return f"{method} {template}"
+
+
+def check_cost(field: str, cost: object) -> int:
+    if isinstance(cost, bool) or not isinstance(cost, int) or not 1 <= cost <= MAX_COST:
+        raise ConfigurationError(field, cost, f"must be a whole number from 1 to {MAX_COST}")
+    return cost
+
+
+def check_endpoint(field: str, endpoint: object) -> str:
+    if not isinstance(endpoint, str) or not _ENDPOINT_RE.fullmatch(endpoint):
+        raise ConfigurationError(
+            field, endpoint, "must be '<METHOD> <route template>', such as 'POST /ocr/process'"
+        )
+    return endpoint
+
+
+class CostTable:
+    """Costs per endpoint. ``"* /path"`` matches every method of a route."""
+
+    __slots__ = ("_costs", "_default")
+
+    def __init__(self, costs: Mapping[str, int] | None = None, *, default: int = 1) -> None:
+        if costs is not None and not isinstance(costs, Mapping):
+            raise ConfigurationError("costs", costs, "must be a mapping of endpoint to cost")
+        self._default = check_cost("costs default", default)
+        self._costs: dict[str, int] = {
+            check_endpoint("costs", endpoint): check_cost(f"costs[{endpoint!r}]", cost)
+            for endpoint, cost in (costs or {}).items()
+        }
+
+    def cost(self, endpoint: str, multiplier: float = 1.0) -> int:
+        """The cost of ``endpoint`` (``"POST /ocr/process"``), times a tier multiplier."""
+        base = self._costs.get(endpoint)
+        if base is None:
+            _, _, template = endpoint.partition(" ")
+            base = self._costs.get(f"* {template}", self._default)
+        if multiplier == 1.0:
+            return base
+        return max(1, math.ceil(base * multiplier))

@@ -1,0 +1,133 @@
+"""``@rate_limit(...)``: a route decorator that needs no ``request`` parameter.
+
+It works on async and sync endpoints, with ``from __future__ import annotations`` and
+``Annotated`` dependencies, on FastAPI and on plain Starlette routes. The wrapper exposes the
+endpoint's signature (annotations resolved) plus hidden ``Request``/``Response`` parameters,
+so FastAPI injects them and its OpenAPI output is unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
+
+from .policy import Algorithm, Policy
+from .rate import Rate
+from .route_limits import KeyFunc, RouteLimit, enforce, mark
+
+if TYPE_CHECKING:
+    from .limiter import RateLimiter
+
+__all__ = ["rate_limit"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+_CONNECTION = "fastapi_ratelimit_connection"
+_RESPONSE = "fastapi_ratelimit_response"
+
+
+def rate_limit(
+    rate: str | Rate | Policy,
+    *,
+    scope: str = "ip",
+    cost: int | None = None,
+    key: KeyFunc | None = None,
+    name: str | None = None,
+    algorithm: Algorithm | str = Algorithm.SLIDING_WINDOW_COUNTER,
+    limiter: RateLimiter | None = None,
+    refund_when: Callable[[int], bool] | None = None,
+) -> Callable[[F], F]:
+    """Limit one route. Arguments as for :class:`~fastapi_ratelimit.dependencies.RateLimit`.
+
+    Put it *below* ``@app.get(...)`` so FastAPI registers the wrapped endpoint.
+    """
+
+    def decorator(func: F) -> F:
+        limit = RouteLimit.build(
+            rate,
+            scope=scope,
+            cost=cost,
+            key=key,
+            name=name,
+            algorithm=algorithm,
+            limiter=limiter,
+            refund_when=refund_when,
+            where=f"@rate_limit on {getattr(func, '__qualname__', func)!r}",
+        )
+        signature = inspect.signature(func)
+        hints = _resolved_hints(func)
+        parameters = [
+            p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in signature.parameters.values()
+        ]
+        own = next(
+            (p.name for p in parameters if _is_connection_type(p.annotation)),
+            None,
+        )
+        extra: list[inspect.Parameter] = []
+        if own is None:
+            extra.append(
+                inspect.Parameter(_CONNECTION, inspect.Parameter.KEYWORD_ONLY, annotation=Request)
+            )
+        extra.append(
+            inspect.Parameter(_RESPONSE, inspect.Parameter.KEYWORD_ONLY, annotation=Response)
+        )
+        # Keyword-only parameters must follow any **kwargs-free positional ones.
+        if parameters and parameters[-1].kind is inspect.Parameter.VAR_KEYWORD:
+            parameters = parameters[:-1] + extra + parameters[-1:]
+        else:
+            parameters += extra
+        is_async = inspect.iscoroutinefunction(func)
+
+        @functools.wraps(func)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            connection = kwargs.pop(_CONNECTION, None)
+            response = kwargs.pop(_RESPONSE, None)
+            if connection is None and own is not None:
+                connection = kwargs.get(own)
+            if connection is None:
+                # A plain Starlette endpoint: called with the request as its only argument.
+                connection = next((a for a in args if isinstance(a, HTTPConnection)), None)
+            if connection is None:
+                raise RuntimeError(f"@rate_limit: no request reached {func.__qualname__}")
+            await enforce(limit, connection, response=response)
+            if is_async:
+                return await func(*args, **kwargs)
+            return await run_in_threadpool(func, *args, **kwargs)
+
+        wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=parameters,
+            return_annotation=hints.get("return", signature.return_annotation),
+        )
+        mark(wrapper, limit)
+        return typing.cast(F, wrapper)
+
+    return decorator
+
+
+def _is_connection_type(annotation: Any) -> bool:
+    return inspect.isclass(annotation) and issubclass(annotation, HTTPConnection)
+
+
+def _resolved_hints(func: Callable[..., Any]) -> dict[str, Any]:
+    # With `from __future__ import annotations` every annotation is a string, which FastAPI
+    # would evaluate in *our* module's globals: resolve them against the endpoint's instead.
+    try:
+        return typing.get_type_hints(func, include_extras=True)
+    except Exception:
+        hints: dict[str, Any] = {}
+        namespace = getattr(func, "__globals__", {})
+        for name, annotation in getattr(func, "__annotations__", {}).items():
+            if isinstance(annotation, str):
+                try:
+                    annotation = eval(annotation, namespace)
+                except Exception:
+                    continue
+            hints[name] = annotation
+        return hints

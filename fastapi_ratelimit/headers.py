@@ -1,0 +1,177 @@
+"""Rate-limit response headers: the only module that knows their formats.
+
+Four families are in use in the wild, and clients differ in which they read:
+
+* ``ietf`` -- the current draft-ietf-httpapi-ratelimit-headers syntax, two Structured Fields
+  (RFC 9651)::
+
+      RateLimit-Policy: "ip";q=300;w=60, "user-pro";q=2000;w=60
+      RateLimit: "user-pro";r=12;t=41
+
+* ``x-ratelimit`` -- the de-facto ``X-RateLimit-Limit/-Remaining/-Reset/-Used/-Scope`` set,
+  with ``Reset`` as a Unix epoch;
+* ``both`` -- the two above together;
+* ``legacy`` -- the older drafts' ``RateLimit-Limit/-Remaining/-Reset``, ``Reset`` in delta
+  seconds;
+* ``none`` -- no header at all.
+
+Every number sent is an integer of seconds rounded *up*: a client that waits what we announce
+must never arrive early. ``Retry-After`` (:func:`retry_after_value`) is never shorter than the
+``t`` announced in ``RateLimit`` for the same decisions, as the draft requires.
+
+Header names are lower-case bytes and values latin-1 bytes, ready for an ASGI ``http.response
+.start`` message, so the middleware adds them without any conversion.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from enum import StrEnum
+from functools import lru_cache
+
+from .decision import Decision, Verdict
+from .errors import ConfigurationError
+
+__all__ = ["HeaderStyle", "parse_header_style", "rate_limit_headers", "retry_after_value"]
+
+
+class HeaderStyle(StrEnum):
+    """Which rate-limit headers responses carry."""
+
+    IETF = "ietf"
+    X_RATELIMIT = "x-ratelimit"
+    BOTH = "both"
+    LEGACY = "legacy"
+    NONE = "none"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def parse_header_style(value: str | HeaderStyle) -> HeaderStyle:
+    """The :class:`HeaderStyle` named by ``value`` (case-insensitive; ``_`` may stand for ``-``).
+
+    Raises:
+        ConfigurationError: (field ``"headers"``) for anything else.
+    """
+    if isinstance(value, HeaderStyle):
+        return value
+    if isinstance(value, str):
+        # Environment variables and settings files often spell it X_RATELIMIT or " IETF".
+        try:
+            return HeaderStyle(value.strip().lower().replace("_", "-"))
+        except ValueError:
+            pass
+    choices = ", ".join(repr(s.value) for s in HeaderStyle)
+    raise ConfigurationError("headers", value, f"must be one of {choices}")
+
+
+def rate_limit_headers(
+    decisions: Sequence[Decision], style: HeaderStyle, *, now: float
+) -> list[tuple[bytes, bytes]]:
+    """The rate-limit headers for one request's ``decisions``, in ``style``.
+
+    ``now`` is the current Unix time in seconds; only ``X-RateLimit-Reset`` uses it. The
+    figures other than ``RateLimit-Policy`` describe the most restrictive decision (the one
+    :attr:`Verdict.binding` picks). No decision, no header.
+    """
+    if not decisions or style == HeaderStyle.NONE:
+        return []
+    binding = _binding(decisions)
+    t = _reset_seconds(binding)
+    remaining = max(binding.remaining, 0)
+    # == rather than `is`: a plain "ietf" string compares equal to the member too.
+    if style == HeaderStyle.IETF:
+        return _ietf(decisions, binding, remaining, t)
+    if style == HeaderStyle.X_RATELIMIT:
+        return _x_ratelimit(binding, remaining, t, now)
+    if style == HeaderStyle.BOTH:
+        return _ietf(decisions, binding, remaining, t) + _x_ratelimit(binding, remaining, t, now)
+    if style == HeaderStyle.LEGACY:
+        return [
+            (b"ratelimit-limit", b"%d" % binding.limit),
+            (b"ratelimit-remaining", b"%d" % remaining),
+            (b"ratelimit-reset", b"%d" % t),
+        ]
+    # Settings go through parse_header_style; anything else here is a programming error.
+    raise ValueError(f"unknown header style {style!r}")
+
+
+def retry_after_value(decisions: Sequence[Decision]) -> int:
+    """Whole seconds for ``Retry-After``: at least 1, and never less than the ``t`` of the
+    ``RateLimit`` header built from the same decisions.
+
+    A client honouring ``Retry-After: 0`` would retry at once and be refused again, and one
+    told to come back before ``t`` would see the two headers disagree; hence both floors.
+    """
+    if not decisions:
+        return 1
+    wait = max((d.retry_after for d in decisions if not d.allowed), default=0.0)
+    return max(_ceil_seconds(wait), _reset_seconds(_binding(decisions)), 1)
+
+
+def _binding(decisions: Sequence[Decision]) -> Decision:
+    # Delegate to Verdict so that the headers always describe the level it reports.
+    binding = Verdict(tuple(decisions)).binding
+    assert binding is not None  # callers return early on no decisions
+    return binding
+
+
+def _reset_seconds(decision: Decision) -> int:
+    """``t``: seconds until the quota is available again."""
+    if decision.allowed:
+        return _ceil_seconds(decision.reset_after)
+    # A denied client must wait at least a second: t=0 would invite an immediate retry.
+    return max(_ceil_seconds(decision.retry_after), 1)
+
+
+def _ceil_seconds(seconds: float) -> int:
+    return math.ceil(seconds) if seconds > 0 else 0
+
+
+def _ietf(
+    decisions: Sequence[Decision], binding: Decision, remaining: int, t: int
+) -> list[tuple[bytes, bytes]]:
+    members: list[str] = []
+    seen: set[str] = set()
+    for d in decisions:
+        # Two checks may share a policy (e.g. the same policy at two scopes); a list with the
+        # same name twice would leave clients guessing which one a RateLimit member refers to.
+        if d.policy not in seen:
+            seen.add(d.policy)
+            members.append(_policy_member(d.policy, d.limit, d.window))
+    status = f"{_sf_string(binding.policy)};r={remaining};t={t}"
+    return [
+        (b"ratelimit-policy", ", ".join(members).encode("ascii")),
+        (b"ratelimit", status.encode("ascii")),
+    ]
+
+
+def _x_ratelimit(
+    binding: Decision, remaining: int, t: int, now: float
+) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"x-ratelimit-limit", b"%d" % binding.limit),
+        (b"x-ratelimit-remaining", b"%d" % remaining),
+        (b"x-ratelimit-reset", b"%d" % math.ceil(now + t)),
+        (b"x-ratelimit-used", b"%d" % max(binding.limit - remaining, 0)),
+        (b"x-ratelimit-scope", str(binding.scope).encode("latin-1")),
+    ]
+
+
+@lru_cache(maxsize=1024)
+def _policy_member(name: str, limit: int, window: float) -> str:
+    # Policies are few and fixed, so each member is formatted (and its name checked) once.
+    # The draft's w is a non-zero integer of seconds: sub-second windows round up to 1.
+    w = max(math.ceil(window), 1)
+    return f"{_sf_string(name)};q={max(limit, 0)};w={w}"
+
+
+@lru_cache(maxsize=1024)
+def _sf_string(value: str) -> str:
+    """``value`` as a Structured Field String (RFC 9651, section 3.3.3)."""
+    # Policy names are validated to [A-Za-z0-9_.-]; this guards the format, not the input.
+    if not value.isascii() or not value.isprintable():
+        raise ValueError(f"not representable as a structured-field string: {value!r}")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,423 @@
+"""The :class:`RateLimiter`: one object shared by the middleware, ``@rate_limit`` and the
+``Depends`` guard. It turns a request into checks (global, IP, endpoint, API key, user and
+composite levels), asks the backend once, and applies tiers, shadow mode and the backend
+failure policy."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from loguru import logger
+from starlette.requests import HTTPConnection
+from starlette.responses import Response
+
+from ._types import Scope
+from .backends.base import Backend, Check
+from .backends.memory import MemoryBackend
+from .context import RequestContext
+from .costs import CostTable, check_cost, check_endpoint, endpoint_key
+from .decision import Decision, Verdict
+from .errors import BackendError, ConfigurationError
+from .headers import HeaderStyle, parse_header_style, rate_limit_headers
+from .identity import ClientIP, api_key_from_scope
+from .policy import Algorithm, Policy
+from .rate import Rate
+from .responses import backend_unavailable_response, quota_exceeded_response
+from .routing import resolve_route
+from .tiers import Tier, build_tiers
+
+__all__ = ["CompositeLimit", "RateLimiter"]
+
+RateLike = str | Rate | Policy
+Resolver = Callable[[HTTPConnection], Any]
+ResponseBuilder = Callable[[Sequence[Decision], Sequence[tuple[bytes, bytes]]], Response]
+OnBackendError = Literal["allow", "deny"]
+COMPOSITE_PARTS = ("ip", "user", "api_key", "endpoint")
+
+
+@dataclass(frozen=True, slots=True)
+class CompositeLimit:
+    """A level keyed on several parts at once, as in the seed's ``CompositeRateLimiter``:
+    ``CompositeLimit(("user", "endpoint"), "20/minute")`` (per user per endpoint),
+    ``("user", "ip")`` (one account from many addresses), ``("api_key", "endpoint")``.
+    The level applies only when every part is known (no user: no user+ip level)."""
+
+    parts: tuple[str, ...]
+    rate: RateLike
+    name: str | None = None
+    algorithm: Algorithm | str | None = None
+
+
+def _default_user(scope: Scope) -> str | None:
+    # request.state.user (set by an auth middleware), then Starlette's AuthenticationMiddleware.
+    state = scope.get("state")
+    user = state.get("user") if isinstance(state, dict) else None
+    if user is None:
+        user = scope.get("user")
+        if user is None or not getattr(user, "is_authenticated", True):
+            return None
+    return user_identity(user)
+
+
+def user_identity(user: Any) -> str | None:
+    """A user object, id or name -> the string the user level is keyed on."""
+    if user is None or isinstance(user, bool):
+        return None
+    if isinstance(user, (str, int)):
+        return str(user)
+    for attribute in ("id", "user_id", "identity", "username", "email"):
+        value = getattr(user, attribute, None)
+        if value is not None and not callable(value):
+            return str(value)
+    return None
+
+
+class RateLimiter:
+    """Everything about *what* is limited, shared by all three entry points.
+
+    Args:
+        backend: where state lives (default: a new :class:`MemoryBackend`).
+        global_limit: one quota for all requests (``"10000/minute"``).
+        ip_limit: per client IP (IPv6 grouped by ``ipv6_prefix``).
+        api_key_limit: per API key (header ``api_key_header``; query ``api_key_query`` opt-in).
+        user_limit: per user, when there are no ``tiers``.
+        endpoint_limits: per endpoint, shared by all clients:
+            ``{"POST /ocr/process": "50/minute"}`` (route template + method).
+        composite_limits: levels keyed on several parts (:class:`CompositeLimit`).
+        algorithm: the algorithm for limits given as strings or Rates.
+        tiers, default_tier, tier_resolver: per-user tiers; ``tier_resolver(request)`` (sync or
+            async) names the tier; unknown or missing names fall back to ``default_tier``.
+        costs: ``{"POST /ocr/process": 10}`` or a :class:`CostTable`; ``cost_function(request)``
+            overrides it. Tier cost multipliers apply.
+        trusted_proxies, ipv6_prefix, forwarded_headers: see
+            :class:`~fastapi_ratelimit.identity.ClientIP`. Forwarding headers count only from
+            trusted proxies; list the ones your proxy sets (``"forwarded"``, ``"x-real-ip"``).
+        user_resolver: ``(request) -> str | None`` (sync or async); default:
+            ``request.state.user``, then ``scope["user"]`` if authenticated.
+        headers: ``"both"`` (IETF + X-RateLimit-*), ``"ietf"``, ``"x-ratelimit"``, ``"legacy"``,
+            ``"none"``.
+        shadow: ``True`` or a set of scopes: decided, counted and logged, never enforced.
+        on_backend_error: ``"allow"`` (fail open) or ``"deny"`` (503) when the backend fails.
+        refund_when: ``(status) -> bool``; matching responses give their units back (e.g.
+            ``lambda s: s < 400`` counts only failed logins).
+        response_builder: ``(decisions, headers) -> Response`` for denials.
+    """
+
+    def __init__(
+        self,
+        *,
+        backend: Backend | None = None,
+        global_limit: RateLike | None = None,
+        ip_limit: RateLike | None = None,
+        api_key_limit: RateLike | None = None,
+        user_limit: RateLike | None = None,
+        endpoint_limits: Mapping[str, RateLike] | None = None,
+        composite_limits: Sequence[CompositeLimit] = (),
+        algorithm: Algorithm | str = Algorithm.SLIDING_WINDOW_COUNTER,
+        tiers: Mapping[str, Tier | str] | None = None,
+        default_tier: str = "free",
+        tier_resolver: Resolver | None = None,
+        costs: Mapping[str, int] | CostTable | None = None,
+        cost_function: Callable[[HTTPConnection], int] | None = None,
+        trusted_proxies: Iterable[str] = (),
+        ipv6_prefix: int = 64,
+        forwarded_headers: Sequence[str] = ("x-forwarded-for",),
+        api_key_header: str | None = "X-API-Key",
+        api_key_query: str | None = None,
+        user_resolver: Resolver | None = None,
+        headers: HeaderStyle | str = HeaderStyle.BOTH,
+        shadow: bool | Iterable[str] = False,
+        on_backend_error: OnBackendError = "allow",
+        refund_when: Callable[[int], bool] | None = None,
+        response_builder: ResponseBuilder | None = None,
+    ) -> None:
+        try:
+            algorithm = Algorithm(algorithm)
+        except ValueError:
+            raise ConfigurationError("algorithm", algorithm, "is not an Algorithm") from None
+        self.backend: Backend = backend if backend is not None else MemoryBackend()
+        if not isinstance(self.backend, Backend):
+            raise ConfigurationError("backend", backend, "must implement the Backend protocol")
+        self._global = _policy("global_limit", "global", global_limit, algorithm)
+        self._ip = _policy("ip_limit", "ip", ip_limit, algorithm)
+        self._api_key = _policy("api_key_limit", "api_key", api_key_limit, algorithm)
+        if tiers is not None and user_limit is not None:
+            raise ConfigurationError("user_limit", user_limit, "give either user_limit or tiers")
+        self._user = _policy("user_limit", "user", user_limit, algorithm)
+        self._tiers = build_tiers(tiers, default_tier) if tiers is not None else None
+        self._default_tier = default_tier
+        self._endpoints: dict[str, Policy] = {}
+        for endpoint, rate in (endpoint_limits or {}).items():
+            check_endpoint("endpoint_limits", endpoint)
+            policy = _policy(f"endpoint_limits[{endpoint!r}]", "endpoint", rate, algorithm)
+            assert policy is not None
+            self._endpoints[endpoint] = policy
+        self._composites: list[tuple[tuple[str, ...], str, Policy]] = []
+        for composite in composite_limits:
+            self._composites.append(_composite(composite, algorithm))
+        self._costs = costs if isinstance(costs, CostTable) else CostTable(costs)
+        for name, value in (
+            ("cost_function", cost_function),
+            ("user_resolver", user_resolver),
+            ("tier_resolver", tier_resolver),
+            ("refund_when", refund_when),
+            ("response_builder", response_builder),
+        ):
+            if value is not None and not callable(value):
+                raise ConfigurationError(name, value, "must be a callable")
+        self._cost_function = cost_function
+        self._user_resolver = user_resolver
+        self._tier_resolver = tier_resolver
+        self.refund_when = refund_when
+        self._client_ip = ClientIP(
+            trusted_proxies=trusted_proxies, ipv6_prefix=ipv6_prefix, headers=forwarded_headers
+        )
+        if api_key_header is not None and (
+            not isinstance(api_key_header, str) or not api_key_header
+        ):
+            raise ConfigurationError("api_key_header", api_key_header, "must be a header name")
+        self._api_key_header = api_key_header.lower().encode("latin-1") if api_key_header else None
+        self._api_key_query = api_key_query
+        self.header_style = parse_header_style(headers)
+        if isinstance(shadow, bool):
+            self._shadow_all, self._shadow = shadow, frozenset[str]()
+        elif isinstance(shadow, str) or not isinstance(shadow, Iterable):
+            raise ConfigurationError("shadow", shadow, "must be True/False or a set of scopes")
+        else:
+            self._shadow_all, self._shadow = False, frozenset(shadow)
+        if on_backend_error not in ("allow", "deny"):
+            raise ConfigurationError(
+                "on_backend_error", on_backend_error, "must be 'allow' or 'deny'"
+            )
+        self.on_backend_error = on_backend_error
+        self._respond: ResponseBuilder = response_builder or _default_response
+        self._warned_cost_function = False
+
+    # -- per request ---------------------------------------------------------------------------
+
+    @staticmethod
+    def now() -> float:
+        return time.time()
+
+    async def context(self, scope: Scope) -> RequestContext:
+        """Work out who is calling, which endpoint, at what cost."""
+        connection: HTTPConnection | None = None
+        user = _default_user(scope)
+        if self._user_resolver is not None:
+            connection = HTTPConnection(scope)
+            user = user_identity(await _maybe_await(self._user_resolver(connection)))
+        tier: Tier | None = None
+        if self._tiers is not None:
+            tier = self._tiers[self._default_tier]
+            if self._tier_resolver is not None and user is not None:
+                connection = connection or HTTPConnection(scope)
+                name = await _maybe_await(self._tier_resolver(connection))
+                tier = self._tiers.get(str(name), tier) if name is not None else tier
+        routes = getattr(scope.get("app"), "routes", None)
+        resolved = resolve_route(routes, scope) if isinstance(routes, list) else None
+        method = scope.get("method", "WEBSOCKET") if scope["type"] == "http" else "WEBSOCKET"
+        endpoint = endpoint_key(method, resolved.template if resolved else "<unmatched>")
+        multiplier = tier.cost_multiplier if tier is not None else 1.0
+        cost = self._costs.cost(endpoint, multiplier)
+        if self._cost_function is not None:
+            connection = connection or HTTPConnection(scope)
+            cost = self._custom_cost(connection, cost, multiplier)
+        api_key = None
+        if self._api_key_header is not None or self._api_key_query is not None:
+            # b"" matches no header: with only a query parameter configured, read only that.
+            api_key = api_key_from_scope(scope, self._api_key_header or b"", self._api_key_query)
+        return RequestContext(
+            limiter=self,
+            ip=self._client_ip(scope),
+            api_key=api_key,
+            user=user,
+            tier=tier,
+            endpoint=endpoint,
+            route=resolved.route if resolved else None,
+            cost=cost,
+        )
+
+    def level_checks(self, context: RequestContext) -> list[Check]:
+        """The checks for the limiter's own levels (not the route limits)."""
+        cost = context.cost
+        checks: list[Check] = []
+        if self._global is not None:
+            checks.append(Check(self._global, "global", "", cost))
+        if self._ip is not None:
+            checks.append(Check(self._ip, "ip", context.ip, cost))
+        endpoint_policy = self._endpoints.get(context.endpoint)
+        if endpoint_policy is not None:
+            checks.append(Check(endpoint_policy, "endpoint", context.endpoint, cost))
+        if self._api_key is not None and context.api_key is not None:
+            checks.append(Check(self._api_key, "api_key", context.api_key, cost))
+        if context.user is not None:
+            user_policy = context.tier.policy if context.tier is not None else self._user
+            if user_policy is not None:
+                checks.append(Check(user_policy, "user", context.user, cost))
+        for parts, scope, policy in self._composites:
+            identity = _composite_identity(parts, context)
+            if identity is not None:
+                checks.append(Check(policy, scope, identity, cost))
+        return checks
+
+    async def run(self, checks: Sequence[Check], context: RequestContext) -> Verdict | None:
+        """Decide ``checks`` (one backend call for the enforced ones) and record the decisions
+        in ``context``. Returns ``None`` when the backend failed and the policy is to allow;
+        raises :class:`BackendError` when it failed and the policy is to deny."""
+        enforced = [c for c in checks if not self._is_shadow(c.scope)]
+        shadow = [c for c in checks if self._is_shadow(c.scope)]
+        if shadow:
+            await self._run_shadow(shadow, context)
+        if not enforced:
+            return Verdict(())
+        try:
+            verdict = await self.backend.hit(enforced)
+        except BackendError as exc:
+            logger.warning("rate limiting unavailable ({}): {}", self.on_backend_error, exc)
+            if self.on_backend_error == "deny":
+                raise
+            return None
+        context.decisions.extend(verdict.decisions)
+        if verdict.allowed:
+            context.charged.extend(c for c in enforced if c.cost == context.cost)
+        else:
+            logger.debug(
+                "rate limit exceeded: {} {} ({})",
+                context.endpoint,
+                ",".join(d.policy for d in verdict.denied),
+                ",".join(d.scope for d in verdict.denied),
+            )
+        return verdict
+
+    def denial_response(self, context: RequestContext, verdict: Verdict) -> Response:
+        headers = rate_limit_headers(context.decisions, self.header_style, now=self.now())
+        return self._respond(verdict.decisions, headers)
+
+    @staticmethod
+    def unavailable_response() -> Response:
+        return backend_unavailable_response(1)
+
+    async def after_response(self, context: RequestContext, status: int | None) -> None:
+        """Refunds by status, and the adjustment for a cost the endpoint reported."""
+        if status is None:
+            return
+        try:
+            refunds: list[Check] = []
+            charged = context.charged
+            if self.refund_when is not None and charged and self.refund_when(status):
+                refunds.extend(charged)
+                charged = []
+            for limit, check in context.refundable:
+                if limit.refund_when is not None and limit.refund_when(status):
+                    refunds.append(check)
+            reported = context.reported_cost
+            if reported is not None and charged and reported != context.cost:
+                delta = reported - context.cost
+                if delta < 0:
+                    refunds.extend(_with_cost(c, -delta) for c in charged)
+                else:
+                    # Charged afterwards where quota is left; denied means nothing is taken.
+                    await self.backend.hit([_with_cost(c, delta) for c in charged])
+            if refunds:
+                await self.backend.refund(refunds)
+        except BackendError as exc:
+            logger.warning("rate-limit adjustment after the response failed: {}", exc)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _is_shadow(self, scope: str) -> bool:
+        return self._shadow_all or scope in self._shadow
+
+    async def _run_shadow(self, checks: list[Check], context: RequestContext) -> None:
+        # Each shadow level is charged on its own: a shadow denial must not stop the others
+        # from counting, and must never block.
+        results = await asyncio.gather(
+            *(self.backend.hit([c]) for c in checks), return_exceptions=True
+        )
+        for check, result in zip(checks, results, strict=True):
+            if isinstance(result, Verdict) and not result.allowed:
+                logger.info(
+                    "shadow rate limit would deny: {} {} ({})",
+                    context.endpoint,
+                    check.policy.name,
+                    check.scope,
+                )
+
+    def _custom_cost(self, connection: HTTPConnection, fallback: int, multiplier: float) -> int:
+        assert self._cost_function is not None
+        try:
+            cost = check_cost("cost_function()", self._cost_function(connection))
+        except Exception as exc:
+            if not self._warned_cost_function:
+                self._warned_cost_function = True
+                logger.warning("cost_function failed, using the cost table: {!r}", exc)
+            return fallback
+        return cost if multiplier == 1.0 else max(1, math.ceil(cost * multiplier))
+
+
+def _default_response(
+    decisions: Sequence[Decision], headers: Sequence[tuple[bytes, bytes]]
+) -> Response:
+    return quota_exceeded_response(decisions, headers=headers)
+
+
+def _policy(field: str, name: str, rate: RateLike | None, algorithm: Algorithm) -> Policy | None:
+    if rate is None:
+        return None
+    if isinstance(rate, Policy):
+        return rate
+    if isinstance(rate, (str, Rate)):
+        try:
+            return Policy(name, rate, algorithm)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{field}: {exc.field}", exc.value, exc.reason) from None
+    raise ConfigurationError(field, rate, "must be a rate string, a Rate or a Policy")
+
+
+def _composite(
+    composite: CompositeLimit, default: Algorithm
+) -> tuple[tuple[str, ...], str, Policy]:
+    if not isinstance(composite, CompositeLimit):
+        raise ConfigurationError("composite_limits", composite, "must hold CompositeLimit objects")
+    parts = tuple(composite.parts)
+    if len(parts) < 2 or not set(parts) <= set(COMPOSITE_PARTS) or len(set(parts)) != len(parts):
+        raise ConfigurationError(
+            "composite_limits.parts", parts, f"must be two or more of {', '.join(COMPOSITE_PARTS)}"
+        )
+    scope = "+".join(parts)
+    name = composite.name or "-".join(parts)
+    algorithm = Algorithm(composite.algorithm) if composite.algorithm is not None else default
+    policy = _policy(f"composite_limits[{scope!r}]", name, composite.rate, algorithm)
+    assert policy is not None
+    return parts, scope, policy
+
+
+def _composite_identity(parts: tuple[str, ...], context: RequestContext) -> tuple[str, ...] | None:
+    values: list[str] = []
+    for part in parts:
+        value = {
+            "ip": context.ip,
+            "user": context.user,
+            "api_key": context.api_key,
+            "endpoint": context.endpoint,
+        }[part]
+        if value is None:
+            return None
+        values.append(value)
+    return tuple(values)
+
+
+def _with_cost(check: Check, cost: int) -> Check:
+    return Check(check.policy, check.scope, check.identity, cost)
+
+
+async def _maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value

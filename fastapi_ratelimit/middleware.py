@@ -1,0 +1,217 @@
+"""``RateLimitMiddleware``: pure ASGI, in the shape of Starlette's ``trustedhost.py`` and
+``cors.py``.
+
+Everything is decided before the app runs: the limiter's levels and the limits attached to
+the matched route go to the backend in one call. A denied request never reaches the app (its
+handler and background tasks never run). An admitted one passes through with a ``send``
+wrapper that only edits ``http.response.start`` (streaming, files and background tasks are
+untouched) and, after the response, refunds or adjusts by status or reported cost.
+
+Add it *inside* ``CORSMiddleware`` (that is, add it first: Starlette runs the last added
+middleware outermost), so that a 429 still gets CORS headers and preflights are answered by
+CORS without ever reaching the limiter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from starlette.datastructures import MutableHeaders
+from starlette.requests import HTTPConnection
+
+from ._types import ASGIApp, Message, Receive, Scope, Send
+from .context import SCOPE_KEY, RequestContext
+from .errors import BackendError, ConfigurationError
+from .headers import HeaderStyle, rate_limit_headers
+from .limiter import RateLimiter
+from .responses import quota_exceeded_response
+from .route_limits import RouteLimit, attached_limits
+
+__all__ = ["DEFAULT_EXEMPT", "RateLimitMiddleware"]
+
+DEFAULT_EXEMPT = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json")
+_route_limits_cache: dict[int, tuple[RouteLimit, ...]] = {}
+
+
+class RateLimitMiddleware:
+    """Rate-limit every HTTP request and WebSocket handshake of ``app``.
+
+    Args:
+        app: the ASGI app.
+        limiter: the shared :class:`RateLimiter`.
+        exempt: paths (and everything below them) never limited nor counted.
+        websockets: limit WebSocket handshakes (a denied one is refused before accept).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limiter: RateLimiter,
+        exempt: Iterable[str] = DEFAULT_EXEMPT,
+        websockets: bool = True,
+    ) -> None:
+        if not isinstance(limiter, RateLimiter):
+            raise ConfigurationError("limiter", limiter, "must be a RateLimiter")
+        if isinstance(exempt, str):
+            raise ConfigurationError("exempt", exempt, "must be a list of paths, not one string")
+        paths = tuple(exempt)
+        for path in paths:
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise ConfigurationError("exempt", path, "paths must start with '/'")
+        self.app = app
+        self.limiter = limiter
+        self._exact = frozenset(p.rstrip("/") or "/" for p in paths)
+        self._prefixes = tuple((p.rstrip("/") + "/") for p in paths if p != "/")
+        self._websockets = websockets
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http" and (kind != "websocket" or not self._websockets):
+            await self.app(scope, receive, send)
+            return
+        if self._skip(scope):
+            await self.app(scope, receive, send)
+            return
+        limiter = self.limiter
+        context = await limiter.context(scope)
+        context.middleware = True
+        checks = limiter.level_checks(context)
+        for limit in _route_limits(context.route):
+            if limit.limiter is not None and limit.limiter is not limiter:
+                continue  # bound to another limiter: it checks for itself
+            check = limit.check(context, await limit.key_value(HTTPConnection(scope)))
+            context.handled.add(id(limit))
+            if check is not None:
+                checks.append(check)
+                if limit.refund_when is not None:
+                    context.refundable.append((limit, check))
+        try:
+            verdict = await limiter.run(checks, context) if checks else None
+        except BackendError:
+            await self._refuse(scope, receive, send, limiter.unavailable_response())
+            return
+        if verdict is not None and not verdict.allowed:
+            await self._refuse(scope, receive, send, limiter.denial_response(context, verdict))
+            return
+        scope[SCOPE_KEY] = context
+        if kind == "websocket":
+            await self.app(scope, receive, send)
+            return
+        await _Responder(self.app, context)(scope, receive, send)
+
+    def _skip(self, scope: Scope) -> bool:
+        path: str = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"
+        if path in self._exact or path.startswith(self._prefixes):
+            return True
+        # A CORS preflight is neither limited nor counted.
+        if scope.get("method") == "OPTIONS":
+            for name, _ in scope.get("headers", ()):
+                if name == b"access-control-request-method":
+                    return True
+        return False
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, response: Any) -> None:
+        if scope["type"] == "http":
+            await response(scope, receive, send)
+            return
+        # WebSocket: refuse before accept. Servers with the denial-response extension get the
+        # real 429; the others a close with 1008 (policy violation), which they answer with 403.
+        if "websocket.http.response" in scope.get("extensions", {}):
+            await send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": response.status_code,
+                    "headers": response.raw_headers,
+                }
+            )
+            await send({"type": "websocket.http.response.body", "body": response.body})
+            return
+        message = await receive()
+        if message["type"] == "websocket.connect":
+            await send({"type": "websocket.close", "code": 1008, "reason": "rate limit exceeded"})
+
+
+class _Responder:
+    """One per request (per-request state never lives on the middleware)."""
+
+    __slots__ = ("_send", "app", "context", "replaced", "status")
+
+    def __init__(self, app: ASGIApp, context: RequestContext) -> None:
+        self.app = app
+        self.context = context
+        self.status: int | None = None
+        self.replaced = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._send = send
+        await self.app(scope, receive, self.send)
+        context = self.context
+        await context.limiter.after_response(context, self.status)
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = message["status"]
+            context = self.context
+            denial = context.denial
+            if denial is not None and message["status"] == 429:
+                # A route guard denied: send the problem+json 429 instead of the framework's
+                # rendering of the exception, and drop the app's body.
+                self.replaced = True
+                limiter = context.limiter
+                headers = rate_limit_headers(
+                    context.decisions, limiter.header_style, now=limiter.now()
+                )
+                response = quota_exceeded_response(denial.decisions, headers=headers)
+                await self._send(
+                    {
+                        "type": "http.response.start",
+                        "status": 429,
+                        "headers": response.raw_headers,
+                    }
+                )
+                await self._send({"type": "http.response.body", "body": response.body})
+                return
+            limiter = context.limiter
+            if context.decisions and limiter.header_style is not HeaderStyle.NONE:
+                mutable = MutableHeaders(scope=message)
+                for name, value in rate_limit_headers(
+                    context.decisions, limiter.header_style, now=limiter.now()
+                ):
+                    # Set, never append: each header appears once even if the app set one.
+                    mutable[name.decode("latin-1")] = value.decode("latin-1")
+        elif self.replaced and kind == "http.response.body":
+            return
+        await self._send(message)
+
+
+def _route_limits(route: Any) -> tuple[RouteLimit, ...]:
+    """Decorator marks on the endpoint and guards among the route's dependencies (FastAPI
+    merges router- and app-level dependencies into each route). Guards that take the user
+    from another dependency can't be checked before the app runs: they check themselves."""
+    if route is None:
+        return ()
+    found = _route_limits_cache.get(id(route))
+    if found is not None:
+        return found
+    from .dependencies import RateLimit
+
+    limits = list(attached_limits(getattr(route, "endpoint", None)))
+    seen: set[int] = set()
+    stack = list(getattr(getattr(route, "dependant", None), "dependencies", ()))
+    while stack:
+        dependant = stack.pop()
+        call = getattr(dependant, "call", None)
+        if isinstance(call, RateLimit) and call.user_dependency is None and id(call) not in seen:
+            seen.add(id(call))
+            limits.append(call.limit)
+        stack.extend(getattr(dependant, "dependencies", ()))
+    result = tuple(limits)
+    _route_limits_cache[id(route)] = result
+    return result

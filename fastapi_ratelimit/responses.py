@@ -1,0 +1,130 @@
+"""The error responses the limiter sends: RFC 9457 problem details with ``Retry-After``.
+
+* :func:`quota_exceeded_response` -- 429 with the ``quota-exceeded`` problem type of
+  draft-ietf-httpapi-ratelimit-headers, naming the violated policies;
+* :func:`backend_unavailable_response` -- 503 when the storage cannot answer and the limiter
+  fails closed;
+* :func:`reduced_capacity_response` -- 503 with the draft's ``temporary-reduced-capacity`` type,
+  for load shedding.
+
+Bodies carry only what the client may know anyway: policy names and scopes (already in the
+headers) and whole seconds. Never storage keys, client identities, hashes or exception text,
+which would help an attacker map the limiter or its infrastructure.
+
+Header formats live in :mod:`fastapi_ratelimit.headers`; here they are only attached.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.responses import Response
+
+from .decision import Decision, Verdict
+from .headers import retry_after_value
+
+__all__ = [
+    "PROBLEM_JSON",
+    "backend_unavailable_response",
+    "quota_exceeded_response",
+    "reduced_capacity_response",
+]
+
+PROBLEM_JSON = "application/problem+json"
+
+QUOTA_EXCEEDED_TYPE = "https://iana.org/assignments/http-problem-types#quota-exceeded"
+QUOTA_EXCEEDED_TITLE = "Request cannot be satisfied as assigned quota has been exceeded"
+REDUCED_CAPACITY_TYPE = "https://iana.org/assignments/http-problem-types#temporary-reduced-capacity"
+REDUCED_CAPACITY_TITLE = "Temporary reduced capacity"
+
+# Extra headers may not override these: the body, and so its length and type, is ours.
+_OWN_HEADERS = frozenset({b"content-length", b"content-type"})
+
+
+def quota_exceeded_response(
+    decisions: Sequence[Decision], *, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> Response:
+    """429 for a request that at least one level denied.
+
+    ``headers`` are the rate-limit headers already built by :mod:`~fastapi_ratelimit.headers`
+    (raw ASGI pairs); they are appended as they are. ``Retry-After`` is added unless they hold
+    one already.
+
+    Raises:
+        ValueError: when no decision is a denial (a 429 would then be a lie).
+    """
+    denied = [d for d in decisions if not d.allowed]
+    if not denied:
+        raise ValueError("quota_exceeded_response needs at least one denied decision")
+    binding = Verdict(tuple(denied)).binding
+    assert binding is not None  # denied is not empty
+    retry_after = retry_after_value(decisions)
+    scope = str(binding.scope)
+    body = {
+        "type": QUOTA_EXCEEDED_TYPE,
+        "title": QUOTA_EXCEEDED_TITLE,
+        "status": 429,
+        "detail": f"Rate limit exceeded at the {scope} level.",
+        # dict.fromkeys: de-duplicated, first occurrence's order kept.
+        "violated-policies": list(dict.fromkeys(str(d.policy) for d in denied)),
+        "scope": scope,
+        "retry_after": retry_after,
+    }
+    return _problem(429, body, retry_after, headers)
+
+
+def backend_unavailable_response(retry_after: int = 1) -> Response:
+    """503 when the rate-limit storage failed and the limiter fails closed.
+
+    Deliberately generic: the cause (exception, host, port, socket path) is for the logs only.
+    """
+    _check_retry_after(retry_after)
+    body = {
+        "type": "about:blank",
+        "title": "Service Unavailable",
+        "status": 503,
+        "detail": "Rate limiting is temporarily unavailable.",
+    }
+    return _problem(503, body, retry_after, ())
+
+
+def reduced_capacity_response(
+    retry_after: int, *, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> Response:
+    """503 with the draft's ``temporary-reduced-capacity`` problem type, for load shedding.
+
+    ``headers`` (e.g. a ``RateLimit-Policy`` announcing the lowered quota, as the draft
+    suggests) are appended as they are; ``Retry-After`` is added unless they hold one.
+    """
+    _check_retry_after(retry_after)
+    body = {
+        "type": REDUCED_CAPACITY_TYPE,
+        "title": REDUCED_CAPACITY_TITLE,
+        "status": 503,
+        "detail": "The service is temporarily operating at reduced capacity.",
+    }
+    return _problem(503, body, retry_after, headers)
+
+
+def _check_retry_after(retry_after: int) -> None:
+    # bool is an int, and Retry-After: True would be nonsense.
+    if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 1:
+        raise ValueError(f"retry_after must be an integer >= 1, got {retry_after!r}")
+
+
+def _problem(
+    status: int,
+    body: dict[str, Any],
+    retry_after: int,
+    extra: Sequence[tuple[bytes, bytes]],
+) -> Response:
+    content = json.dumps(body, separators=(",", ":")).encode("ascii")
+    response = Response(content, status_code=status, media_type=PROBLEM_JSON)
+    raw = response.raw_headers
+    extra_headers = [(name, value) for name, value in extra if name.lower() not in _OWN_HEADERS]
+    if not any(name.lower() == b"retry-after" for name, _ in extra_headers):
+        raw.append((b"retry-after", b"%d" % retry_after))
+    raw.extend(extra_headers)
+    return response

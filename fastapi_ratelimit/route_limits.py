@@ -1,0 +1,207 @@
+"""Limits attached to routes: the one enforcement path behind ``@rate_limit`` and the
+``Depends`` guard.
+
+Under :class:`~fastapi_ratelimit.middleware.RateLimitMiddleware`, the middleware finds a
+route's limits (decorator marks on the endpoint, guards among its dependencies) and checks
+them in the *same* backend call as its own levels, before the app runs; the decorator or
+guard then sees its limit already handled and does nothing, so nothing counts twice and every
+header appears once. Without the middleware, they check for themselves.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
+
+from .backends.base import Check
+from .context import SCOPE_KEY, RequestContext
+from .errors import ConfigurationError
+from .headers import rate_limit_headers, retry_after_value
+from .keys import Identity
+from .policy import Algorithm, Policy
+from .rate import Rate, parse_rate
+from .responses import quota_exceeded_response
+
+if TYPE_CHECKING:
+    from .decision import Verdict
+    from .limiter import RateLimiter
+
+__all__ = ["RateLimitExceeded", "RouteLimit", "rate_limit_exceeded_handler"]
+
+KeyFunc = Callable[[HTTPConnection], "str | Awaitable[str | None] | None"]
+ROUTE_LIMITS_ATTR = "__fastapi_ratelimit__"
+PARTS = frozenset({"ip", "user", "api_key", "global", "endpoint"})
+
+
+class RateLimitExceeded(HTTPException):
+    """Raised by a guard or decorator that denies a request. Under the middleware the client
+    gets the problem+json 429; elsewhere register :func:`rate_limit_exceeded_handler`."""
+
+    def __init__(self, verdict: Verdict, headers: dict[str, str]) -> None:
+        binding = verdict.binding
+        scope = binding.scope if binding is not None else "route"
+        super().__init__(429, f"Rate limit exceeded at the {scope} level.", headers)
+        self.verdict = verdict
+
+
+async def rate_limit_exceeded_handler(request: Request, exc: Exception) -> Response:
+    """Exception handler rendering :class:`RateLimitExceeded` as problem+json:
+    ``app.add_exception_handler(RateLimitExceeded, rate_limit_exceeded_handler)``."""
+    if not isinstance(exc, RateLimitExceeded):  # pragma: no cover - registered for it only
+        raise exc
+    decisions = exc.verdict.decisions
+    return quota_exceeded_response(decisions, headers=_raw(dict(exc.headers or {})))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RouteLimit:
+    """One limit attached to a route. ``scope`` names whose quota it is: ``"ip"``,
+    ``"user"``, ``"api_key"``, ``"global"`` (everyone shares it), or a combination such as
+    ``"user+ip"``; with ``key`` it is just the label of a custom identity."""
+
+    policy: Policy
+    scope: str
+    parts: tuple[str, ...]
+    cost: int | None
+    key: KeyFunc | None
+    limiter: RateLimiter | None
+    refund_when: Callable[[int], bool] | None
+
+    @classmethod
+    def build(
+        cls,
+        rate: str | Rate | Policy,
+        *,
+        scope: str,
+        cost: int | None,
+        key: KeyFunc | None,
+        name: str | None,
+        algorithm: Algorithm | str,
+        limiter: RateLimiter | None,
+        refund_when: Callable[[int], bool] | None,
+        where: str,
+    ) -> RouteLimit:
+        if not isinstance(scope, str) or not scope:
+            raise ConfigurationError(f"{where}: scope", scope, "must be a non-empty string")
+        parts = tuple(scope.split("+"))
+        if key is None and not set(parts) <= PARTS:
+            raise ConfigurationError(
+                f"{where}: scope",
+                scope,
+                f"must combine {', '.join(sorted(PARTS))} with '+', or come with key=",
+            )
+        if key is not None and not callable(key):
+            raise ConfigurationError(f"{where}: key", key, "must be a callable")
+        if cost is not None and (isinstance(cost, bool) or not isinstance(cost, int) or cost < 1):
+            raise ConfigurationError(f"{where}: cost", cost, "must be a whole number >= 1")
+        if refund_when is not None and not callable(refund_when):
+            raise ConfigurationError(f"{where}: refund_when", refund_when, "must be a callable")
+        if isinstance(rate, Policy):
+            policy = rate
+        else:
+            parsed = (
+                rate if isinstance(rate, Rate) else parse_rate(rate, field_name=f"{where}: rate")
+            )
+            default_name = f"route-{scope.replace('+', '-')}-{parsed.limit}-{parsed.period:g}s"
+            policy = Policy(name or default_name.replace(".", "_"), parsed, algorithm)
+        return cls(policy, scope, parts if key is None else (), cost, key, limiter, refund_when)
+
+    @property
+    def needs_key(self) -> bool:
+        return self.key is not None
+
+    async def key_value(self, connection: HTTPConnection) -> str | None:
+        if self.key is None:
+            return None
+        value = self.key(connection)
+        if inspect.isawaitable(value):
+            value = await value
+        return None if value is None else str(value)
+
+    def check(
+        self, context: RequestContext, key_value: str | None = None, user: str | None = None
+    ) -> Check | None:
+        """This limit's check for one request; ``None`` if a custom key gave no identity."""
+        identity: list[str] = [context.endpoint]
+        if self.key is not None:
+            if key_value is None:
+                return None
+            identity += ("key", key_value)
+        user = user if user is not None else context.user
+        for part in self.parts:
+            if part == "ip":
+                identity += ("ip", context.ip)
+            elif part == "user":
+                # Anonymous callers share nothing with users: they are limited by IP.
+                identity += ("user", user) if user is not None else ("anon-ip", context.ip)
+            elif part == "api_key":
+                key = context.api_key
+                identity += ("api_key", key) if key is not None else ("no-key-ip", context.ip)
+        cost = self.cost if self.cost is not None else context.cost
+        ident: Identity = tuple(identity)
+        return Check(self.policy, self.scope if self.key is None else "route", ident, cost)
+
+
+async def enforce(
+    limit: RouteLimit,
+    connection: HTTPConnection,
+    *,
+    user: str | None = None,
+    response: Response | None = None,
+) -> None:
+    """Check ``limit`` for this request unless the middleware already did."""
+    scope = connection.scope
+    context = scope.get(SCOPE_KEY)
+    if isinstance(context, RequestContext) and id(limit) in context.handled:
+        return
+    limiter = limit.limiter or (context.limiter if isinstance(context, RequestContext) else None)
+    if limiter is None:
+        raise RuntimeError(
+            "fastapi_ratelimit: this route limit has no RateLimiter. Add RateLimitMiddleware "
+            "to the app or pass limiter= to @rate_limit / RateLimit."
+        )
+    if not isinstance(context, RequestContext):
+        context = await limiter.context(scope)
+        scope[SCOPE_KEY] = context
+    context.handled.add(id(limit))
+    check = limit.check(context, await limit.key_value(connection), user)
+    if check is None:
+        return
+    verdict = await limiter.run([check], context)
+    if verdict is None:  # backend failed under on_backend_error="allow"
+        return
+    if limit.refund_when is not None:
+        context.refundable.append((limit, check))
+    if not verdict.allowed:
+        context.denial = verdict
+        headers = rate_limit_headers(context.decisions, limiter.header_style, now=limiter.now())
+        retry = retry_after_value(verdict.decisions)
+        raise RateLimitExceeded(verdict, {**_str(headers), "Retry-After": str(retry)})
+    if response is not None and not context.middleware:
+        for name, value in rate_limit_headers(
+            context.decisions, limiter.header_style, now=limiter.now()
+        ):
+            response.headers[name.decode("latin-1")] = value.decode("latin-1")
+
+
+def _str(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
+
+
+def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
+def attached_limits(endpoint: Any) -> tuple[RouteLimit, ...]:
+    limits = getattr(endpoint, ROUTE_LIMITS_ATTR, ())
+    return limits if isinstance(limits, tuple) else ()
+
+
+def mark(endpoint: Any, limit: RouteLimit) -> None:
+    setattr(endpoint, ROUTE_LIMITS_ATTR, (*attached_limits(endpoint), limit))

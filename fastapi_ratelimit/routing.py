@@ -1,0 +1,86 @@
+"""Which route a request will reach, before the app routes it.
+
+The endpoint level and the cost table are keyed by the *route template* plus method
+(``"GET /users/{id}"``), never by the raw path: ``/users/1`` and ``/users/2`` are one
+endpoint, and a client cannot mint new buckets by inventing paths. Routes added with
+``include_router`` (FastAPI flattens them), mounted sub-apps and hosts are followed.
+Unmatched requests (404s) share one ``"<METHOD> <unmatched>"`` endpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.routing import BaseRoute, Host, Match, Mount
+
+from ._types import Scope
+
+__all__ = ["ResolvedRoute", "resolve_route"]
+
+UNMATCHED = "<unmatched>"
+_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedRoute:
+    """The template (``"/users/{id}"``) and the leaf route object, if any route matched."""
+
+    template: str
+    route: BaseRoute | None
+
+
+_UNMATCHED = ResolvedRoute(UNMATCHED, None)
+# (app id, type, method, root_path, path) -> ResolvedRoute. Emptied when full, so random paths
+# cost a route scan, never memory.
+_cache: dict[tuple[int, str, str, str, str], ResolvedRoute] = {}
+
+
+def resolve_route(routes: Sequence[BaseRoute], scope: Scope) -> ResolvedRoute:
+    """Match ``scope`` against ``routes`` the way Starlette's router will."""
+    cache_key = (
+        id(routes),
+        scope["type"],
+        scope.get("method", ""),
+        scope.get("root_path", ""),
+        scope["path"],
+    )
+    found = _cache.get(cache_key)
+    if found is not None:
+        return found
+    found = _search(routes, scope, "") or _UNMATCHED
+    if len(_cache) >= _CACHE_SIZE:
+        _cache.clear()
+    _cache[cache_key] = found
+    return found
+
+
+def _search(routes: Iterable[BaseRoute], scope: Scope, prefix: str) -> ResolvedRoute | None:
+    partial: ResolvedRoute | None = None
+    for route in routes:
+        try:
+            match, child_scope = route.matches(scope)
+        except Exception:  # a custom route must not turn rate limiting into a 500
+            continue
+        if match is Match.NONE:
+            continue
+        if isinstance(route, (Mount, Host)):
+            if match is not Match.FULL:
+                continue
+            inner = _search(route.routes, {**scope, **child_scope}, prefix + _mount_path(route))
+            if inner is not None:
+                return inner
+            # A mounted app without routes (a plain ASGI app): the mount is the endpoint.
+            return ResolvedRoute(prefix + (_mount_path(route) or "/"), route)
+        path: Any = getattr(route, "path", None)
+        resolved = ResolvedRoute(prefix + (path if isinstance(path, str) else ""), route)
+        if match is Match.FULL:
+            return resolved
+        # PARTIAL: the path matches but not the method (a 405); keep looking for a full match.
+        partial = partial or resolved
+    return partial
+
+
+def _mount_path(route: Mount | Host) -> str:
+    return route.path if isinstance(route, Mount) else ""
