@@ -11,7 +11,7 @@ from .errors import ConfigurationError
 
 __all__ = ["CostTable", "endpoint_key"]
 
-_ENDPOINT_RE = re.compile(r"(GET|POST|PUT|PATCH|DELETE|OPTIONS|WEBSOCKET|\*) /\S*")
+_ENDPOINT_RE = re.compile(r"(GET|POST|PUT|PATCH|DELETE|OPTIONS|WEBSOCKET|\*) (/\S*|<unmatched>)")
 MAX_COST = 1_000_000
 
 

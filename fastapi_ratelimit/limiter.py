@@ -27,7 +27,7 @@ from .errors import BackendError, ConfigurationError
 from .headers import HeaderStyle, parse_header_style, rate_limit_headers
 from .identity import ClientIP, api_key_from_scope
 from .policy import Algorithm, Policy
-from .rate import Rate
+from .rate import Rate, parse_rate
 from .responses import backend_unavailable_response, quota_exceeded_response
 from .routing import resolve_route
 from .tiers import Tier, build_tiers
@@ -372,7 +372,9 @@ def _policy(field: str, name: str, rate: RateLike | None, algorithm: Algorithm) 
         return None
     if isinstance(rate, Policy):
         return rate
-    if isinstance(rate, (str, Rate)):
+    if isinstance(rate, str):
+        rate = parse_rate(rate, field_name=field)
+    if isinstance(rate, Rate):
         try:
             return Policy(name, rate, algorithm)
         except ConfigurationError as exc:

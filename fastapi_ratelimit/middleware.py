@@ -213,5 +213,7 @@ def _route_limits(route: Any) -> tuple[RouteLimit, ...]:
             limits.append(call.limit)
         stack.extend(getattr(dependant, "dependencies", ()))
     result = tuple(limits)
+    if len(_route_limits_cache) >= 4096:
+        _route_limits_cache.clear()
     _route_limits_cache[id(route)] = result
     return result

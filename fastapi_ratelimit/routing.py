@@ -59,6 +59,17 @@ def resolve_route(routes: Sequence[BaseRoute], scope: Scope) -> ResolvedRoute:
 def _search(routes: Iterable[BaseRoute], scope: Scope, prefix: str) -> ResolvedRoute | None:
     partial: ResolvedRoute | None = None
     for route in routes:
+        contexts = getattr(route, "effective_route_contexts", None)
+        if callable(contexts):
+            # FastAPI >= 0.16x keeps included routers lazy (`_IncludedRouter`); each yields
+            # route contexts that match like routes and carry the full path, endpoint and
+            # dependant.
+            inner = _search(_flattened(contexts()), scope, prefix)
+            if inner is not None and inner.route is not None:
+                if _is_full(inner, scope):
+                    return inner
+                partial = partial or inner
+            continue
         try:
             match, child_scope = route.matches(scope)
         except Exception:  # a custom route must not turn rate limiting into a 500
@@ -80,6 +91,22 @@ def _search(routes: Iterable[BaseRoute], scope: Scope, prefix: str) -> ResolvedR
         # PARTIAL: the path matches but not the method (a 405); keep looking for a full match.
         partial = partial or resolved
     return partial
+
+
+def _flattened(contexts: Iterable[Any]) -> list[BaseRoute]:
+    flat: list[BaseRoute] = []
+    for context in contexts:
+        starlette_route = getattr(context, "starlette_route", None)
+        flat.append(starlette_route if starlette_route is not None else context)
+    return flat
+
+
+def _is_full(resolved: ResolvedRoute, scope: Scope) -> bool:
+    assert resolved.route is not None
+    try:
+        return resolved.route.matches(scope)[0] is Match.FULL
+    except Exception:
+        return False
 
 
 def _mount_path(route: Mount | Host) -> str:

@@ -1,0 +1,28 @@
+"""``frl-redis-5``: fastapi_ratelimit, Redis backend, five levels (global, IP, endpoint,
+API key from ``X-API-Key``, user from ``X-User``) in one ``EVALSHA`` per request."""
+
+import os
+
+from fastapi import FastAPI
+
+from fastapi_ratelimit import RateLimiter, RateLimitMiddleware, RedisBackend
+
+HIGH = "1000000000/minute"
+
+limiter = RateLimiter(
+    backend=RedisBackend.from_url(os.environ["BENCH_REDIS_URL"]),
+    global_limit=HIGH,
+    ip_limit=HIGH,
+    endpoint_limits={"GET /hello": HIGH},
+    api_key_limit=HIGH,
+    user_limit=HIGH,
+    user_resolver=lambda conn: conn.headers.get("x-user"),
+)
+
+app = FastAPI()
+app.add_middleware(RateLimitMiddleware, limiter=limiter)
+
+
+@app.get("/hello")
+async def hello() -> dict[str, str]:
+    return {"hello": "world"}

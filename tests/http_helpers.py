@@ -1,0 +1,46 @@
+"""Helpers for the HTTP-layer tests: clients over ASGITransport with a chosen peer address."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import http_sf
+import httpx
+
+RATE_HEADERS = (
+    "ratelimit",
+    "ratelimit-policy",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "x-ratelimit-used",
+    "x-ratelimit-scope",
+)
+
+
+@asynccontextmanager
+async def client_for(
+    app: Any, ip: str = "203.0.113.7", port: int = 40000
+) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app, client=(ip, port))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client
+
+
+def policies(response: httpx.Response) -> dict[str, dict[str, Any]]:
+    """RateLimit-Policy parsed as a structured field: {name: {"q": .., "w": ..}}."""
+    parsed = http_sf.parse(response.headers["ratelimit-policy"].encode(), tltype="list")
+    return {item[0]: dict(item[1]) for item in parsed}
+
+
+def ratelimit(response: httpx.Response) -> tuple[str, dict[str, Any]]:
+    """RateLimit parsed as a structured field item: (policy name, {"r": .., "t": ..})."""
+    value, params = http_sf.parse(response.headers["ratelimit"].encode(), tltype="item")
+    return value, dict(params)
+
+
+def header_counts(response: httpx.Response) -> dict[str, int]:
+    names = [name.decode().lower() for name, _ in response.headers.raw]
+    return {name: names.count(name) for name in set(names)}

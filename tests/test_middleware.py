@@ -1,0 +1,529 @@
+"""RateLimitMiddleware on real FastAPI and Starlette apps, driven through httpx."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from fastapi import APIRouter, BackgroundTasks, FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+from conftest import BACKEND_KINDS
+from http_helpers import RATE_HEADERS, client_for, header_counts, policies, ratelimit
+from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
+
+from fastapi_ratelimit import (
+    Algorithm,
+    BackendError,
+    Check,
+    CompositeLimit,
+    ConfigurationError,
+    FakeClock,
+    MemoryBackend,
+    Policy,
+    RateLimiter,
+    RateLimitMiddleware,
+    Verdict,
+    report_cost,
+)
+
+
+def make_app(limiter: RateLimiter, **middleware: Any) -> FastAPI:
+    app = FastAPI()
+    app.state.calls = 0
+    app.state.background = 0
+
+    @app.get("/hello")
+    async def hello() -> dict[str, str]:
+        app.state.calls += 1
+        return {"hello": "world"}
+
+    @app.get("/users/{user_id}")
+    async def user(user_id: int) -> dict[str, int]:
+        return {"id": user_id}
+
+    @app.post("/ocr/process")
+    async def ocr() -> dict[str, str]:
+        return {"text": "x"}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    @app.post("/work")
+    async def work(tasks: BackgroundTasks) -> dict[str, str]:
+        def task() -> None:
+            app.state.background += 1
+
+        tasks.add_task(task)
+        return {"queued": "yes"}
+
+    app.add_middleware(RateLimitMiddleware, limiter=limiter, **middleware)
+    return app
+
+
+async def test_headers_on_allowed_and_problem_json_on_denied() -> None:
+    limiter = RateLimiter(ip_limit="2/minute", global_limit="100/minute")
+    app = make_app(limiter)
+    async with client_for(app) as client:
+        first = await client.get("/hello")
+        assert first.status_code == 200
+        assert policies(first) == {"global": {"q": 100, "w": 60}, "ip": {"q": 2, "w": 60}}
+        assert ratelimit(first)[0] == "ip"
+        assert ratelimit(first)[1]["r"] == 1
+        assert first.headers["x-ratelimit-limit"] == "2"
+        assert first.headers["x-ratelimit-remaining"] == "1"
+        assert first.headers["x-ratelimit-used"] == "1"
+        assert first.headers["x-ratelimit-scope"] == "ip"
+        assert "retry-after" not in first.headers
+        await client.get("/hello")
+        denied = await client.get("/hello")
+    assert denied.status_code == 429
+    assert denied.headers["content-type"] == "application/problem+json"
+    body = denied.json()
+    assert body["type"] == "https://iana.org/assignments/http-problem-types#quota-exceeded"
+    assert body["violated-policies"] == ["ip"]
+    assert body["scope"] == "ip"
+    assert body["status"] == 429
+    retry_after = int(denied.headers["retry-after"])
+    assert retry_after >= 1
+    assert body["retry_after"] == retry_after
+    assert retry_after >= ratelimit(denied)[1]["t"]
+    assert ratelimit(denied)[1]["r"] == 0
+    # The app never ran for the denied request.
+    assert app.state.calls == 2
+    for response in (first, denied):
+        counts = header_counts(response)
+        assert all(counts.get(name, 0) == 1 for name in RATE_HEADERS)
+    # Nothing internal leaks into the body.
+    assert "203.0.113.7" not in denied.text
+    assert "rl:" not in denied.text
+
+
+async def test_denied_request_runs_no_background_task() -> None:
+    app = make_app(RateLimiter(ip_limit="1/minute"))
+    async with client_for(app) as client:
+        assert (await client.post("/work")).status_code == 200
+        assert (await client.post("/work")).status_code == 429
+    assert app.state.background == 1
+
+
+@pytest.mark.parametrize(
+    ("style", "present", "absent"),
+    [
+        ("ietf", {"ratelimit", "ratelimit-policy"}, {"x-ratelimit-limit", "ratelimit-limit"}),
+        ("x-ratelimit", {"x-ratelimit-limit", "x-ratelimit-reset"}, {"ratelimit"}),
+        ("both", {"ratelimit", "x-ratelimit-remaining"}, {"ratelimit-limit"}),
+        ("legacy", {"ratelimit-limit", "ratelimit-reset"}, {"ratelimit", "x-ratelimit-limit"}),
+        ("none", set(), {"ratelimit", "x-ratelimit-limit", "ratelimit-limit"}),
+    ],
+)
+async def test_header_styles(style: str, present: set[str], absent: set[str]) -> None:
+    app = make_app(RateLimiter(ip_limit="5/minute", headers=style))
+    async with client_for(app) as client:
+        response = await client.get("/hello")
+    assert present <= set(response.headers)
+    assert not absent & set(response.headers)
+
+
+async def test_endpoint_is_the_route_template_and_costs_apply() -> None:
+    limiter = RateLimiter(
+        endpoint_limits={"GET /users/{user_id}": "3/minute", "POST /ocr/process": "20/minute"},
+        costs={"POST /ocr/process": 10},
+    )
+    app = make_app(limiter)
+    async with client_for(app) as client:
+        # Three different raw paths, one endpoint: the third path still counts against it.
+        for i in range(3):
+            assert (await client.get(f"/users/{i}")).status_code == 200
+        assert (await client.get("/users/99")).status_code == 429
+        first = await client.post("/ocr/process")
+        assert first.headers["x-ratelimit-remaining"] == "10"
+        assert (await client.post("/ocr/process")).status_code == 200
+        assert (await client.post("/ocr/process")).status_code == 429
+
+
+async def test_endpoint_level_is_shared_by_all_clients() -> None:
+    app = make_app(RateLimiter(endpoint_limits={"GET /hello": "2/minute"}))
+    async with client_for(app, ip="198.51.100.1") as a, client_for(app, ip="198.51.100.2") as b:
+        assert (await a.get("/hello")).status_code == 200
+        assert (await b.get("/hello")).status_code == 200
+        assert (await a.get("/hello")).status_code == 429
+
+
+async def test_unmatched_paths_share_one_bucket_and_never_mint_keys() -> None:
+    backend = MemoryBackend()
+    app = make_app(RateLimiter(backend=backend, endpoint_limits={"GET <unmatched>": "2/minute"}))
+    async with client_for(app) as client:
+        assert (await client.get("/nope/1")).status_code == 404
+        assert (await client.get("/nope/2")).status_code == 404
+        assert (await client.get("/other")).status_code == 429
+    assert len(backend) == 1
+
+
+async def test_head_counts_like_get_and_options_preflight_is_free() -> None:
+    app = make_app(RateLimiter(ip_limit="2/minute"))
+    app = _with_cors(app)
+    async with client_for(app) as client:
+        preflight = {"origin": "https://a.example", "access-control-request-method": "GET"}
+        for _ in range(5):
+            assert (await client.options("/hello", headers=preflight)).status_code == 200
+        # FastAPI answers HEAD on a GET route with 405, but it is counted like a GET.
+        assert (await client.head("/hello")).status_code in (200, 405)
+        assert (await client.get("/hello")).status_code == 200
+        denied = await client.get("/hello", headers={"origin": "https://a.example"})
+    assert denied.status_code == 429
+    # The 429 went back through CORSMiddleware (added after, so outside) with CORS headers.
+    assert denied.headers["access-control-allow-origin"] == "*"
+
+
+def _with_cors(app: FastAPI) -> FastAPI:
+    # Added after RateLimitMiddleware, so it runs outside it.
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"])
+    return app
+
+
+async def test_exempt_paths_are_neither_limited_nor_counted() -> None:
+    backend = MemoryBackend()
+    app = make_app(RateLimiter(backend=backend, ip_limit="1/minute"))
+    async with client_for(app) as client:
+        for _ in range(5):
+            response = await client.get("/health")
+            assert response.status_code == 200
+            assert "ratelimit" not in response.headers
+        assert (await client.get("/openapi.json")).status_code == 200
+    assert len(backend) == 0
+    custom = make_app(RateLimiter(ip_limit="1/minute"), exempt=["/hello"])
+    async with client_for(custom) as client:
+        for _ in range(3):
+            assert (await client.get("/hello")).status_code == 200
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/health")).status_code == 429
+
+
+async def test_include_router_and_mounts_resolve_templates() -> None:
+    limiter = RateLimiter(
+        endpoint_limits={
+            "GET /api/v1/items/{item_id}": "1/minute",
+            "GET /sub/things/{name}": "1/minute",
+            "GET /plain/{x}": "1/minute",
+        }
+    )
+    router = APIRouter(prefix="/v1")
+
+    @router.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        return {"id": item_id}
+
+    outer = APIRouter(prefix="/api")
+    outer.include_router(router)
+    sub = FastAPI()
+
+    @sub.get("/things/{name}")
+    async def thing(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    async def plain(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("plain")
+
+    app = FastAPI()
+    app.include_router(outer)
+    app.mount("/sub", sub)
+    app.mount("/", Starlette(routes=[Route("/plain/{x}", plain)]))
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    async with client_for(app) as client:
+        assert (await client.get("/api/v1/items/1")).status_code == 200
+        assert (await client.get("/api/v1/items/2")).status_code == 429
+        assert (await client.get("/sub/things/a")).status_code == 200
+        assert (await client.get("/sub/things/b")).status_code == 429
+        assert (await client.get("/plain/a")).status_code == 200
+        assert (await client.get("/plain/b")).status_code == 429
+
+
+async def test_spoofed_forwarding_headers_from_untrusted_peers_get_no_fresh_quota() -> None:
+    app = make_app(RateLimiter(ip_limit="2/minute", trusted_proxies=["10.0.0.0/8"]))
+    async with client_for(app, ip="203.0.113.50") as client:
+        for i in range(2):
+            spoof = {"x-forwarded-for": f"198.51.100.{i}", "x-real-ip": f"192.0.2.{i}"}
+            assert (await client.get("/hello", headers=spoof)).status_code == 200
+        spoof = {"x-forwarded-for": "198.51.100.77", "forwarded": "for=192.0.2.200"}
+        assert (await client.get("/hello", headers=spoof)).status_code == 429
+    # Behind a trusted proxy, the forwarded client is the identity.
+    async with client_for(app, ip="10.0.0.5") as proxy:
+        for i in range(3):
+            headers = {"x-forwarded-for": f"198.51.100.{i}, 10.0.0.9"}
+            assert (await proxy.get("/hello", headers=headers)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"x-api-key": "k" * 65536},
+        {"x-api-key": "{user}*:\x01\x7f"},
+        {"x-forwarded-for": "1.2.3.4, " * 5000},
+        {"x-user": b"\xff\xfe" * 10},
+        {"x-api-key": "a\tb"},
+    ],
+)
+async def test_hostile_headers_never_cause_5xx(headers: dict[str, Any]) -> None:
+    limiter = RateLimiter(
+        ip_limit="100/minute",
+        api_key_limit="1/minute",
+        trusted_proxies=["203.0.113.0/24"],
+        user_resolver=lambda connection: connection.headers.get("x-user"),
+    )
+    app = make_app(limiter)
+    async with client_for(app) as client:
+        first = await client.get("/hello", headers=headers)
+        second = await client.get("/hello", headers=headers)
+    assert first.status_code == 200
+    assert second.status_code in (200, 429)
+
+
+async def test_hostile_api_keys_do_not_collide() -> None:
+    app = make_app(RateLimiter(api_key_limit="1/minute"))
+    keys = ["{a}", "{a}:", "a", "a:", "*", "**", "k" * 10000, "k" * 10001]
+    async with client_for(app) as client:
+        for key in keys:
+            assert (await client.get("/hello", headers={"x-api-key": key})).status_code == 200
+        for key in keys:
+            assert (await client.get("/hello", headers={"x-api-key": key})).status_code == 429
+
+
+async def test_composite_limits() -> None:
+    limiter = RateLimiter(
+        composite_limits=[
+            CompositeLimit(("user", "endpoint"), "2/minute"),
+            CompositeLimit(("user", "ip"), "3/minute"),
+        ],
+        user_resolver=lambda connection: connection.headers.get("x-user"),
+    )
+    app = make_app(limiter)
+    async with client_for(app, ip="198.51.100.1") as a, client_for(app, ip="198.51.100.2") as b:
+        alice = {"x-user": "alice"}
+        assert (await a.get("/hello", headers=alice)).status_code == 200
+        assert (await a.get("/hello", headers=alice)).status_code == 200
+        # user+endpoint: a third /hello is denied wherever it comes from.
+        denied = await b.get("/hello", headers=alice)
+        assert denied.status_code == 429
+        assert denied.json()["violated-policies"] == ["user-endpoint"]
+        # Another endpoint is a fresh user+endpoint quota; user+ip counts on.
+        assert (await a.get("/users/1", headers=alice)).status_code == 200
+        denied = await a.get("/users/2", headers=alice)
+        assert denied.json()["violated-policies"] == ["user-ip"]
+        # Anonymous requests have no user part: composite levels don't apply.
+        for _ in range(5):
+            assert (await a.get("/hello")).status_code == 200
+
+
+async def test_shadow_mode_counts_but_never_blocks() -> None:
+    backend = MemoryBackend()
+    limiter = RateLimiter(
+        backend=backend, ip_limit="1/minute", global_limit="3/minute", shadow={"ip"}
+    )
+    app = make_app(limiter)
+    async with client_for(app) as client:
+        statuses = [(await client.get("/hello")).status_code for _ in range(4)]
+    # ip (shadow) would have denied from the second; global (enforced) denies the fourth.
+    assert statuses == [200, 200, 200, 429]
+    everything = make_app(RateLimiter(ip_limit="1/minute", shadow=True))
+    async with client_for(everything) as client:
+        statuses = [(await client.get("/hello")).status_code for _ in range(5)]
+    assert statuses == [200] * 5
+
+
+async def test_refund_when_counts_only_failures() -> None:
+    limiter = RateLimiter(ip_limit="2/minute", refund_when=lambda status: status < 400)
+    app = FastAPI()
+
+    @app.post("/login")
+    async def login(ok: bool) -> dict[str, bool]:
+        if not ok:
+            raise HTTPException(401)
+        return {"ok": True}
+
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    async with client_for(app) as client:
+        for _ in range(5):  # successful logins are refunded
+            assert (await client.post("/login?ok=true")).status_code == 200
+        assert (await client.post("/login?ok=false")).status_code == 401
+        assert (await client.post("/login?ok=false")).status_code == 401
+        assert (await client.post("/login?ok=true")).status_code == 429
+
+
+async def test_reported_cost_adjusts_after_the_response() -> None:
+    app = FastAPI()
+
+    @app.post("/report")
+    async def report(size: int, request: Request) -> dict[str, int]:
+        report_cost(request, size)
+        return {"size": size}
+
+    app.add_middleware(RateLimitMiddleware, limiter=RateLimiter(ip_limit="10/minute"))
+    async with client_for(app) as client:
+        assert (await client.post("/report?size=0")).headers["x-ratelimit-remaining"] == "9"
+        # The unit charged for size=0 was refunded: 9 again; then 3 more for size=4.
+        assert (await client.post("/report?size=4")).headers["x-ratelimit-remaining"] == "9"
+        assert (await client.post("/report?size=1")).headers["x-ratelimit-remaining"] == "5"
+
+
+class FailingBackend(MemoryBackend):
+    async def hit(self, checks: Any) -> Verdict:
+        raise BackendError("Redis script failed: ConnectionError (redis://***@db:6379/0)")
+
+
+@pytest.mark.parametrize(("policy", "status"), [("allow", 200), ("deny", 503)])
+async def test_backend_failure_policy(policy: Any, status: int) -> None:
+    app = make_app(
+        RateLimiter(backend=FailingBackend(), ip_limit="1/minute", on_backend_error=policy)
+    )
+    async with client_for(app) as client:
+        responses = [await client.get("/hello") for _ in range(3)]
+    assert [r.status_code for r in responses] == [status] * 3
+    if status == 503:
+        body = responses[0].json()
+        assert responses[0].headers["content-type"] == "application/problem+json"
+        assert int(responses[0].headers["retry-after"]) >= 1
+        assert "redis" not in responses[0].text.lower()
+        assert body["status"] == 503
+    else:
+        assert "ratelimit" not in responses[0].headers
+
+
+async def test_streaming_files_and_errors_are_untouched(tmp_path: Any) -> None:
+    path = tmp_path / "f.txt"
+    path.write_bytes(b"file-content" * 1000)
+    app = FastAPI()
+
+    async def chunks() -> Any:
+        for i in range(5):
+            yield f"chunk{i};".encode()
+            await asyncio.sleep(0)
+
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        return StreamingResponse(chunks(), media_type="text/plain")
+
+    @app.get("/file")
+    async def file() -> FileResponse:
+        return FileResponse(path)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("boom")
+
+    app.add_middleware(RateLimitMiddleware, limiter=RateLimiter(ip_limit="100/minute"))
+    async with client_for(app) as client:
+        streamed = await client.get("/stream")
+        assert streamed.text == "chunk0;chunk1;chunk2;chunk3;chunk4;"
+        assert streamed.headers["x-ratelimit-remaining"] == "99"
+        served = await client.get("/file")
+        assert served.content == b"file-content" * 1000
+        assert served.headers["content-length"] == "12000"
+        assert "ratelimit" in served.headers
+    # An exception in an endpoint propagates exactly as without the middleware.
+    transport_app = app
+    with pytest.raises(RuntimeError, match="boom"):
+        async with client_for(transport_app) as client:
+            await client.get("/boom")
+
+
+async def test_starlette_app_works_too() -> None:
+    async def home(request: Any) -> JSONResponse:
+        return JSONResponse({"home": True})
+
+    app = Starlette(routes=[Mount("/", routes=[Route("/items/{i}", home)])])
+    app.add_middleware(
+        RateLimitMiddleware,
+        limiter=RateLimiter(endpoint_limits={"GET /items/{i}": "1/minute"}),
+    )
+    async with client_for(app) as client:
+        assert (await client.get("/items/1")).status_code == 200
+        assert (await client.get("/items/2")).status_code == 429
+
+
+async def test_lifespan_and_other_scopes_pass_through() -> None:
+    seen: list[str] = []
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["type"])
+
+    middleware = RateLimitMiddleware(inner, limiter=RateLimiter(ip_limit="1/minute"))
+
+    async def receive() -> dict[str, str]:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: Any) -> None:
+        pass
+
+    await middleware({"type": "lifespan"}, receive, send)
+    assert seen == ["lifespan"]
+
+
+async def test_per_level_memory_state_uses_fake_clock() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(backend=MemoryBackend(clock=clock), ip_limit="1/second")
+    app = make_app(limiter)
+    async with client_for(app) as client:
+        assert (await client.get("/hello")).status_code == 200
+        denied = await client.get("/hello")
+        assert denied.status_code == 429
+        clock.advance(float(denied.headers["retry-after"]))
+        assert (await client.get("/hello")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"ip_limit": "0/minute"}, "ip_limit.limit"),
+        ({"ip_limit": "5/minute;burst=9"}, "ip_limit: policy 'ip': rate.burst"),
+        ({"endpoint_limits": {"/no-method": "1/minute"}}, "endpoint_limits"),
+        ({"costs": {"POST /x": 0}}, "costs['POST /x']"),
+        ({"headers": "fancy"}, "headers"),
+        ({"on_backend_error": "maybe"}, "on_backend_error"),
+        ({"tiers": {}}, "tiers"),
+        ({"user_limit": "1/second", "tiers": {"free": "1/second"}}, "user_limit"),
+        ({"trusted_proxies": ["10.0.0.1/8"]}, "trusted_proxies"),
+        ({"ipv6_prefix": 0}, "ipv6_prefix"),
+        ({"composite_limits": [CompositeLimit(("user",), "1/second")]}, "composite_limits.parts"),
+        ({"shadow": "ip"}, "shadow"),
+        ({"backend": object()}, "backend"),
+        ({"user_resolver": 5}, "user_resolver"),
+    ],
+)
+def test_bad_configuration_fails_at_construction(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        RateLimiter(**kwargs)
+    assert info.value.field == field
+
+
+def test_bad_middleware_configuration() -> None:
+    with pytest.raises(ConfigurationError, match=r"^limiter: "):
+        RateLimitMiddleware(FastAPI(), limiter=object())  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"^exempt: "):
+        RateLimitMiddleware(FastAPI(), limiter=RateLimiter(), exempt="/health")
+
+
+@pytest.mark.parametrize("make_backend", BACKEND_KINDS[:2], indirect=True)
+async def test_memory_and_redis_backends_behave_alike(make_backend: Any) -> None:
+    backend = make_backend()
+    limiter = RateLimiter(
+        backend=backend,
+        global_limit="100/minute",
+        ip_limit="30/minute",
+        endpoint_limits={"POST /ocr/process": "100/minute"},
+        api_key_limit="50/minute",
+        costs={"POST /ocr/process": 10},
+        algorithm=Algorithm.GCRA,
+    )
+    app = make_app(limiter)
+    async with client_for(app) as client:
+        key = {"x-api-key": "k1"}
+        results = [(await client.post("/ocr/process", headers=key)).status_code for _ in range(4)]
+    assert results == [200, 200, 200, 429]
+    ip_policy = Policy("ip", "30/minute", Algorithm.GCRA)
+    verdict = await backend.peek([Check(ip_policy, "ip", "203.0.113.7")])
+    assert verdict.decisions[0].remaining == 0
