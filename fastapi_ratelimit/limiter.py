@@ -71,8 +71,8 @@ def user_identity(user: Any) -> str | None:
         return None
     if isinstance(user, (str, int)):
         return str(user)
-    for attribute in ("id", "user_id", "identity", "username", "email"):
-        value = getattr(user, attribute, None)
+    for attribute in ("id", "user_id", "identity", "username", "email", "sub"):
+        value = user.get(attribute) if isinstance(user, Mapping) else getattr(user, attribute, None)
         if value is not None and not callable(value):
             return str(value)
     return None

@@ -6,9 +6,9 @@ import asyncio
 from typing import Any
 
 import pytest
+from conftest import BACKEND_KINDS
 from fastapi import APIRouter, BackgroundTasks, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
-from conftest import BACKEND_KINDS
 from http_helpers import RATE_HEADERS, client_for, header_counts, policies, ratelimit
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
