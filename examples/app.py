@@ -1,30 +1,44 @@
-"""The seed's OCR API, rate limited with fastapi_ratelimit's core.
+"""The seed document's OCR API, rate limited with fastapi_ratelimit.
 
-Run it with the README's first command (in-memory backend, no Redis needed), or point it at
-Redis with ``REDIS_URL=redis://127.0.0.1:6379/0``. Every request is checked at three levels
-(global, per IP, per endpoint) in ONE atomic backend call; the endpoint level charges the
-seed's costs (upload 5, OCR process 10, OCR batch 50, everything else 1).
+Run it with the README's first command (in-memory backend, no Redis needed):
 
-The HTTP layer (RateLimitMiddleware, @rate_limit, Depends guards, tiers and the full header
-set) is the next milestone; this example uses the core API directly through a dependency.
+    pip install -e '.[example]' && python examples/app.py
+
+or on Redis: ``REDIS_URL=redis://127.0.0.1:6379/0 python examples/app.py``.
+
+What it shows:
+- one ``RateLimiter`` shared by the middleware, a ``@rate_limit`` decorator and a guard;
+- levels: global, per IP, per endpoint, per API key, per user with the seed's tiers
+  (Free/Basic/Pro/Enterprise), all checked in one backend call;
+- the seed's costs: upload 5, OCR process 10, OCR batch 50, everything else 1;
+- failed logins only count (``refund_when``), and an endpoint that reports its real cost.
+
+Authentication is a toy: ``Authorization: Bearer <user>:<tier>`` (tier optional).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Annotated
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.middleware.cors import CORSMiddleware
+from pydantic import BaseModel, Field
+from starlette.requests import HTTPConnection
 
-from fastapi_ratelimit import Algorithm, Backend, Check, MemoryBackend, Policy, RedisBackend
-
-GLOBAL = Policy("global", "10000/minute", Algorithm.FIXED_WINDOW)
-PER_IP = Policy("ip", "300/minute", Algorithm.SLIDING_WINDOW_COUNTER)
-PER_ENDPOINT = Policy("endpoint", "1000/hour;burst=100", Algorithm.TOKEN_BUCKET)
-#: The seed's costs, keyed by method and route template.
-COSTS = {"POST /documents/upload": 5, "POST /ocr/process": 10, "POST /ocr/batch": 50}
+from fastapi_ratelimit import (
+    DEFAULT_TIERS,
+    Backend,
+    MemoryBackend,
+    RateLimit,
+    RateLimiter,
+    RateLimitMiddleware,
+    RedisBackend,
+    rate_limit,
+    report_cost,
+)
 
 
 def make_backend() -> Backend:
@@ -32,43 +46,64 @@ def make_backend() -> Backend:
     return RedisBackend.from_url(url) if url else MemoryBackend()
 
 
+def bearer(connection: HTTPConnection) -> tuple[str, str] | None:
+    header = connection.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return None
+    user, _, tier = token.partition(":")
+    return (user, tier) if user else None
+
+
+def current_user(connection: HTTPConnection) -> str | None:
+    found = bearer(connection)
+    return found[0] if found else None
+
+
+def current_tier(connection: HTTPConnection) -> str | None:
+    found = bearer(connection)
+    return found[1] or None if found else None
+
+
+limiter = RateLimiter(
+    backend=make_backend(),
+    global_limit="10000/minute",
+    ip_limit="300/minute",
+    api_key_limit="1000/minute",
+    endpoint_limits={"POST /ocr/process": "3000/minute", "POST /ocr/batch": "1000/minute"},
+    costs={"POST /documents/upload": 5, "POST /ocr/process": 10, "POST /ocr/batch": 50},
+    tiers=DEFAULT_TIERS,
+    default_tier="free",
+    user_resolver=current_user,
+    tier_resolver=current_tier,
+    trusted_proxies=[p for p in os.environ.get("TRUSTED_PROXIES", "").split(",") if p],
+    on_backend_error="allow",
+)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    app.state.backend = make_backend()
     yield
-    await app.state.backend.aclose()
-
-
-async def limited(request: Request, response: Response) -> None:
-    """Check global, IP and endpoint levels in one call; 429 with Retry-After when denied."""
-    route = request.scope.get("route")
-    template = getattr(route, "path", request.url.path)
-    endpoint = f"{request.method} {template}"
-    cost = COSTS.get(endpoint, 1)
-    ip = request.client.host if request.client else "unknown"
-    backend: Backend = request.app.state.backend
-    verdict = await backend.hit(
-        [
-            Check(GLOBAL, "global", "", cost),
-            Check(PER_IP, "ip", ip, cost),
-            Check(PER_ENDPOINT, "endpoint", (ip, endpoint), cost),
-        ]
-    )
-    binding = verdict.binding
-    if not verdict.allowed and binding is not None:
-        raise HTTPException(
-            status_code=429,
-            detail=f"rate limit exceeded at the {binding.scope} level",
-            headers={"Retry-After": str(max(1, math.ceil(verdict.retry_after)))},
-        )
-    if binding is not None:
-        # FastAPI merges headers set on this Response into the endpoint's response.
-        response.headers["X-RateLimit-Limit"] = str(binding.limit)
-        response.headers["X-RateLimit-Remaining"] = str(binding.remaining)
-        response.headers["X-RateLimit-Scope"] = binding.scope
+    await limiter.backend.aclose()
 
 
 app = FastAPI(title="OCR API (fastapi_ratelimit example)", lifespan=lifespan)
+
+
+class Login(BaseModel):
+    username: str = Field(max_length=100)
+    password: str = Field(max_length=100)
+
+
+class Batch(BaseModel):
+    documents: list[str] = Field(default_factory=list, max_length=100)
+
+
+def require_user(request: Request) -> str:
+    user = current_user(request)
+    if user is None:
+        raise HTTPException(401, "log in first", headers={"WWW-Authenticate": "Bearer"})
+    return user
 
 
 @app.get("/health")
@@ -76,29 +111,49 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@app.post("/auth/login", dependencies=[Depends(limited)])
-async def login() -> dict[str, str]:
-    return {"token": "demo"}
+@app.post("/auth/login")
+@rate_limit("5/minute", scope="ip", refund_when=lambda status: status < 400)
+async def login(credentials: Login) -> dict[str, str]:
+    """Five failed logins per minute per IP; successful ones are given back."""
+    if credentials.password != "demo":
+        raise HTTPException(401, "wrong username or password")
+    return {"token": f"{credentials.username}:free"}
 
 
-@app.get("/users/{user_id}", dependencies=[Depends(limited)])
+@app.get("/users/me")
+async def me(user: Annotated[str, Depends(require_user)]) -> dict[str, str]:
+    return {"id": user}
+
+
+@app.get("/users/{user_id}", dependencies=[Depends(RateLimit("60/minute", scope="ip"))])
 async def get_user(user_id: int) -> dict[str, int | str]:
     return {"id": user_id, "tier": "free"}
 
 
-@app.post("/documents/upload", dependencies=[Depends(limited)])
+@app.post("/documents/upload")
 async def upload(request: Request) -> dict[str, int]:
-    return {"bytes": len(await request.body())}
+    body = await request.body()
+    return {"bytes": len(body)}
 
 
-@app.post("/ocr/process", dependencies=[Depends(limited)])
-async def process() -> dict[str, str]:
+@app.post("/ocr/process")
+async def process(request: Request) -> dict[str, str]:
+    body = await request.body()
+    if not body:
+        # Nothing to read: it costs one unit, not ten.
+        report_cost(request, 1)
     return {"text": "lorem ipsum"}
 
 
-@app.post("/ocr/batch", dependencies=[Depends(limited)], status_code=202)
-async def batch() -> dict[str, int]:
-    return {"queued": 10}
+@app.post("/ocr/batch", status_code=202)
+@rate_limit("5/minute", scope="user", cost=1)
+async def batch(payload: Batch) -> dict[str, int]:
+    return {"queued": len(payload.documents)}
+
+
+# Outermost last: CORS wraps the limiter, so a 429 still carries CORS headers.
+app.add_middleware(RateLimitMiddleware, limiter=limiter)
+app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
 
 
 def main() -> None:

@@ -9,36 +9,49 @@ import time
 from pathlib import Path
 
 import httpx
+from http_helpers import client_for, policies
 from servers import free_port
-
-from examples.app import app
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def test_costs_and_levels_in_process() -> None:
-    transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 1234))
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://testserver") as client,
-    ):
+async def test_seed_costs_tiers_and_levels() -> None:
+    from examples.app import app, limiter
+
+    limiter.backend = type(limiter.backend)()  # a fresh memory backend for this test
+    async with app.router.lifespan_context(app), client_for(app, ip="203.0.113.70") as client:
         health = await client.get("/health")
         assert health.status_code == 200
-        assert "x-ratelimit-remaining" not in health.headers
-        first = await client.post("/ocr/batch")
-        assert first.status_code == 202
-        # Cost 50 out of the endpoint bucket's burst of 100.
-        assert first.headers["x-ratelimit-remaining"] == "50"
-        assert first.headers["x-ratelimit-scope"] == "endpoint"
-        assert (await client.post("/ocr/batch")).status_code == 202
-        denied = await client.post("/ocr/batch")
-        assert denied.status_code == 429
-        assert int(denied.headers["retry-after"]) >= 1
-        assert "endpoint" in denied.json()["detail"]
-        # Other endpoints of the same client are untouched by that denial.
-        upload = await client.post("/documents/upload", content=b"abc")
-        assert upload.status_code == 200
+        assert "ratelimit" not in health.headers
+        pro = {"authorization": "Bearer alice:pro"}
+        process = await client.post("/ocr/process", headers=pro, content=b"image")
+        assert process.status_code == 200
+        assert set(policies(process)) == {"global", "ip", "endpoint", "user-pro"}
+        assert policies(process)["user-pro"]["q"] == 2000
+        # Cost 10 at every level: the IP level (300/minute) shows it.
+        ip_left = int(process.headers["x-ratelimit-remaining"])
+        assert ip_left == 290 or process.headers["x-ratelimit-scope"] != "ip"
+        # An empty body reports a cost of 1: 9 of the 10 units come back.
+        await client.post("/ocr/process", headers=pro)
+        upload = await client.post("/documents/upload", content=b"abc", headers=pro)
         assert upload.json() == {"bytes": 3}
+        # Batch: five per minute per user (decorator), whatever the tier.
+        for _ in range(5):
+            accepted = await client.post("/ocr/batch", json={"documents": ["a"]}, headers=pro)
+            assert accepted.status_code == 202
+        denied = await client.post("/ocr/batch", json={"documents": ["a"]}, headers=pro)
+        assert denied.status_code == 429
+        assert denied.headers["content-type"] == "application/problem+json"
+        assert int(denied.headers["retry-after"]) >= 1
+        # Failed logins count, successful ones do not.
+        for _ in range(8):
+            ok = await client.post("/auth/login", json={"username": "a", "password": "demo"})
+            assert ok.status_code == 200
+        for _ in range(5):
+            bad = await client.post("/auth/login", json={"username": "a", "password": "x"})
+            assert bad.status_code == 401
+        locked = await client.post("/auth/login", json={"username": "a", "password": "demo"})
+        assert locked.status_code == 429
 
 
 def test_readme_command_runs_the_example_on_memory() -> None:
@@ -63,7 +76,9 @@ def test_readme_command_runs_the_example_on_memory() -> None:
                 assert time.monotonic() < deadline, "the example did not start"
                 time.sleep(0.1)
         assert response.status_code == 200
-        assert response.headers["x-ratelimit-remaining"] == "90"
+        # Anonymous: no user level; cost 10 against the IP level's 300.
+        assert response.headers["x-ratelimit-scope"] == "ip"
+        assert response.headers["x-ratelimit-remaining"] == "290"
     finally:
         proc.terminate()
         proc.wait(timeout=10)
