@@ -52,6 +52,7 @@ PATH = "/hello"
 #: parse the same request.
 REQUEST_HEADERS = (("X-API-Key", "k1"), ("X-User", "u1"))
 EXPECTED_BODY = {"hello": "world"}
+SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
 
 
 def log(message: str) -> None:
@@ -156,7 +157,14 @@ class Sample:
     ratio: float | None = None  # to bare in the same round
     server_cpu: float | None = None  # uvicorn CPU time / wall time (1.0 = one core)
     redis_cpu: float | None = None
+    #: Per request: top-level script calls (EVAL/EVALSHA/FCALL and their _RO forms), and every
+    #: command Redis counted (including those run inside scripts), by command.
+    redis_scripts_per_request: float | None = None
     redis_commands_per_request: float | None = None
+    redis_commands: dict[str, float] | None = None
+    #: CPU time spent on the server's core by anything but uvicorn (other processes, interrupts
+    #: and softirqs, including the loopback traffic's own), / wall time. Noise indicator.
+    server_core_other: float | None = None
 
 
 @dataclass
@@ -204,6 +212,26 @@ def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 5.0) 
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout)
+
+
+def core_busy_seconds(cpu: int) -> float:
+    """Busy (not idle, not iowait) time of one CPU since boot (Linux ``/proc/stat``)."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        for line in stat:
+            name, *values = line.split()
+            if name == f"cpu{cpu}":
+                ticks = [int(v) for v in values[:8]]
+                return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    raise RuntimeError(f"cpu{cpu} not in /proc/stat")
+
+
+def machine_busy(seconds: float = 2.0) -> float:
+    """Share of all CPUs busy over ``seconds`` (1.0 = every core), before anything starts."""
+    cpus = sorted(os.sched_getaffinity(0))
+    before = [core_busy_seconds(c) for c in cpus]
+    time.sleep(seconds)
+    after = [core_busy_seconds(c) for c in cpus]
+    return sum(a - b for a, b in zip(after, before, strict=True)) / (seconds * len(cpus))
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -259,13 +287,20 @@ class RedisServer:
             time.sleep(0.05)
         return False
 
-    def stats(self) -> tuple[int, float]:
-        """(commands processed so far, CPU seconds used so far)."""
+    def stats(self) -> tuple[dict[str, int], float]:
+        """(calls so far per command, CPU seconds used so far).
+
+        Redis counts the commands a script runs (``redis.call``) as calls too, so the
+        per-command counts include what ran inside ``EVALSHA``.
+        """
         assert self.client is not None
-        info: dict[str, Any] = self.client.info()
-        return int(info["total_commands_processed"]), float(info["used_cpu_sys"]) + float(
-            info["used_cpu_user"]
-        )
+        info: dict[str, Any] = self.client.info("all")
+        calls = {
+            key.removeprefix("cmdstat_"): int(value["calls"])
+            for key, value in info.items()
+            if key.startswith("cmdstat_")
+        }
+        return calls, float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
     def version(self) -> str:
         assert self.client is not None
@@ -447,20 +482,28 @@ def measure(
     if args.warmup > 0:
         run_wrk(args, server.url, args.warmup)
     redis_before = redis_server.stats() if redis_server and server.variant.redis else None
+    core_before = core_busy_seconds(args.server_cpu)
     cpu_before = process_cpu_seconds(server.pid)
     started = time.perf_counter()
     result = run_wrk(args, server.url, args.seconds)
     wall = time.perf_counter() - started
     cpu = process_cpu_seconds(server.pid) - cpu_before
+    core = core_busy_seconds(args.server_cpu) - core_before
     sample = Sample(round=round_index, position=position, **result)
-    # wrk's own start-up and exit are inside `wall`, so this slightly understates the CPU share.
-    sample.server_cpu = cpu / sample.duration_s if sample.duration_s else None
+    # Over wall time, which includes wrk's start-up and exit (a few ms).
+    sample.server_cpu = cpu / wall
+    sample.server_core_other = max(core - cpu, 0.0) / wall
     if redis_server is not None and redis_before is not None:
-        commands, redis_cpu = redis_server.stats()
-        # minus 1: the INFO that took the second reading
-        sample.redis_commands_per_request = (commands - redis_before[0] - 1) / max(
-            sample.requests, 1
-        )
+        calls, redis_cpu = redis_server.stats()
+        requests = max(sample.requests, 1)
+        delta = {
+            name: (n - redis_before[0].get(name, 0)) / requests
+            for name, n in calls.items()
+            if name != "info" and n != redis_before[0].get(name, 0)
+        }
+        sample.redis_commands = {k: round(v, 3) for k, v in sorted(delta.items())}
+        sample.redis_commands_per_request = sum(delta.values())
+        sample.redis_scripts_per_request = sum(delta.get(name, 0.0) for name in SCRIPT_COMMANDS)
         sample.redis_cpu = (redis_cpu - redis_before[1]) / wall
     return sample
 

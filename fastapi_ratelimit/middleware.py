@@ -81,7 +81,8 @@ class RateLimitMiddleware:
         for limit in _route_limits(context.route):
             if limit.limiter is not None and limit.limiter is not limiter:
                 continue  # bound to another limiter: it checks for itself
-            check = limit.check(context, await limit.key_value(HTTPConnection(scope)))
+            key_value = await limit.key_value(HTTPConnection(scope)) if limit.needs_key else None
+            check = limit.check(context, key_value)
             context.handled.add(id(limit))
             if check is not None:
                 checks.append(check)
