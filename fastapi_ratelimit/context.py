@@ -35,6 +35,8 @@ class RequestContext:
     endpoint: str
     route: Any
     cost: int
+    #: A tier stored for the API key (it sets the API-key level's policy).
+    key_tier: Tier | None = None
     #: Every level decided for this request, for the response headers.
     decisions: list[Decision] = field(default_factory=list)
     #: Checks charged with the request's cost (refunded or adjusted after the response).
@@ -49,6 +51,8 @@ class RequestContext:
     middleware: bool = False
     #: A route guard's denial, so the middleware can answer it with problem+json.
     denial: Verdict | None = None
+    #: Allow-listed: route guards do nothing.
+    exempt: bool = False
 
 
 def report_cost(request: Any, cost: int) -> None:

@@ -18,19 +18,22 @@ from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
 from ._types import Scope
+from .access import AccessLists, Kind, ListEntry
 from .backends.base import Backend, Check
 from .backends.memory import MemoryBackend
 from .context import RequestContext
+from .control import ControlStore
 from .costs import CostTable, check_cost, check_endpoint, endpoint_key
 from .decision import Decision, Verdict
 from .errors import BackendError, ConfigurationError
 from .headers import HeaderStyle, parse_header_style, rate_limit_headers
-from .identity import ClientIP, api_key_from_scope
+from .identity import ClientIP, api_key_from_scope, ip_identity, parse_ip
+from .keys import KeyBuilder
 from .policy import Algorithm, Policy
 from .rate import Rate, parse_rate
 from .responses import backend_unavailable_response, quota_exceeded_response
 from .routing import resolve_route
-from .tiers import Tier, build_tiers
+from .tiers import Tier, TierStore, build_tiers
 
 __all__ = ["CompositeLimit", "RateLimiter"]
 
@@ -107,6 +110,9 @@ class RateLimiter:
         refund_when: ``(status) -> bool``; matching responses give their units back (e.g.
             ``lambda s: s < 400`` counts only failed logins).
         response_builder: ``(decisions, headers) -> Response`` for denials.
+        refresh_interval: how often each instance refreshes its copy of the allow/block lists
+            and stored tiers (seconds, at most 1).
+        allow_any_network: let the lists hold ``0.0.0.0/0`` and ``::/0``.
     """
 
     def __init__(
@@ -136,6 +142,8 @@ class RateLimiter:
         on_backend_error: OnBackendError = "allow",
         refund_when: Callable[[int], bool] | None = None,
         response_builder: ResponseBuilder | None = None,
+        refresh_interval: float = 0.5,
+        allow_any_network: bool = False,
     ) -> None:
         try:
             algorithm = Algorithm(algorithm)
@@ -175,6 +183,7 @@ class RateLimiter:
         self._user_resolver = user_resolver
         self._tier_resolver = tier_resolver
         self.refund_when = refund_when
+        self._ipv6_prefix = ipv6_prefix
         self._client_ip = ClientIP(
             trusted_proxies=trusted_proxies, ipv6_prefix=ipv6_prefix, headers=forwarded_headers
         )
@@ -198,6 +207,22 @@ class RateLimiter:
         self.on_backend_error = on_backend_error
         self._respond: ResponseBuilder = response_builder or _default_response
         self._warned_cost_function = False
+        self._warned_tiers: set[str] = set()
+        if not (isinstance(refresh_interval, (int, float)) and 0 < refresh_interval <= 1):
+            raise ConfigurationError("refresh_interval", refresh_interval, "must be in (0, 1] s")
+        self.lists: AccessLists | None = None
+        self.tier_store: TierStore | None = None
+        if isinstance(self.backend, ControlStore):
+            keys = getattr(self.backend, "key_builder", None)
+            keys = keys if isinstance(keys, KeyBuilder) else KeyBuilder()
+            self.lists = AccessLists(
+                self.backend,
+                keys,
+                ipv6_prefix=ipv6_prefix,
+                refresh_interval=refresh_interval,
+                allow_any_network=allow_any_network,
+            )
+            self.tier_store = TierStore(self.backend, keys, refresh_interval)
 
     # -- per request ---------------------------------------------------------------------------
 
@@ -212,32 +237,43 @@ class RateLimiter:
         if self._user_resolver is not None:
             connection = HTTPConnection(scope)
             user = user_identity(await _maybe_await(self._user_resolver(connection)))
-        tier: Tier | None = None
-        if self._tiers is not None:
-            tier = self._tiers[self._default_tier]
-            if self._tier_resolver is not None and user is not None:
-                connection = connection or HTTPConnection(scope)
-                name = await _maybe_await(self._tier_resolver(connection))
-                tier = self._tiers.get(str(name), tier) if name is not None else tier
-        routes = getattr(scope.get("app"), "routes", None)
-        resolved = resolve_route(routes, scope) if isinstance(routes, list) else None
-        method = scope.get("method", "WEBSOCKET") if scope["type"] == "http" else "WEBSOCKET"
-        endpoint = endpoint_key(method, resolved.template if resolved else "<unmatched>")
-        multiplier = tier.cost_multiplier if tier is not None else 1.0
-        cost = self._costs.cost(endpoint, multiplier)
-        if self._cost_function is not None:
-            connection = connection or HTTPConnection(scope)
-            cost = self._custom_cost(connection, cost, multiplier)
         api_key = None
         if self._api_key_header is not None or self._api_key_query is not None:
             # b"" matches no header: with only a query parameter configured, read only that.
             api_key = api_key_from_scope(scope, self._api_key_header or b"", self._api_key_query)
+        tier: Tier | None = None
+        key_tier: Tier | None = None
+        if self._tiers is not None:
+            if user is not None:
+                name = None
+                if self._tier_resolver is not None:
+                    connection = connection or HTTPConnection(scope)
+                    name = await _maybe_await(self._tier_resolver(connection))
+                if name is None and self.tier_store is not None:
+                    name = await self.tier_store.lookup("user", user)
+                tier = self._tier_named(name)
+            if api_key is not None and self.tier_store is not None:
+                name = await self.tier_store.lookup("api_key", api_key)
+                key_tier = self._tiers.get(name) if name is not None else None
+                if name is not None and key_tier is None:
+                    self._unknown_tier(name)
+        routes = getattr(scope.get("app"), "routes", None)
+        resolved = resolve_route(routes, scope) if isinstance(routes, list) else None
+        method = scope.get("method", "WEBSOCKET") if scope["type"] == "http" else "WEBSOCKET"
+        endpoint = endpoint_key(method, resolved.template if resolved else "<unmatched>")
+        charged_tier = tier or key_tier
+        multiplier = charged_tier.cost_multiplier if charged_tier is not None else 1.0
+        cost = self._costs.cost(endpoint, multiplier)
+        if self._cost_function is not None:
+            connection = connection or HTTPConnection(scope)
+            cost = self._custom_cost(connection, cost, multiplier)
         return RequestContext(
             limiter=self,
             ip=self._client_ip(scope),
             api_key=api_key,
             user=user,
             tier=tier,
+            key_tier=key_tier,
             endpoint=endpoint,
             route=resolved.route if resolved else None,
             cost=cost,
@@ -254,8 +290,10 @@ class RateLimiter:
         endpoint_policy = self._endpoints.get(context.endpoint)
         if endpoint_policy is not None:
             checks.append(Check(endpoint_policy, "endpoint", context.endpoint, cost))
-        if self._api_key is not None and context.api_key is not None:
-            checks.append(Check(self._api_key, "api_key", context.api_key, cost))
+        if context.api_key is not None:
+            key_policy = context.key_tier.key_policy if context.key_tier else self._api_key
+            if key_policy is not None:
+                checks.append(Check(key_policy, "api_key", context.api_key, cost))
         if context.user is not None:
             user_policy = context.tier.policy if context.tier is not None else self._user
             if user_policy is not None:
@@ -265,6 +303,30 @@ class RateLimiter:
             if identity is not None:
                 checks.append(Check(policy, scope, identity, cost))
         return checks
+
+    async def access(self, context: RequestContext) -> str | None:
+        """``"allow"``, ``"block"`` or ``None``: the allow/block lists' word on this request."""
+        if self.lists is None:
+            return None
+        return await self.lists.decide(context)
+
+    def _tier_named(self, name: Any) -> Tier:
+        assert self._tiers is not None
+        if name is None:
+            return self._tiers[self._default_tier]
+        tier = self._tiers.get(str(name))
+        if tier is None:
+            self._unknown_tier(str(name))
+            return self._tiers[self._default_tier]
+        return tier
+
+    def _unknown_tier(self, name: str) -> None:
+        # Once per name (bounded), never a 500: the default tier applies.
+        if name not in self._warned_tiers and len(self._warned_tiers) < 1024:
+            self._warned_tiers.add(name)
+            logger.warning(
+                "unknown tier {!r}: using the default tier {!r}", name[:64], self._default_tier
+            )
 
     async def run(self, checks: Sequence[Check], context: RequestContext) -> Verdict | None:
         """Decide ``checks`` (one backend call for the enforced ones) and record the decisions
@@ -328,6 +390,166 @@ class RateLimiter:
                 await self.backend.refund(refunds)
         except BackendError as exc:
             logger.warning("rate-limit adjustment after the response failed: {}", exc)
+
+    # -- operator API (also behind the admin router and the CLI) ------------------------------
+
+    def _lists(self) -> AccessLists:
+        if self.lists is None:
+            raise ConfigurationError(
+                "backend", type(self.backend).__name__, "does not store allow/block lists"
+            )
+        return self.lists
+
+    def _tier_store(self) -> TierStore:
+        if self.tier_store is None or self._tiers is None:
+            raise ConfigurationError("tiers", None, "this limiter has no tiers configured")
+        return self.tier_store
+
+    async def set_tier(
+        self,
+        identity: str,
+        tier: str,
+        *,
+        kind: Literal["user", "api_key"] = "user",
+        ttl: float | None = None,
+        by: str = "",
+    ) -> None:
+        """Store ``tier`` for a user (or API key), for ``ttl`` seconds or until cleared. Every
+        instance applies it within ``refresh_interval``; counters carry over."""
+        store = self._tier_store()
+        assert self._tiers is not None
+        if tier not in self._tiers:
+            raise ConfigurationError("tier", tier, f"is not one of {', '.join(self._tiers)}")
+        await store.set(kind, identity, tier, ttl=ttl, by=by)
+
+    async def get_tier(
+        self, identity: str, *, kind: Literal["user", "api_key"] = "user"
+    ) -> str | None:
+        entry = await self._tier_store().get(kind, identity)
+        return None if entry is None else str(entry.get("tier"))
+
+    async def clear_tier(
+        self, identity: str, *, kind: Literal["user", "api_key"] = "user", by: str = ""
+    ) -> bool:
+        return await self._tier_store().clear(kind, identity, by=by)
+
+    async def allow(
+        self, kind: Kind, value: str, *, reason: str = "", by: str = "", ttl: float | None = None
+    ) -> ListEntry:
+        """Put a user, API key, IP or CIDR range on the allow-list."""
+        return await self._lists().add("allow", kind, value, reason=reason, added_by=by, ttl=ttl)
+
+    async def block(
+        self, kind: Kind, value: str, *, reason: str = "", by: str = "", ttl: float | None = None
+    ) -> ListEntry:
+        """Put a user, API key, IP or CIDR range on the block-list (403, nothing consumed)."""
+        return await self._lists().add("block", kind, value, reason=reason, added_by=by, ttl=ttl)
+
+    async def unallow(self, kind: Kind, value: str, *, by: str = "") -> bool:
+        return await self._lists().remove("allow", kind, value, by=by)
+
+    async def unblock(self, kind: Kind, value: str, *, by: str = "") -> bool:
+        return await self._lists().remove("block", kind, value, by=by)
+
+    async def allowed(self) -> list[ListEntry]:
+        return await self._lists().entries("allow")
+
+    async def blocked(self) -> list[ListEntry]:
+        return await self._lists().entries("block")
+
+    async def cleanup(self) -> int:
+        """Remove expired list entries from the backend."""
+        return await self._lists().cleanup()
+
+    def operator_context(
+        self,
+        *,
+        ip: str | None = None,
+        user: str | None = None,
+        api_key: str | None = None,
+        endpoint: str | None = None,
+    ) -> RequestContext:
+        """A request context for an identity given by an operator (for inspect and reset)."""
+        identity = "unknown"
+        if ip is not None:
+            address = parse_ip(ip)
+            if address is None:
+                raise ConfigurationError("ip", ip, "is not an IP address")
+            identity = ip_identity(address, self._ipv6_prefix)
+        if endpoint is not None:
+            check_endpoint("endpoint", endpoint)
+        tier = self._tiers[self._default_tier] if self._tiers is not None else None
+        return RequestContext(
+            limiter=self,
+            ip=identity,
+            api_key=api_key,
+            user=user,
+            tier=tier,
+            endpoint=endpoint or "<operator>",
+            route=None,
+            cost=1,
+        )
+
+    def _operator_checks(self, context: RequestContext, *, all_tiers: bool) -> list[Check]:
+        checks = [
+            c
+            for c in self.level_checks(context)
+            if (c.scope != "ip" or context.ip != "unknown")
+            and (c.scope != "endpoint" or context.endpoint != "<operator>")
+            and (c.scope != "global")
+        ]
+        if all_tiers and self._tiers is not None and context.user is not None:
+            # Every tier of the user level shares one bucket per algorithm: cover them all.
+            seen = {(c.policy.bucket, c.policy.algorithm) for c in checks}
+            for tier in self._tiers.values():
+                marker = (tier.policy.bucket, tier.policy.algorithm)
+                if marker not in seen:
+                    seen.add(marker)
+                    checks.append(Check(tier.policy, "user", context.user, 1))
+        return checks
+
+    async def inspect(
+        self,
+        *,
+        ip: str | None = None,
+        user: str | None = None,
+        api_key: str | None = None,
+        endpoint: str | None = None,
+    ) -> list[Decision]:
+        """The current state of every level that applies to an identity (nothing consumed)."""
+        context = self.operator_context(ip=ip, user=user, api_key=api_key, endpoint=endpoint)
+        if user is not None and self.tier_store is not None and self._tiers is not None:
+            context.tier = self._tier_named(await self.tier_store.lookup("user", user))
+        checks = self._operator_checks(context, all_tiers=False)
+        if self._global is not None:
+            checks.insert(0, Check(self._global, "global", "", 1))
+        if not checks:
+            return []
+        return list((await self.backend.peek(checks)).decisions)
+
+    async def reset(
+        self,
+        *,
+        ip: str | None = None,
+        user: str | None = None,
+        api_key: str | None = None,
+        endpoint: str | None = None,
+        by: str = "",
+    ) -> int:
+        """Forget the counters of an identity at every level that applies to it."""
+        context = self.operator_context(ip=ip, user=user, api_key=api_key, endpoint=endpoint)
+        checks = self._operator_checks(context, all_tiers=True)
+        if checks:
+            await self.backend.reset(checks)
+        logger.info(
+            "ratelimit audit: reset ip={} user={} api_key={} endpoint={} by {!r}",
+            ip,
+            user,
+            "<given>" if api_key is not None else None,
+            endpoint,
+            by,
+        )
+        return len(checks)
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from .context import SCOPE_KEY, RequestContext
 from .errors import BackendError, ConfigurationError
 from .headers import HeaderStyle, rate_limit_headers
 from .limiter import RateLimiter
-from .responses import quota_exceeded_response
+from .responses import blocked_response, quota_exceeded_response
 from .route_limits import RouteLimit, attached_limits
 
 __all__ = ["DEFAULT_EXEMPT", "RateLimitMiddleware"]
@@ -77,6 +77,16 @@ class RateLimitMiddleware:
         limiter = self.limiter
         context = await limiter.context(scope)
         context.middleware = True
+        listed = await limiter.access(context)
+        if listed == "block":
+            await self._refuse(scope, receive, send, blocked_response())
+            return
+        if listed == "allow":
+            # Allow-listed: no limiting, no counting, no headers; route guards stand down too.
+            context.exempt = True
+            scope[SCOPE_KEY] = context
+            await self.app(scope, receive, send)
+            return
         checks = limiter.level_checks(context)
         for limit in _route_limits(context.route):
             if limit.limiter is not None and limit.limiter is not limiter:

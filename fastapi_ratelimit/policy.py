@@ -72,6 +72,9 @@ class Policy:
             digits, ``_``, ``.`` and ``-``, at most 64 characters.
         rate: a :class:`Rate` or a string such as ``"100/minute"`` or ``"100/minute;burst=200"``.
         algorithm: how the rate is enforced (default: sliding window counter).
+        bucket: the name the stored state is keyed by (default: ``name``). Policies that share
+            a bucket share their counters: the tiers of the user level all use ``"user"``,
+            so an upgrade from Free to Pro keeps what was already spent.
     """
 
     name: str
@@ -82,6 +85,7 @@ class Policy:
     horizon_us: int = field(init=False, repr=False, compare=False)
     #: The quota shown to clients: the burst for bucket algorithms, else the limit.
     limit: int = field(init=False, repr=False, compare=False)
+    bucket: str = field(init=False, repr=False, compare=False)
     #: ``"<code> <limit> <window us> <capacity> "``: the policy as the Lua script reads it,
     #: built once so a Redis check only appends the cost.
     wire: str = field(init=False, repr=False, compare=False)
@@ -91,7 +95,11 @@ class Policy:
         name: str,
         rate: Rate | str,
         algorithm: Algorithm | str = Algorithm.SLIDING_WINDOW_COUNTER,
+        *,
+        bucket: str | None = None,
     ) -> None:
+        if bucket is not None and (not isinstance(bucket, str) or not _NAME_RE.fullmatch(bucket)):
+            raise ConfigurationError("policy.bucket", bucket, "must be a policy-like name")
         if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             raise ConfigurationError(
                 "policy.name",
@@ -117,6 +125,7 @@ class Policy:
                 f"burst only applies to token_bucket and gcra, not {algorithm.value}",
             )
         object.__setattr__(self, "name", name)
+        object.__setattr__(self, "bucket", bucket or name)
         object.__setattr__(self, "rate", rate)
         object.__setattr__(self, "algorithm", algorithm)
         object.__setattr__(self, "horizon_us", _horizon_us(rate, algorithm))

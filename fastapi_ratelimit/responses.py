@@ -28,6 +28,7 @@ from .headers import retry_after_value
 __all__ = [
     "PROBLEM_JSON",
     "backend_unavailable_response",
+    "blocked_response",
     "quota_exceeded_response",
     "reduced_capacity_response",
 ]
@@ -88,6 +89,19 @@ def backend_unavailable_response(retry_after: int = 1) -> Response:
         "detail": "Rate limiting is temporarily unavailable.",
     }
     return _problem(503, body, retry_after, ())
+
+
+def blocked_response() -> Response:
+    """403 for a client on the block-list. It says nothing about why (that is in the audit
+    log) and carries no Retry-After: waiting does not help."""
+    body = {
+        "type": "about:blank",
+        "title": "Forbidden",
+        "status": 403,
+        "detail": "Access denied.",
+    }
+    content = json.dumps(body, separators=(",", ":")).encode("ascii")
+    return Response(content, status_code=403, media_type=PROBLEM_JSON)
 
 
 def reduced_capacity_response(

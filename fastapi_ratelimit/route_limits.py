@@ -158,7 +158,7 @@ async def enforce(
     """Check ``limit`` for this request unless the middleware already did."""
     scope = connection.scope
     context = scope.get(SCOPE_KEY)
-    if isinstance(context, RequestContext) and id(limit) in context.handled:
+    if isinstance(context, RequestContext) and (context.exempt or id(limit) in context.handled):
         return
     limiter = limit.limiter or (context.limiter if isinstance(context, RequestContext) else None)
     if limiter is None:
@@ -169,6 +169,12 @@ async def enforce(
     if not isinstance(context, RequestContext):
         context = await limiter.context(scope)
         scope[SCOPE_KEY] = context
+        listed = await limiter.access(context)
+        if listed == "block":
+            raise HTTPException(403, "Access denied.")
+        if listed == "allow":
+            context.exempt = True
+            return
     context.handled.add(id(limit))
     check = limit.check(context, await limit.key_value(connection), user)
     if check is None:

@@ -6,14 +6,25 @@ Basic 500 / 10, Pro 2000 / 50, Enterprise 10000 / 200, as token buckets.
 
 from __future__ import annotations
 
+import json
+import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
+from loguru import logger
+
+from .control import ControlStore, Mirror, live
 from .errors import ConfigurationError
+from .keys import KeyBuilder
 from .policy import Algorithm, Policy
 from .rate import Rate, parse_rate
 
-__all__ = ["DEFAULT_TIERS", "Tier", "build_tiers"]
+__all__ = ["DEFAULT_TIERS", "Tier", "TierStore", "build_tiers"]
+
+
+_TIER_NAME = re.compile(r"[a-z0-9][a-z0-9_\-]{0,31}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,8 +44,14 @@ class Tier:
     algorithm: Algorithm = Algorithm.TOKEN_BUCKET
     cost_multiplier: float = 1.0
     policy: Policy = field(init=False, repr=False, compare=False)
+    #: The same rate for the API-key level, when a tier is stored for a key.
+    key_policy: Policy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _TIER_NAME.fullmatch(self.name):
+            raise ConfigurationError(
+                "tier.name", self.name, "must be 1-32 lower-case letters, digits, '_' or '-'"
+            )
         rate = self.rate
         if isinstance(rate, str):
             rate = parse_rate(rate, field_name=f"tier {self.name!r}: rate")
@@ -48,7 +65,11 @@ class Tier:
             raise ConfigurationError(
                 f"tier {self.name!r}: cost_multiplier", multiplier, "must be a number in (0, 1000]"
             )
-        object.__setattr__(self, "policy", Policy(f"user-{self.name}", rate, self.algorithm))
+        # One bucket for every tier: changing a user's tier keeps their counters.
+        policy = Policy(f"user-{self.name}", rate, self.algorithm, bucket="user")
+        object.__setattr__(self, "policy", policy)
+        key_policy = Policy(f"api_key-{self.name}", rate, self.algorithm, bucket="api_key")
+        object.__setattr__(self, "key_policy", key_policy)
 
 
 DEFAULT_TIERS: Mapping[str, Tier] = {
@@ -82,3 +103,82 @@ def build_tiers(tiers: Mapping[str, Tier | str], default_tier: str) -> dict[str,
             "default_tier", default_tier, f"is not one of the tiers ({', '.join(built)})"
         )
     return built
+
+
+class TierStore:
+    """Tiers set for users or API keys at runtime (``set_tier`` after an upgrade), kept in the
+    backend and mirrored locally like the access lists: every instance applies a change
+    within ``refresh_interval`` + one round trip, and counters are never reset (every tier of
+    a level shares one bucket)."""
+
+    def __init__(self, store: ControlStore, keys: KeyBuilder, refresh_interval: float) -> None:
+        self._store = store
+        self._keys = keys
+        self._mirror = Mirror(store, "tiers", refresh_interval)
+
+    def _entry_key(self, kind: str, identity: str) -> str:
+        if kind == "user":
+            return f"user:{identity}"
+        if kind == "api_key":
+            return f"api_key:{self._keys.digest(identity)}"
+        raise ConfigurationError("kind", kind, "must be 'user' or 'api_key'")
+
+    async def lookup(self, kind: Literal["user", "api_key"], identity: str) -> str | None:
+        """The stored tier name, from the local copy (no round trip on the hot path)."""
+        await self._mirror.ensure_loaded()
+        entries = self._mirror.entries
+        if not entries:
+            return None
+        entry = entries.get(self._entry_key(kind, identity))
+        if entry is None or not live(entry, time.time()):
+            return None
+        tier = entry.get("tier")
+        return tier if isinstance(tier, str) else None
+
+    async def get(self, kind: Literal["user", "api_key"], identity: str) -> dict[str, Any] | None:
+        _, raw = await self._store.control_load("tiers")
+        value = raw.get(self._entry_key(kind, identity))
+        if value is None:
+            return None
+        try:
+            entry = json.loads(value)
+        except ValueError:
+            return None
+        return entry if isinstance(entry, dict) and live(entry, time.time()) else None
+
+    async def set(
+        self,
+        kind: Literal["user", "api_key"],
+        identity: str,
+        tier: str,
+        *,
+        ttl: float | None = None,
+        by: str = "",
+    ) -> None:
+        if ttl is not None and not (isinstance(ttl, (int, float)) and ttl > 0):
+            raise ConfigurationError("ttl", ttl, "must be a number of seconds > 0 or None")
+        now = time.time()
+        entry = {
+            "tier": tier,
+            "set_by": str(by)[:200],
+            "set_at": now,
+            "expires_at": None if ttl is None else now + ttl,
+        }
+        key = self._entry_key(kind, identity)
+        await self._store.control_put("tiers", key, json.dumps(entry, separators=(",", ":")))
+        self._mirror.invalidate()
+        logger.info(
+            "ratelimit audit: tier {} {} = {} by {!r} (ttl {})", kind, _shown(key), tier, by, ttl
+        )
+
+    async def clear(self, kind: Literal["user", "api_key"], identity: str, *, by: str = "") -> bool:
+        key = self._entry_key(kind, identity)
+        removed = await self._store.control_delete("tiers", [key])
+        self._mirror.invalidate()
+        logger.info("ratelimit audit: tier {} {} cleared by {!r}", kind, _shown(key), by)
+        return bool(removed)
+
+
+def _shown(entry_key: str) -> str:
+    kind, _, value = entry_key.partition(":")
+    return f"key#{value[:12]}" if kind == "api_key" else value

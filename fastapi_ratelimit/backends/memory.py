@@ -71,9 +71,15 @@ class MemoryBackend:
         # key -> [expires_at_us, state]; insertion order is recency order (LRU first).
         self._data: OrderedDict[str, list[Any]] = OrderedDict()
         self._sweep_credit = 0
+        # Operator state (allow/block lists, stored tiers): small, never evicted.
+        self._control: dict[str, tuple[int, dict[str, str]]] = {}
 
     def __len__(self) -> int:
         return len(self._data)
+
+    @property
+    def key_builder(self) -> KeyBuilder:
+        return self._keys
 
     @property
     def max_keys(self) -> int:
@@ -118,11 +124,32 @@ class MemoryBackend:
     async def aclose(self) -> None:
         self._data.clear()
 
+    # -- operator state (see fastapi_ratelimit.control) ---------------------------------------
+
+    async def control_load(self, namespace: str) -> tuple[int, dict[str, str]]:
+        version, entries = self._control.get(namespace, (0, {}))
+        return version, dict(entries)
+
+    async def control_version(self, namespace: str) -> int:
+        return self._control.get(namespace, (0, {}))[0]
+
+    async def control_put(self, namespace: str, key: str, value: str) -> None:
+        version, entries = self._control.get(namespace, (0, {}))
+        entries[key] = value
+        self._control[namespace] = (version + 1, entries)
+
+    async def control_delete(self, namespace: str, keys: list[str]) -> int:
+        version, entries = self._control.get(namespace, (0, {}))
+        removed = sum(entries.pop(key, None) is not None for key in keys)
+        if removed:
+            self._control[namespace] = (version + 1, entries)
+        return removed
+
     # -- internals ---------------------------------------------------------------------------
 
     def _key(self, check: Check) -> str:
         policy = check.policy
-        return self._keys.key(check.scope, policy.name, policy.algorithm.code, check.identity)
+        return self._keys.key(check.scope, policy.bucket, policy.algorithm.code, check.identity)
 
     def _get(self, key: str, now: int) -> Any:
         entry = self._data.get(key)

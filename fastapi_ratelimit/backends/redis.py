@@ -42,6 +42,7 @@ __all__ = ["RedisBackend"]
 _Mode = Literal["h", "p", "r"]
 _CREDENTIALS_RE = re.compile(r"(?<=://)[^@/\s]*@")
 _DEFAULT_TIMEOUT = 0.25
+_VERSION = "#version"
 
 
 class RedisBackend:
@@ -188,7 +189,7 @@ class RedisBackend:
     def key_for(self, check: Check) -> str:
         """The Redis key that holds ``check``'s state (for operators and tests)."""
         policy = check.policy
-        return self._keys.key(check.scope, policy.name, policy.algorithm.code, check.identity)
+        return self._keys.key(check.scope, policy.bucket, policy.algorithm.code, check.identity)
 
     # -- the Backend protocol ----------------------------------------------------------------
 
@@ -226,6 +227,44 @@ class RedisBackend:
             await self._client.aclose(close_connection_pool=True)
         for sentinel_client in self._sentinel_clients:
             await sentinel_client.aclose()
+
+    # -- operator state (see fastapi_ratelimit.control) ---------------------------------------
+    # One hash per namespace; the field "#version" counts changes, so instances can poll one
+    # field and reload only when something changed. Entry keys never start with "#".
+
+    def _control_key(self, namespace: str) -> str:
+        return f"{self._keys.prefix}:ctl:{{{namespace}}}"
+
+    async def control_load(self, namespace: str) -> tuple[int, dict[str, str]]:
+        raw = await self._call("control", self._client.hgetall, self._control_key(namespace))
+        entries = {_text(k): _text(v) for k, v in raw.items()}
+        version = int(entries.pop(_VERSION, "0"))
+        return version, entries
+
+    async def control_version(self, namespace: str) -> int:
+        value = await self._call(
+            "control", self._client.hget, self._control_key(namespace), _VERSION
+        )
+        return int(value or 0)
+
+    async def control_put(self, namespace: str, key: str, value: str) -> None:
+        await self._call("control", self._control_update, namespace, {key: value}, [])
+
+    async def control_delete(self, namespace: str, keys: list[str]) -> int:
+        return int(await self._call("control", self._control_update, namespace, {}, keys))
+
+    async def _control_update(
+        self, namespace: str, puts: dict[str, str], deletes: list[str]
+    ) -> int:
+        key = self._control_key(namespace)
+        async with self._client.pipeline(transaction=True) as pipe:
+            if puts:
+                pipe.hset(key, mapping=dict[Any, Any](puts))
+            if deletes:
+                pipe.hdel(key, *deletes)
+            pipe.hincrby(key, _VERSION, 1)
+            results = await pipe.execute()
+        return int(results[0]) if deletes else len(puts)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -347,6 +386,10 @@ class RedisBackend:
 
     def _where(self) -> str:
         return self._redacted_url or ("cluster" if self._cluster else "client")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def _socket_options(timeout: Any) -> dict[str, Any]:

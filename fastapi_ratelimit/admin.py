@@ -1,0 +1,156 @@
+"""A mountable admin API for operators (needs FastAPI):
+
+    app.include_router(admin_router(limiter, token=os.environ["RATELIMIT_ADMIN_TOKEN"]),
+                       prefix="/ratelimit/admin")
+
+It refuses everything unless you configure a ``token`` (sent as ``Authorization: Bearer``)
+or your own ``dependency`` (for example your app's admin check). Every change writes an
+audit line through loguru.
+"""
+
+# No `from __future__ import annotations` here: FastAPI must see the real annotations of
+# endpoints defined inside admin_router (they refer to its local `Operator` type).
+import hmac
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from pydantic import BaseModel, Field
+
+from .errors import BackendError, ConfigurationError
+from .limiter import RateLimiter
+
+__all__ = ["admin_router"]
+
+
+class TierBody(BaseModel):
+    tier: str = Field(max_length=64)
+    ttl: float | None = Field(default=None, gt=0)
+
+
+class EntryBody(BaseModel):
+    kind: Literal["ip", "user", "api_key"]
+    value: str = Field(min_length=1, max_length=4096)
+    reason: str = Field(default="", max_length=500)
+    ttl: float | None = Field(default=None, gt=0)
+
+
+class IdentityBody(BaseModel):
+    ip: str | None = Field(default=None, max_length=100)
+    user: str | None = Field(default=None, max_length=1024)
+    api_key: str | None = Field(default=None, max_length=4096)
+    endpoint: str | None = Field(default=None, max_length=1024)
+
+
+def admin_router(
+    limiter: RateLimiter,
+    *,
+    token: str | None = None,
+    dependency: Callable[..., Any] | None = None,
+) -> APIRouter:
+    """Build the admin router for ``limiter``.
+
+    Args:
+        token: a shared secret; requests must send ``Authorization: Bearer <token>``.
+        dependency: your own FastAPI dependency; it must raise to refuse, and may return the
+            operator's name (a ``str``) for the audit log.
+    """
+    if token is not None and (not isinstance(token, str) or len(token) < 16):
+        raise ConfigurationError("token", "<hidden>", "must be a string of at least 16 characters")
+    if dependency is not None and not callable(dependency):
+        raise ConfigurationError("dependency", dependency, "must be a FastAPI dependency")
+
+    async def authorise(request: Request) -> str:
+        if token is None:
+            raise HTTPException(403, "admin API disabled: configure a token or a dependency")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.encode("utf-8", "surrogateescape"), token.encode()
+        ):
+            raise HTTPException(401, "bad or missing admin token", {"WWW-Authenticate": "Bearer"})
+        return "token"
+
+    guard = dependency if dependency is not None else authorise
+    Operator = Annotated[Any, Depends(guard)]
+    router = APIRouter(tags=["rate limiting admin"])
+
+    def who(operator: Any) -> str:
+        return operator if isinstance(operator, str) else "admin"
+
+    @router.get("/tiers/{kind}/{identity}")
+    async def get_tier(
+        kind: Literal["user", "api_key"], identity: str, operator: Operator
+    ) -> dict[str, Any]:
+        return {"kind": kind, "tier": await _call(limiter.get_tier(identity, kind=kind))}
+
+    @router.put("/tiers/{kind}/{identity}")
+    async def set_tier(
+        kind: Literal["user", "api_key"], identity: str, body: TierBody, operator: Operator
+    ) -> dict[str, Any]:
+        await _call(
+            limiter.set_tier(identity, body.tier, kind=kind, ttl=body.ttl, by=who(operator))
+        )
+        return {"kind": kind, "tier": body.tier, "ttl": body.ttl}
+
+    @router.delete("/tiers/{kind}/{identity}")
+    async def clear_tier(
+        kind: Literal["user", "api_key"], identity: str, operator: Operator
+    ) -> dict[str, bool]:
+        return {"cleared": await _call(limiter.clear_tier(identity, kind=kind, by=who(operator)))}
+
+    for list_name in ("allow", "block"):
+        _list_routes(router, limiter, list_name, Operator, who)
+
+    @router.post("/lists/cleanup")
+    async def cleanup(operator: Operator) -> dict[str, int]:
+        return {"removed": await _call(limiter.cleanup())}
+
+    @router.post("/inspect")
+    async def inspect(body: IdentityBody, operator: Operator) -> dict[str, Any]:
+        decisions = await _call(limiter.inspect(**body.model_dump()))
+        return {"levels": [d._asdict() for d in decisions]}
+
+    @router.post("/reset")
+    async def reset(body: IdentityBody, operator: Operator) -> dict[str, int]:
+        return {"levels": await _call(limiter.reset(**body.model_dump(), by=who(operator)))}
+
+    return router
+
+
+def _list_routes(
+    router: APIRouter, limiter: RateLimiter, name: str, operator_type: Any, who: Any
+) -> None:
+    add = limiter.allow if name == "allow" else limiter.block
+    remove = limiter.unallow if name == "allow" else limiter.unblock
+    listing = limiter.allowed if name == "allow" else limiter.blocked
+
+    async def list_entries(operator: operator_type) -> dict[str, Any]:
+        return {"entries": [asdict(e) for e in await _call(listing())]}
+
+    async def add_entry(body: EntryBody, operator: operator_type) -> dict[str, Any]:
+        entry = await _call(
+            add(body.kind, body.value, reason=body.reason, by=who(operator), ttl=body.ttl)
+        )
+        return asdict(entry)
+
+    async def remove_entry(
+        operator: operator_type,
+        kind: Literal["ip", "user", "api_key"] = Query(),
+        value: str = Query(min_length=1, max_length=4096),
+    ) -> dict[str, bool]:
+        return {"removed": await _call(remove(kind, value, by=who(operator)))}
+
+    router.add_api_route(f"/{name}", list_entries, methods=["GET"], name=f"list_{name}")
+    router.add_api_route(f"/{name}", add_entry, methods=["POST"], name=f"add_{name}")
+    router.add_api_route(f"/{name}", remove_entry, methods=["DELETE"], name=f"remove_{name}")
+
+
+async def _call(awaitable: Any) -> Any:
+    # Operator mistakes are 422s naming the field; backend trouble is a 503, never a 500.
+    try:
+        return await awaitable
+    except ConfigurationError as exc:
+        raise HTTPException(422, str(exc)) from None
+    except BackendError:
+        raise HTTPException(503, "rate-limit backend unavailable") from None

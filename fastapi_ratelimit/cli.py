@@ -1,0 +1,252 @@
+"""``fastapi-ratelimit``: operator commands against the Redis an app's limiter uses.
+
+    fastapi-ratelimit --redis-url redis://localhost:6379/0 tier set user alice pro --ttl 86400
+    fastapi-ratelimit allow add ip 10.0.0.0/8 --reason "office"
+    fastapi-ratelimit block list --json
+    fastapi-ratelimit inspect --user alice
+    fastapi-ratelimit reset --ip 203.0.113.7
+    fastapi-ratelimit stats
+
+The URL comes from ``--redis-url``, else ``RATELIMIT_REDIS_URL`` or ``REDIS_URL``. Exit codes:
+0 success, 1 not found, 2 bad input or Redis unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from .errors import BackendError, ConfigurationError
+from .identity import ip_identity, parse_ip
+from .tiers import DEFAULT_TIERS
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastapi-ratelimit", description="Operate fastapi_ratelimit state in Redis."
+    )
+    parser.add_argument("--redis-url", help="default: $RATELIMIT_REDIS_URL or $REDIS_URL")
+    parser.add_argument("--cluster", action="store_true", help="the URL is a Cluster node")
+    parser.add_argument("--prefix", default="rl", help="key prefix the app uses (default rl)")
+    parser.add_argument("--ipv6-prefix", type=int, default=64, help="IPv6 bucketing prefix")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--by", default=os.environ.get("USER", "cli"), help="operator name")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tier = commands.add_parser("tier", help="tiers stored for users or API keys")
+    tier_commands = tier.add_subparsers(dest="action", required=True)
+    for action in ("get", "set", "clear"):
+        sub = tier_commands.add_parser(action)
+        sub.add_argument("kind", choices=["user", "api_key"])
+        sub.add_argument("identity")
+        if action == "set":
+            sub.add_argument("tier")
+            sub.add_argument("--ttl", type=float, help="seconds until it lapses")
+            sub.add_argument(
+                "--tiers",
+                default=",".join(DEFAULT_TIERS),
+                help="comma-separated tier names the app knows (checked before storing)",
+            )
+
+    for name in ("allow", "block"):
+        listing = commands.add_parser(name, help=f"the {name}-list")
+        actions = listing.add_subparsers(dest="action", required=True)
+        add = actions.add_parser("add")
+        add.add_argument("kind", choices=["ip", "user", "api_key"])
+        add.add_argument("value", help="an IP or CIDR range, a user id, or an API key")
+        add.add_argument("--reason", default="")
+        add.add_argument("--ttl", type=float, help="seconds until it lapses")
+        add.add_argument("--allow-any-network", action="store_true", help="accept /0")
+        remove = actions.add_parser("remove")
+        remove.add_argument("kind", choices=["ip", "user", "api_key"])
+        remove.add_argument("value")
+        actions.add_parser("list")
+
+    commands.add_parser("cleanup", help="delete expired list entries")
+    for name in ("inspect", "reset"):
+        sub = commands.add_parser(name, help=f"{name} the counters of one identity")
+        sub.add_argument("--ip")
+        sub.add_argument("--user")
+        sub.add_argument("--api-key")
+    commands.add_parser("stats", help="keys per level and policy, list and tier sizes")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    url = args.redis_url or os.environ.get("RATELIMIT_REDIS_URL") or os.environ.get("REDIS_URL")
+    if not url:
+        return _fail(args, "no Redis URL: pass --redis-url or set RATELIMIT_REDIS_URL")
+    from redis.exceptions import RedisError
+
+    from .backends.redis import redact_url
+
+    try:
+        result, found = asyncio.run(_run(args, url))
+    except ConfigurationError as exc:
+        return _fail(args, str(exc))
+    except BackendError as exc:
+        return _fail(args, f"cannot reach Redis: {exc}")
+    except (RedisError, OSError) as exc:
+        # Direct commands (SCAN, PTTL) outside the backend's own wrapping.
+        return _fail(args, f"Redis at {redact_url(url)} failed: {type(exc).__name__}: {exc}")
+    _print(args, result)
+    return 0 if found else 1
+
+
+async def _run(args: argparse.Namespace, url: str) -> tuple[Any, bool]:
+    from .access import AccessLists
+    from .backends.redis import RedisBackend
+    from .tiers import TierStore
+
+    backend = RedisBackend.from_url(url, cluster=args.cluster, prefix=args.prefix, timeout=5.0)
+    try:
+        keys = backend.key_builder
+        if args.command == "tier":
+            store = TierStore(backend, keys, 0.5)
+            if args.action == "get":
+                entry = await store.get(args.kind, args.identity)
+                return (entry or {"tier": None}), entry is not None
+            if args.action == "set":
+                known = [t.strip() for t in args.tiers.split(",") if t.strip()]
+                if args.tier not in known:
+                    raise ConfigurationError("tier", args.tier, f"is not one of {', '.join(known)}")
+                await store.set(args.kind, args.identity, args.tier, ttl=args.ttl, by=args.by)
+                return {"kind": args.kind, "tier": args.tier, "ttl": args.ttl}, True
+            cleared = await store.clear(args.kind, args.identity, by=args.by)
+            return {"cleared": cleared}, cleared
+        if args.command in ("allow", "block"):
+            lists = AccessLists(
+                backend,
+                keys,
+                ipv6_prefix=args.ipv6_prefix,
+                allow_any_network=getattr(args, "allow_any_network", False),
+            )
+            if args.action == "add":
+                added = await lists.add(
+                    args.command,
+                    args.kind,
+                    args.value,
+                    reason=args.reason,
+                    added_by=args.by,
+                    ttl=args.ttl,
+                )
+                return asdict(added), True
+            if args.action == "remove":
+                removed = await lists.remove(args.command, args.kind, args.value, by=args.by)
+                return {"removed": removed}, removed
+            return [asdict(e) for e in await lists.entries(args.command)], True
+        if args.command == "cleanup":
+            lists = AccessLists(backend, keys, ipv6_prefix=args.ipv6_prefix)
+            return {"removed": await lists.cleanup()}, True
+        if args.command in ("inspect", "reset"):
+            return await _inspect_or_reset(args, backend)
+        return await _stats(backend), True
+    finally:
+        await backend.aclose()
+
+
+async def _inspect_or_reset(args: argparse.Namespace, backend: Any) -> tuple[Any, bool]:
+    identities: list[str] = []
+    if args.ip:
+        address = parse_ip(args.ip)
+        if address is None:
+            raise ConfigurationError("--ip", args.ip, "is not an IP address")
+        identities.append(ip_identity(address, args.ipv6_prefix))
+    identities += [v for v in (args.user, args.api_key) if v]
+    if not identities:
+        raise ConfigurationError("identity", None, "give --ip, --user or --api-key")
+    client = backend.client
+    found: list[dict[str, Any]] = []
+    for identity in identities:
+        digest = backend.key_builder.digest(identity)
+        # Keys end in the identity's hash tag: one pattern finds every level and policy.
+        pattern = f"{backend.key_builder.prefix}:*:{{{digest}}}"
+        async for raw in client.scan_iter(match=pattern, count=1000):
+            key = raw.decode() if isinstance(raw, bytes) else raw
+            _, scope, policy, algorithm, _ = key.split(":", 4)
+            item: dict[str, Any] = {"scope": scope, "policy": policy, "algorithm": algorithm}
+            item["ttl_ms"] = await client.pttl(key)
+            item["state"] = await _state(client, key, algorithm)
+            if args.command == "reset":
+                await client.delete(key)
+            found.append(item)
+    if args.command == "reset":
+        return {"reset": len(found), "levels": found}, bool(found)
+    return found, bool(found)
+
+
+async def _state(client: Any, key: str, algorithm: str) -> Any:
+    if algorithm == "sl":
+        return {"entries": await client.llen(key)}
+    if algorithm == "gc":
+        value = await client.get(key)
+        tat = float(value) if value is not None else None
+        return {"backlog_s": None if tat is None else max(0.0, tat / 1e6 - time.time())}
+    raw = await client.hgetall(key)
+    return {(k.decode() if isinstance(k, bytes) else k): _number(v) for k, v in raw.items()}
+
+
+def _number(value: Any) -> float | str:
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+async def _stats(backend: Any) -> dict[str, Any]:
+    counts: Counter[str] = Counter()
+    prefix = backend.key_builder.prefix
+    async for raw in backend.client.scan_iter(match=f"{prefix}:*", count=1000):
+        key = raw.decode() if isinstance(raw, bytes) else raw
+        parts = key.split(":")
+        if len(parts) >= 5 and parts[1] != "ctl":
+            counts[f"{parts[1]}/{parts[2]}"] += 1
+    sizes = {}
+    for namespace in ("allow", "block", "tiers"):
+        _, entries = await backend.control_load(namespace)
+        sizes[namespace] = len(entries)
+    return {"keys": dict(sorted(counts.items())), "total_keys": sum(counts.values()), **sizes}
+
+
+def _print(args: argparse.Namespace, result: Any) -> None:
+    if args.json:
+        print(json.dumps(result, sort_keys=True, default=str))
+        return
+    rows = result if isinstance(result, list) else [result]
+    if not rows:
+        print("(none)")
+    for row in rows:
+        if isinstance(row, dict):
+            print("  ".join(f"{k}={_short(v)}" for k, v in row.items()))
+        else:
+            print(row)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float) and value > 1e9:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def _fail(args: argparse.Namespace, message: str) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message}), file=sys.stderr)
+    else:
+        print(f"fastapi-ratelimit: error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""Operator state shared by every app instance: allow/block lists and stored tiers.
+
+It lives in the backend (a Redis hash per namespace, or a dict in memory) with a version
+counter. Each instance mirrors it locally and refreshes the mirror in the background every
+``refresh_interval`` (default 0.5 s, so changes apply everywhere within 1 s); checking a
+request against it costs no round trip. Entries carry their own expiry, checked at match
+time, so an expired entry stops applying on time even between refreshes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from loguru import logger
+
+from .errors import BackendError
+
+__all__ = ["ControlStore", "Mirror"]
+
+
+@runtime_checkable
+class ControlStore(Protocol):
+    """What a backend offers for operator state. Values are JSON strings."""
+
+    async def control_load(self, namespace: str) -> tuple[int, dict[str, str]]:
+        """The namespace's version and all its entries."""
+        ...
+
+    async def control_version(self, namespace: str) -> int: ...
+
+    async def control_put(self, namespace: str, key: str, value: str) -> None:
+        """Set one entry and bump the version."""
+        ...
+
+    async def control_delete(self, namespace: str, keys: list[str]) -> int:
+        """Remove entries, bump the version if any existed; returns how many existed."""
+        ...
+
+
+class Mirror:
+    """A local copy of one namespace, parsed, refreshed in the background."""
+
+    def __init__(self, store: ControlStore, namespace: str, refresh_interval: float) -> None:
+        self._store = store
+        self._namespace = namespace
+        self._interval = refresh_interval
+        self._version = -1
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._checked = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+        #: Bumped on every change of the local copy, so derived indexes know to rebuild.
+        self.generation = 0
+
+    @property
+    def entries(self) -> Mapping[str, dict[str, Any]]:
+        return self._entries
+
+    async def ensure_loaded(self) -> None:
+        """Load synchronously the first time; afterwards refresh in the background."""
+        if self._version == -1:
+            await self.refresh()
+            return
+        if time.monotonic() - self._checked >= self._interval and (
+            self._task is None or self._task.done()
+        ):
+            self._task = asyncio.create_task(self._background_refresh())
+
+    async def refresh(self) -> None:
+        self._checked = time.monotonic()
+        try:
+            version = await self._store.control_version(self._namespace)
+            if version == self._version:
+                return
+            version, raw = await self._store.control_load(self._namespace)
+        except BackendError as exc:
+            if not self._failing:
+                self._failing = True
+                logger.warning("could not refresh {} from the backend: {}", self._namespace, exc)
+            if self._version < 0:
+                self._version = -2  # don't retry synchronously on every request
+            return
+        if self._failing:
+            self._failing = False
+            logger.info("refreshing {} from the backend works again", self._namespace)
+        entries: dict[str, dict[str, Any]] = {}
+        for key, value in raw.items():
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                continue
+            if isinstance(parsed, dict):
+                entries[key] = parsed
+        self._entries = entries
+        self._version = version
+        self.generation += 1
+
+    async def _background_refresh(self) -> None:
+        try:
+            await self.refresh()
+        except Exception as exc:  # never let a refresh kill anything
+            logger.warning("refresh of {} failed: {!r}", self._namespace, exc)
+
+    def invalidate(self) -> None:
+        """After a local change: refresh on the next request."""
+        self._checked = 0.0
+
+
+def live(entry: Mapping[str, Any], now: float) -> bool:
+    expires = entry.get("expires_at")
+    return expires is None or (isinstance(expires, (int, float)) and expires > now)
