@@ -84,7 +84,7 @@ limiter = RateLimiter(
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
-    await limiter.backend.aclose()
+    await limiter.aclose()
 
 
 app = FastAPI(title="OCR API (fastapi_ratelimit example)", lifespan=lifespan)

@@ -188,6 +188,10 @@ class AccessLists:
         self._networks[ip] = network
         return network
 
+    async def aclose(self) -> None:
+        for mirror in self._mirrors.values():
+            await mirror.aclose()
+
     # -- operator API ------------------------------------------------------------------------
 
     async def add(
@@ -214,7 +218,7 @@ class AccessLists:
             None if ttl is None else now + ttl,
         )
         await self._store.control_put(list_name, f"{kind}:{normalised}", entry.to_json())
-        mirror.invalidate()
+        await mirror.refresh()  # this instance applies it at once
         logger.info(
             "ratelimit audit: {} add {} {} by {!r} (reason {!r}, ttl {})",
             list_name,
@@ -230,7 +234,7 @@ class AccessLists:
         mirror = self._mirror(list_name)
         normalised = self.normalise(kind, value)
         removed = await self._store.control_delete(list_name, [f"{kind}:{normalised}"])
-        mirror.invalidate()
+        await mirror.refresh()  # this instance applies it at once
         logger.info(
             "ratelimit audit: {} remove {} {} by {!r} ({})",
             list_name,
@@ -266,7 +270,7 @@ class AccessLists:
             stale = [key for key, value in raw.items() if not _live_json(value, now)]
             if stale:
                 removed += await self._store.control_delete(name, stale)
-                self._mirrors[name].invalidate()
+                await self._mirrors[name].refresh()
         if removed:
             logger.info("ratelimit audit: cleanup removed {} expired entries", removed)
         return removed

@@ -10,8 +10,8 @@ time, so an expired entry stops applying on time even between refreshes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import time
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -50,7 +50,6 @@ class Mirror:
         self._interval = refresh_interval
         self._version = -1
         self._entries: dict[str, dict[str, Any]] = {}
-        self._checked = 0.0
         self._task: asyncio.Task[None] | None = None
         self._failing = False
         #: Bumped on every change of the local copy, so derived indexes know to rebuild.
@@ -61,17 +60,31 @@ class Mirror:
         return self._entries
 
     async def ensure_loaded(self) -> None:
-        """Load synchronously the first time; afterwards refresh in the background."""
-        if self._version == -1:
-            await self.refresh()
-            return
-        if time.monotonic() - self._checked >= self._interval and (
-            self._task is None or self._task.done()
-        ):
-            self._task = asyncio.create_task(self._background_refresh())
+        """Load synchronously the first time and start the background refresh loop, which
+        keeps the copy at most ``refresh_interval`` (plus one round trip) behind, busy or idle.
+        """
+        if self._task is None or self._task.done():
+            if self._version == -1:
+                await self.refresh()
+            self._task = asyncio.create_task(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.refresh()
+            except Exception as exc:  # never let the loop die
+                logger.warning("refresh of {} failed: {!r}", self._namespace, exc)
+
+    async def aclose(self) -> None:
+        """Stop the background refresh (call from the app's shutdown)."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def refresh(self) -> None:
-        self._checked = time.monotonic()
         try:
             version = await self._store.control_version(self._namespace)
             if version == self._version:
@@ -98,16 +111,6 @@ class Mirror:
         self._entries = entries
         self._version = version
         self.generation += 1
-
-    async def _background_refresh(self) -> None:
-        try:
-            await self.refresh()
-        except Exception as exc:  # never let a refresh kill anything
-            logger.warning("refresh of {} failed: {!r}", self._namespace, exc)
-
-    def invalidate(self) -> None:
-        """After a local change: refresh on the next request."""
-        self._checked = 0.0
 
 
 def live(entry: Mapping[str, Any], now: float) -> bool:

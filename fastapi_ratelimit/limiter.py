@@ -391,6 +391,15 @@ class RateLimiter:
         except BackendError as exc:
             logger.warning("rate-limit adjustment after the response failed: {}", exc)
 
+    async def aclose(self) -> None:
+        """Stop background refreshes and close the backend. Call it from the app's lifespan
+        shutdown."""
+        if self.lists is not None:
+            await self.lists.aclose()
+        if self.tier_store is not None:
+            await self.tier_store.aclose()
+        await self.backend.aclose()
+
     # -- operator API (also behind the admin router and the CLI) ------------------------------
 
     def _lists(self) -> AccessLists:

@@ -116,6 +116,9 @@ class TierStore:
         self._keys = keys
         self._mirror = Mirror(store, "tiers", refresh_interval)
 
+    async def aclose(self) -> None:
+        await self._mirror.aclose()
+
     def _entry_key(self, kind: str, identity: str) -> str:
         if kind == "user":
             return f"user:{identity}"
@@ -166,7 +169,7 @@ class TierStore:
         }
         key = self._entry_key(kind, identity)
         await self._store.control_put("tiers", key, json.dumps(entry, separators=(",", ":")))
-        self._mirror.invalidate()
+        await self._mirror.refresh()  # this instance applies it at once
         logger.info(
             "ratelimit audit: tier {} {} = {} by {!r} (ttl {})", kind, _shown(key), tier, by, ttl
         )
@@ -174,7 +177,7 @@ class TierStore:
     async def clear(self, kind: Literal["user", "api_key"], identity: str, *, by: str = "") -> bool:
         key = self._entry_key(kind, identity)
         removed = await self._store.control_delete("tiers", [key])
-        self._mirror.invalidate()
+        await self._mirror.refresh()  # this instance applies it at once
         logger.info("ratelimit audit: tier {} {} cleared by {!r}", kind, _shown(key), by)
         return bool(removed)
 

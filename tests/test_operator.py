@@ -1,0 +1,437 @@
+"""Tiers set at runtime, allow/block lists, the admin router and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from conftest import BACKEND_KINDS
+from fastapi import FastAPI, Header, HTTPException
+from http_helpers import client_for, policies
+from loguru import logger
+
+from fastapi_ratelimit import (
+    DEFAULT_TIERS,
+    ConfigurationError,
+    MemoryBackend,
+    RateLimiter,
+    RateLimitMiddleware,
+    RedisBackend,
+)
+from fastapi_ratelimit.admin import admin_router
+
+LOCAL = BACKEND_KINDS[:2]  # memory and standalone Redis
+
+
+def user_from_header(connection: Any) -> str | None:
+    return connection.headers.get("x-user")
+
+
+def make_app(limiter: RateLimiter) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/work")
+    async def work() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    return app
+
+
+def tiered(backend: Any, **kwargs: Any) -> RateLimiter:
+    return RateLimiter(
+        backend=backend,
+        tiers=DEFAULT_TIERS,
+        user_resolver=user_from_header,
+        refresh_interval=0.2,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def audit() -> Iterator[list[str]]:
+    lines: list[str] = []
+    handler = logger.add(lambda message: lines.append(str(message)), level="INFO")
+    yield lines
+    logger.remove(handler)
+
+
+@pytest.mark.parametrize("make_backend", LOCAL, indirect=True)
+async def test_stored_tier_applies_and_keeps_counters(make_backend: Any, audit: list[str]) -> None:
+    limiter = tiered(make_backend())
+    app = make_app(limiter)
+    alice = {"x-user": "alice"}
+    async with client_for(app) as client:
+        first = await client.get("/work", headers=alice)
+        assert "user-free" in policies(first)
+        assert first.headers["x-ratelimit-remaining"] == "99"
+        await limiter.set_tier("alice", "pro", by="ops")
+        upgraded = await client.get("/work", headers=alice)
+        assert "user-pro" in policies(upgraded)
+        # Same bucket, nothing reset: the bucket holds what it held as Free (99 tokens, one
+        # spent now); from here it refills at Pro's 50/s towards Pro's 2000.
+        assert 97 <= int(upgraded.headers["x-ratelimit-remaining"]) <= 99
+        assert await limiter.get_tier("alice") == "pro"
+        assert await limiter.clear_tier("alice", by="ops")
+        await asyncio.sleep(0.25)
+        back = await client.get("/work", headers=alice)
+        assert "user-free" in policies(back)
+    assert any("tier user alice = pro by 'ops'" in line for line in audit)
+
+
+@pytest.mark.parametrize("make_backend", LOCAL, indirect=True)
+async def test_tier_ttl_and_unknown_stored_tier(make_backend: Any, audit: list[str]) -> None:
+    backend = make_backend()
+    limiter = tiered(backend)
+    app = make_app(limiter)
+    async with client_for(app) as client:
+        await limiter.set_tier("bob", "enterprise", ttl=0.4)
+        assert "user-enterprise" in policies(await client.get("/work", headers={"x-user": "bob"}))
+        await asyncio.sleep(0.5)
+        assert "user-free" in policies(await client.get("/work", headers={"x-user": "bob"}))
+        # A tier name the app does not know (written by another deployment): default tier,
+        # one warning, never a 500.
+        await backend.control_put("tiers", "user:carol", json.dumps({"tier": "platinum"}))
+        await asyncio.sleep(0.25)
+        for _ in range(3):
+            response = await client.get("/work", headers={"x-user": "carol"})
+            assert response.status_code == 200
+            assert "user-free" in policies(response)
+    assert sum("unknown tier 'platinum'" in line for line in audit) == 1
+    with pytest.raises(ConfigurationError, match=r"^tier: "):
+        await limiter.set_tier("bob", "gold")
+
+
+@pytest.mark.parametrize("make_backend", LOCAL, indirect=True)
+async def test_api_key_tier_sets_the_api_key_level(make_backend: Any) -> None:
+    limiter = tiered(make_backend(), api_key_limit="10/minute")
+    app = make_app(limiter)
+    async with client_for(app) as client:
+        key = {"x-api-key": "sk_live_123"}
+        assert policies(await client.get("/work", headers=key))["api_key"]["q"] == 10
+        await limiter.set_tier("sk_live_123", "basic", kind="api_key")
+        await asyncio.sleep(0.25)
+        assert "api_key-basic" in policies(await client.get("/work", headers=key))
+
+
+async def test_changes_propagate_between_instances_within_a_second(redis_url: str) -> None:
+    one = tiered(RedisBackend.from_url(redis_url), ip_limit="1/minute")
+    two = tiered(RedisBackend.from_url(redis_url), ip_limit="1/minute")
+    app_two = make_app(two)
+    try:
+        async with client_for(app_two) as client:
+            await client.get("/work")  # loads the lists and tiers once
+            await one.set_tier("dave", "pro")
+            await one.allow("ip", "203.0.113.0/24", reason="partner", by="ops")
+            started = time.monotonic()
+            while True:
+                response = await client.get("/work", headers={"x-user": "dave"})
+                if response.status_code == 200 and "ratelimit" not in response.headers:
+                    break  # allow-listed now
+                assert time.monotonic() - started < 1.0, "not propagated within 1 s"
+                await asyncio.sleep(0.02)
+            await one.unallow("ip", "203.0.113.0/24")
+            await asyncio.sleep(0.6)
+            response = await client.get("/work", headers={"x-user": "dave"})
+            assert "user-pro" in policies(response)
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+@pytest.mark.parametrize("make_backend", LOCAL, indirect=True)
+async def test_allow_and_block_lists(make_backend: Any) -> None:
+    backend = make_backend()
+    limiter = RateLimiter(
+        backend=backend,
+        ip_limit="1/minute",
+        api_key_limit="1/minute",
+        user_resolver=user_from_header,
+        user_limit="1/minute",
+        trusted_proxies=["10.0.0.0/8"],
+        refresh_interval=0.1,
+    )
+    app = make_app(limiter)
+    await limiter.allow("ip", "198.51.100.0/24", reason="office", by="ops")
+    await limiter.allow("user", "vip")
+    await limiter.allow("api_key", "sk_partner")
+    await limiter.block("ip", "192.0.2.66")
+    await limiter.block("user", "mallory")
+    async with client_for(app, ip="198.51.100.9") as office, client_for(app) as other:
+        for _ in range(3):
+            response = await office.get("/work")
+            assert response.status_code == 200
+            assert "ratelimit" not in response.headers  # allowed: headers omitted
+            assert (await other.get("/work", headers={"x-user": "vip"})).status_code == 200
+            assert (
+                await other.get("/work", headers={"x-api-key": "sk_partner"})
+            ).status_code == 200
+        blocked = await other.get("/work", headers={"x-user": "mallory"})
+        assert blocked.status_code == 403
+        assert blocked.headers["content-type"] == "application/problem+json"
+        assert "retry-after" not in blocked.headers
+        # The other client's own quota was untouched by all of that.
+        assert (await other.get("/work")).status_code == 200
+        assert (await other.get("/work")).status_code == 429
+    async with client_for(app, ip="192.0.2.66") as bad:
+        assert (await bad.get("/work")).status_code == 403
+    # Spoofed forwarding headers from an untrusted peer never reach an allow entry...
+    async with client_for(app, ip="203.0.113.99") as spoofer:
+        spoof = {"x-forwarded-for": "198.51.100.9"}
+        assert (await spoofer.get("/work", headers=spoof)).status_code == 200
+        assert (await spoofer.get("/work", headers=spoof)).status_code == 429
+    # ...but do through a trusted proxy.
+    async with client_for(app, ip="10.0.0.1") as proxy:
+        for _ in range(3):
+            forwarded = await proxy.get("/work", headers={"x-forwarded-for": "198.51.100.20"})
+            assert forwarded.status_code == 200
+    entries = {(e.kind, e.value): e for e in await limiter.allowed()}
+    assert entries[("ip", "198.51.100.0/24")].reason == "office"
+    assert entries[("ip", "198.51.100.0/24")].added_by == "ops"
+    assert entries[("ip", "198.51.100.0/24")].added_at > 0
+    assert ("api_key", "sk_partner") not in entries  # stored as its hash, never raw
+    assert {e.value for e in await limiter.blocked()} == {"192.0.2.66/32", "mallory"}
+
+
+@pytest.mark.parametrize("make_backend", LOCAL, indirect=True)
+async def test_expiry_and_cleanup(make_backend: Any) -> None:
+    limiter = RateLimiter(backend=make_backend(), ip_limit="1/minute", refresh_interval=0.1)
+    app = make_app(limiter)
+    await limiter.block("ip", "203.0.113.7", ttl=0.3)
+    async with client_for(app) as client:
+        assert (await client.get("/work")).status_code == 403
+        await asyncio.sleep(0.35)
+        assert (await client.get("/work")).status_code == 200
+    assert await limiter.blocked() == []
+    assert await limiter.cleanup() == 1
+    assert await limiter.cleanup() == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("10.0.0.0/8", "10.0.0.0/8"),
+        ("10.0.0.1", "10.0.0.1/32"),
+        ("10.0.0.255/32", "10.0.0.255/32"),
+        ("::ffff:10.0.0.0/104", "10.0.0.0/8"),
+        ("::ffff:192.0.2.1", "192.0.2.1/32"),
+        ("2001:db8::/32", "2001:db8::/32"),
+        ("2001:db8:1:2::/64", "2001:db8:1:2::/64"),
+    ],
+)
+def test_network_normalisation(value: str, expected: str) -> None:
+    limiter = RateLimiter()
+    assert limiter.lists is not None
+    assert limiter.lists.normalise("ip", value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("10.0.0.1/8", "host bits"),
+        ("0.0.0.0/0", "allow_any_network"),
+        ("::/0", "allow_any_network"),
+        ("2001:db8::1", "/64 or wider"),
+        ("not-an-ip", "not an IP"),
+        ("", "non-empty"),
+    ],
+)
+def test_network_rejections(value: str, fragment: str) -> None:
+    limiter = RateLimiter()
+    assert limiter.lists is not None
+    with pytest.raises(ConfigurationError, match=fragment):
+        limiter.lists.normalise("ip", value)
+    opted_in = RateLimiter(allow_any_network=True)
+    assert opted_in.lists is not None
+    assert opted_in.lists.normalise("ip", "0.0.0.0/0") == "0.0.0.0/0"
+
+
+async def test_ipv4_mapped_clients_match_ipv4_entries() -> None:
+    limiter = RateLimiter(ip_limit="1/minute", refresh_interval=0.1)
+    app = make_app(limiter)
+    await limiter.allow("ip", "192.0.2.0/24")
+    async with client_for(app, ip="::ffff:192.0.2.10") as client:
+        for _ in range(3):
+            assert (await client.get("/work")).status_code == 200
+    async with (
+        client_for(app, ip="192.0.2.255") as broadcast,
+        client_for(app, ip="192.0.3.0") as out,
+    ):
+        assert (await broadcast.get("/work")).status_code == 200
+        assert (await broadcast.get("/work")).status_code == 200
+        assert (await out.get("/work")).status_code == 200
+        assert (await out.get("/work")).status_code == 429
+
+
+def admin_app(limiter: RateLimiter, **kwargs: Any) -> FastAPI:
+    app = FastAPI()
+    app.include_router(admin_router(limiter, **kwargs), prefix="/ratelimit/admin")
+    return app
+
+
+async def test_admin_refuses_everything_by_default() -> None:
+    app = admin_app(RateLimiter())
+    async with client_for(app) as client:
+        assert (await client.get("/ratelimit/admin/allow")).status_code == 403
+        response = await client.post(
+            "/ratelimit/admin/allow", json={"kind": "ip", "value": "10.0.0.0/8"}
+        )
+        assert response.status_code == 403
+
+
+async def test_admin_with_a_token(audit: list[str]) -> None:
+    limiter = RateLimiter(ip_limit="5/minute", tiers=DEFAULT_TIERS, user_resolver=user_from_header)
+    app = admin_app(limiter, token="s3cret-admin-token-0123")
+    good = {"authorization": "Bearer s3cret-admin-token-0123"}
+    async with client_for(app) as client:
+        assert (await client.get("/ratelimit/admin/allow")).status_code == 401
+        wrong = {"authorization": "Bearer nope"}
+        assert (await client.get("/ratelimit/admin/allow", headers=wrong)).status_code == 401
+        added = await client.post(
+            "/ratelimit/admin/block",
+            json={"kind": "ip", "value": "192.0.2.0/24", "reason": "abuse", "ttl": 60},
+            headers=good,
+        )
+        assert added.status_code == 200
+        assert added.json()["value"] == "192.0.2.0/24"
+        bad = await client.post(
+            "/ratelimit/admin/block", json={"kind": "ip", "value": "10.0.0.1/8"}, headers=good
+        )
+        assert bad.status_code == 422
+        assert "host bits" in bad.text
+        listed = await client.get("/ratelimit/admin/block", headers=good)
+        assert [e["reason"] for e in listed.json()["entries"]] == ["abuse"]
+        tier = await client.put(
+            "/ratelimit/admin/tiers/user/alice", json={"tier": "pro"}, headers=good
+        )
+        assert tier.status_code == 200
+        got = await client.get("/ratelimit/admin/tiers/user/alice", headers=good)
+        assert got.json()["tier"] == "pro"
+        unknown = await client.put(
+            "/ratelimit/admin/tiers/user/alice", json={"tier": "gold"}, headers=good
+        )
+        assert unknown.status_code == 422
+        removed = await client.delete(
+            "/ratelimit/admin/block",
+            params={"kind": "ip", "value": "192.0.2.0/24"},
+            headers=good,
+        )
+        assert removed.json() == {"removed": True}
+    assert any("block add ip 192.0.2.0/24 by 'token'" in line for line in audit)
+
+
+async def test_admin_inspect_and_reset() -> None:
+    limiter = RateLimiter(ip_limit="5/minute", global_limit="100/minute")
+    app = make_app(limiter)
+    # The admin API on its own app (no middleware): its calls are not counted.
+    admin = admin_app(limiter, token="s3cret-admin-token-0123")
+    good = {"authorization": "Bearer s3cret-admin-token-0123"}
+    async with client_for(app) as users, client_for(admin) as client:
+        for _ in range(3):
+            await users.get("/work")
+        inspected = await client.post(
+            "/ratelimit/admin/inspect", json={"ip": "203.0.113.7"}, headers=good
+        )
+        levels = {level["scope"]: level for level in inspected.json()["levels"]}
+        assert levels["ip"]["remaining"] == 2
+        assert levels["global"]["remaining"] == 97
+        reset = await client.post(
+            "/ratelimit/admin/reset", json={"ip": "203.0.113.7"}, headers=good
+        )
+        assert reset.json() == {"levels": 1}
+        assert (await users.get("/work")).headers["x-ratelimit-remaining"] == "4"
+
+
+async def test_admin_with_a_custom_dependency() -> None:
+    async def only_root(x_role: str = Header(default="")) -> str:
+        if x_role != "root":
+            raise HTTPException(403, "root only")
+        return "root-user"
+
+    app = admin_app(RateLimiter(), dependency=only_root)
+    async with client_for(app) as client:
+        assert (await client.get("/ratelimit/admin/allow")).status_code == 403
+        ok = await client.get("/ratelimit/admin/allow", headers={"x-role": "root"})
+        assert ok.status_code == 200
+    with pytest.raises(ConfigurationError, match=r"^token: "):
+        admin_router(RateLimiter(), token="short")
+
+
+def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if "REDIS_URL" not in k}
+    return subprocess.run(
+        [sys.executable, "-m", "fastapi_ratelimit.cli", "--redis-url", url, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.mark.redis
+def test_cli_end_to_end(redis_url: str) -> None:
+    added = cli(redis_url, "--json", "allow", "add", "ip", "10.0.0.0/8", "--reason", "office")
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout)["value"] == "10.0.0.0/8"
+    listed = cli(redis_url, "--json", "allow", "list")
+    assert [e["reason"] for e in json.loads(listed.stdout)] == ["office"]
+    bad = cli(redis_url, "allow", "add", "ip", "10.0.0.1/8")
+    assert bad.returncode == 2
+    assert "host bits" in bad.stderr
+    assert cli(redis_url, "block", "add", "user", "mallory", "--ttl", "60").returncode == 0
+    assert cli(redis_url, "tier", "set", "user", "alice", "pro").returncode == 0
+    got = cli(redis_url, "--json", "tier", "get", "user", "alice")
+    assert json.loads(got.stdout)["tier"] == "pro"
+    assert cli(redis_url, "tier", "get", "user", "nobody").returncode == 1
+    assert cli(redis_url, "tier", "set", "user", "alice", "gold").returncode == 2
+    assert cli(redis_url, "allow", "remove", "ip", "10.0.0.0/8").returncode == 0
+    assert cli(redis_url, "allow", "remove", "ip", "10.0.0.0/8").returncode == 1
+
+    # Counters made by an app, inspected and reset from the CLI.
+    async def traffic() -> None:
+        limiter = RateLimiter(backend=RedisBackend.from_url(redis_url), ip_limit="5/minute")
+        app = make_app(limiter)
+        async with client_for(app) as client:
+            for _ in range(3):
+                await client.get("/work")
+        await limiter.backend.aclose()
+
+    asyncio.run(traffic())
+    inspected = cli(redis_url, "--json", "inspect", "--ip", "203.0.113.7")
+    levels = json.loads(inspected.stdout)
+    assert [(x["scope"], x["policy"]) for x in levels] == [("ip", "ip")]
+    stats = json.loads(cli(redis_url, "--json", "stats").stdout)
+    assert stats["keys"] == {"ip/ip": 1}
+    assert stats["block"] == 1
+    assert stats["tiers"] == 1
+    assert cli(redis_url, "reset", "--ip", "203.0.113.7").returncode == 0
+    assert cli(redis_url, "inspect", "--ip", "203.0.113.7").returncode == 1
+    with redis.Redis.from_url(redis_url) as client:
+        keys = [k.decode() for k in client.scan_iter()]
+    assert not any("mallory" in k or "alice" in k for k in keys)
+
+
+def test_cli_errors_name_the_problem_and_hide_passwords() -> None:
+    unreachable = cli("redis://:hunter2@127.0.0.1:1/0", "stats")
+    assert unreachable.returncode == 2
+    assert "hunter2" not in unreachable.stderr
+    assert "Redis" in unreachable.stderr
+    env = {k: v for k, v in os.environ.items() if "REDIS_URL" not in k}
+    missing = subprocess.run(
+        [sys.executable, "-m", "fastapi_ratelimit.cli", "stats"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert missing.returncode == 2
+    assert "--redis-url" in missing.stderr
