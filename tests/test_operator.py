@@ -21,7 +21,6 @@ from loguru import logger
 from fastapi_ratelimit import (
     DEFAULT_TIERS,
     ConfigurationError,
-    MemoryBackend,
     RateLimiter,
     RateLimitMiddleware,
     RedisBackend,
