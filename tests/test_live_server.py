@@ -23,11 +23,11 @@ import uvicorn
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from fastapi_ratelimit import RateLimiter, RateLimitMiddleware
-from fastapi_ratelimit._types import ASGIApp, Receive, Scope, Send
 
 HOST = "127.0.0.1"
 TIMEOUT = 10.0  # generous for small shared CI machines; a passing run takes milliseconds
