@@ -53,6 +53,8 @@ class RequestContext:
     denial: Verdict | None = None
     #: Allow-listed: route guards do nothing.
     exempt: bool = False
+    #: Load or an operator override shrank the quotas for this request.
+    reduced: bool = False
 
 
 def report_cost(request: Any, cost: int) -> None:

@@ -21,17 +21,23 @@ from ._types import Scope
 from .access import AccessLists, Kind, ListEntry
 from .backends.base import Backend, Check
 from .backends.memory import MemoryBackend
+from .breaker import CircuitBreaker, EndpointBreaker
 from .context import RequestContext
 from .control import ControlStore
 from .costs import CostTable, check_cost, check_endpoint, endpoint_key
 from .decision import Decision, Verdict
+from .dynamic import DynamicLimits
 from .errors import BackendError, ConfigurationError
-from .headers import HeaderStyle, parse_header_style, rate_limit_headers
+from .headers import HeaderStyle, parse_header_style, rate_limit_headers, retry_after_value
 from .identity import ClientIP, api_key_from_scope, ip_identity, parse_ip
 from .keys import KeyBuilder
 from .policy import Algorithm, Policy
 from .rate import Rate, parse_rate
-from .responses import backend_unavailable_response, quota_exceeded_response
+from .responses import (
+    backend_unavailable_response,
+    quota_exceeded_response,
+    reduced_capacity_response,
+)
 from .routing import resolve_route
 from .tiers import Tier, TierStore, build_tiers
 
@@ -106,7 +112,19 @@ class RateLimiter:
         headers: ``"both"`` (IETF + X-RateLimit-*), ``"ietf"``, ``"x-ratelimit"``, ``"legacy"``,
             ``"none"``.
         shadow: ``True`` or a set of scopes: decided, counted and logged, never enforced.
-        on_backend_error: ``"allow"`` (fail open) or ``"deny"`` (503) when the backend fails.
+        on_backend_error: when the backend fails (error, timeout, or its circuit breaker is
+            open): ``"allow"`` (fail open) or ``"deny"`` (503), or a mapping per scope with an
+            optional ``"default"`` (``{"ip": "deny", "default": "allow"}``). A request is
+            refused if any of its levels says deny.
+        fallback: under ``"allow"``, check the same policies against a per-process memory
+            backend while the shared one is down.
+        breaker: the :class:`CircuitBreaker` around the backend (default settings unless
+            given; ``None`` disables it).
+        endpoint_breaker: an :class:`EndpointBreaker` protecting failing endpoints (503).
+        dynamic: :class:`DynamicLimits` scaling quotas by load, behaviour and overrides.
+        delay: ``{scope: max_delay}``: throttle instead of reject (like NGINX ``limit_req``
+            with burst): a request that would pass within ``max_delay`` seconds waits.
+        max_waiting: most requests waiting at once; beyond it they are refused at once.
         refund_when: ``(status) -> bool``; matching responses give their units back (e.g.
             ``lambda s: s < 400`` counts only failed logins).
         response_builder: ``(decisions, headers) -> Response`` for denials.
@@ -139,7 +157,13 @@ class RateLimiter:
         user_resolver: Resolver | None = None,
         headers: HeaderStyle | str = HeaderStyle.BOTH,
         shadow: bool | Iterable[str] = False,
-        on_backend_error: OnBackendError = "allow",
+        on_backend_error: OnBackendError | Mapping[str, OnBackendError] = "allow",
+        fallback: bool = False,
+        breaker: CircuitBreaker | Literal["default"] | None = "default",
+        endpoint_breaker: EndpointBreaker | None = None,
+        dynamic: DynamicLimits | None = None,
+        delay: Mapping[str, float] | None = None,
+        max_waiting: int = 1000,
         refund_when: Callable[[int], bool] | None = None,
         response_builder: ResponseBuilder | None = None,
         refresh_interval: float = 0.5,
@@ -200,11 +224,35 @@ class RateLimiter:
             raise ConfigurationError("shadow", shadow, "must be True/False or a set of scopes")
         else:
             self._shadow_all, self._shadow = False, frozenset(shadow)
-        if on_backend_error not in ("allow", "deny"):
+        self._on_error_default, self._on_error = _failure_policies(on_backend_error)
+        self._fallback = MemoryBackend() if fallback else None
+        if breaker == "default":
+            breaker = CircuitBreaker()
+        if breaker is not None and not isinstance(breaker, CircuitBreaker):
+            raise ConfigurationError("breaker", breaker, "must be a CircuitBreaker or None")
+        self.breaker = breaker
+        if endpoint_breaker is not None and not isinstance(endpoint_breaker, EndpointBreaker):
             raise ConfigurationError(
-                "on_backend_error", on_backend_error, "must be 'allow' or 'deny'"
+                "endpoint_breaker", endpoint_breaker, "must be an EndpointBreaker"
             )
-        self.on_backend_error = on_backend_error
+        self.endpoint_breaker = endpoint_breaker
+        if dynamic is not None and not isinstance(dynamic, DynamicLimits):
+            raise ConfigurationError("dynamic", dynamic, "must be a DynamicLimits")
+        self.dynamic = dynamic
+        self._delays: dict[str, float] = {}
+        for scope, max_delay in (delay or {}).items():
+            if (
+                isinstance(max_delay, bool)
+                or not isinstance(max_delay, (int, float))
+                or not (0 < max_delay <= 60)
+            ):
+                raise ConfigurationError(f"delay[{scope!r}]", max_delay, "must be in (0, 60] s")
+            self._delays[scope] = float(max_delay)
+        if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
+            raise ConfigurationError("max_waiting", max_waiting, "must be a whole number >= 0")
+        self._max_waiting = max_waiting
+        self._waiting = 0
+        self._last_failure_log = 0.0
         self._respond: ResponseBuilder = response_builder or _default_response
         self._warned_cost_function = False
         self._warned_tiers: set[str] = set()
@@ -223,6 +271,11 @@ class RateLimiter:
                 allow_any_network=allow_any_network,
             )
             self.tier_store = TierStore(self.backend, keys, refresh_interval)
+        store = self.backend if isinstance(self.backend, ControlStore) else None
+        if self.endpoint_breaker is not None:
+            self.endpoint_breaker.bind(store, refresh_interval)
+        if self.dynamic is not None:
+            self.dynamic.bind(store, refresh_interval)
 
     # -- per request ---------------------------------------------------------------------------
 
@@ -332,18 +385,22 @@ class RateLimiter:
         """Decide ``checks`` (one backend call for the enforced ones) and record the decisions
         in ``context``. Returns ``None`` when the backend failed and the policy is to allow;
         raises :class:`BackendError` when it failed and the policy is to deny."""
+        if self.dynamic is not None:
+            checks = await self._scaled_checks(checks, context)
+            denial = await self._penalty(context)
+            if denial is not None:
+                context.decisions.append(denial)
+                return Verdict((denial,))
         enforced = [c for c in checks if not self._is_shadow(c.scope)]
         shadow = [c for c in checks if self._is_shadow(c.scope)]
         if shadow:
             await self._run_shadow(shadow, context)
         if not enforced:
             return Verdict(())
-        try:
-            verdict = await self.backend.hit(enforced)
-        except BackendError as exc:
-            logger.warning("rate limiting unavailable ({}): {}", self.on_backend_error, exc)
-            if self.on_backend_error == "deny":
-                raise
+        verdict = await self._hit(enforced)
+        if verdict is not None and not verdict.allowed and self._delays:
+            verdict = await self._wait_and_retry(enforced, verdict)
+        if verdict is None:
             return None
         context.decisions.extend(verdict.decisions)
         if verdict.allowed:
@@ -355,20 +412,123 @@ class RateLimiter:
                 ",".join(d.policy for d in verdict.denied),
                 ",".join(d.scope for d in verdict.denied),
             )
+        if self.dynamic is not None and self.dynamic.behaviour is not None:
+            await self.dynamic.behaviour.record(_client(context), verdict.allowed)
         return verdict
+
+    async def _hit(self, checks: list[Check]) -> Verdict | None:
+        """One backend call through the circuit breaker and the failure policy."""
+        breaker = self.breaker
+        if breaker is not None and not breaker.allow_call():
+            return await self._backend_down(checks, None)
+        try:
+            verdict = await self.backend.hit(checks)
+        except BackendError as exc:
+            if breaker is not None:
+                breaker.record_failure()
+            return await self._backend_down(checks, exc)
+        if breaker is not None:
+            breaker.record_success()
+        return verdict
+
+    async def _backend_down(
+        self, checks: list[Check], error: BackendError | None
+    ) -> Verdict | None:
+        if error is not None and self.breaker is None:
+            # Without a breaker, at most one line per 10 s: an outage must not flood the logs.
+            now = time.monotonic()
+            if now - self._last_failure_log > 10:
+                self._last_failure_log = now
+                logger.warning("rate-limit backend failed: {}", error)
+        if any(self._failure_policy(c.scope) == "deny" for c in checks):
+            raise error or BackendError("rate-limit backend circuit open")
+        if self._fallback is not None:
+            # Per-process limits at the same policies: an outage is not a free-for-all.
+            return await self._fallback.hit(checks)
+        return None
+
+    def _failure_policy(self, scope: str) -> str:
+        return self._on_error.get(scope, self._on_error_default)
+
+    def retry_after_unavailable(self) -> int:
+        return self.breaker.retry_after() if self.breaker is not None else 1
+
+    async def _wait_and_retry(self, checks: list[Check], verdict: Verdict) -> Verdict | None:
+        """Throttle instead of reject: wait up to the denied levels' ``max_delay``."""
+        budget = min((self._delays.get(d.scope, 0.0) for d in verdict.denied), default=0.0)
+        deadline = time.monotonic() + budget
+        if budget <= 0 or self._waiting >= self._max_waiting:
+            return verdict
+        self._waiting += 1
+        try:
+            while not verdict.allowed:
+                wait = verdict.retry_after
+                if time.monotonic() + wait > deadline:
+                    return verdict
+                await asyncio.sleep(wait)
+                retried = await self._hit(checks)
+                if retried is None:
+                    return None
+                verdict = retried
+            return verdict
+        finally:
+            self._waiting -= 1
+
+    async def _scaled_checks(self, checks: Sequence[Check], context: RequestContext) -> list[Check]:
+        dynamic = self.dynamic
+        assert dynamic is not None
+        factor = await dynamic.global_factor()
+        client_factor = 1.0
+        if dynamic.behaviour is not None:
+            client_factor = dynamic.behaviour.factor(_client(context))
+        context.reduced = factor < 1.0
+        if factor == 1.0 and client_factor == 1.0:
+            return list(checks)
+        scaled = []
+        for check in checks:
+            f = factor * (client_factor if check.scope in _CLIENT_SCOPES else 1.0)
+            policy = dynamic.scaled(check.policy, f)
+            scaled.append(check if policy is check.policy else _with_policy(check, policy))
+        return scaled
+
+    async def _penalty(self, context: RequestContext) -> Decision | None:
+        assert self.dynamic is not None
+        behaviour = self.dynamic.behaviour
+        if behaviour is None:
+            return None
+        until = await behaviour.penalty_until(_client(context))
+        if until is None:
+            return None
+        wait = max(until - time.time(), 0.001)
+        return Decision(
+            False, 1, 0, wait, wait, "penalty-box", "client", behaviour.penalty_duration
+        )
 
     def denial_response(self, context: RequestContext, verdict: Verdict) -> Response:
         headers = rate_limit_headers(context.decisions, self.header_style, now=self.now())
+        if (
+            context.reduced
+            and self.dynamic is not None
+            and self.dynamic.reduced_capacity_status
+            and any(d.scope != "client" for d in verdict.denied)
+        ):
+            # Refused because load (or an operator) shrank the quotas: the draft's 503.
+            retry = retry_after_value(verdict.decisions)
+            return reduced_capacity_response(retry, headers=headers)
         return self._respond(verdict.decisions, headers)
 
-    @staticmethod
-    def unavailable_response() -> Response:
-        return backend_unavailable_response(1)
+    def unavailable_response(self) -> Response:
+        return backend_unavailable_response(self.retry_after_unavailable())
 
     async def after_response(self, context: RequestContext, status: int | None) -> None:
-        """Refunds by status, and the adjustment for a cost the endpoint reported."""
+        """Refunds by status, the adjustment for a cost the endpoint reported, and the
+        endpoint breaker's count."""
         if status is None:
             return
+        if self.endpoint_breaker is not None:
+            await self.endpoint_breaker.record(context.endpoint, status)
+        if self.breaker is not None and self.breaker.state != "closed":
+            return  # the backend is down: refunds would only add latency
         try:
             refunds: list[Check] = []
             charged = context.charged
@@ -398,6 +558,10 @@ class RateLimiter:
             await self.lists.aclose()
         if self.tier_store is not None:
             await self.tier_store.aclose()
+        if self.endpoint_breaker is not None:
+            await self.endpoint_breaker.aclose()
+        if self.dynamic is not None:
+            await self.dynamic.aclose()
         await self.backend.aclose()
 
     # -- operator API (also behind the admin router and the CLI) ------------------------------
@@ -644,6 +808,38 @@ def _composite_identity(parts: tuple[str, ...], context: RequestContext) -> tupl
             return None
         values.append(value)
     return tuple(values)
+
+
+_CLIENT_SCOPES = frozenset({"ip", "user", "api_key"})
+
+
+def _client(context: RequestContext) -> str:
+    if context.user is not None:
+        return f"user:{context.user}"
+    if context.api_key is not None:
+        return f"api_key:{context.api_key}"
+    return f"ip:{context.ip}"
+
+
+def _with_policy(check: Check, policy: Policy) -> Check:
+    return Check(policy, check.scope, check.identity, check.cost)
+
+
+def _failure_policies(value: Any) -> tuple[str, dict[str, str]]:
+    if isinstance(value, str):
+        if value not in ("allow", "deny"):
+            raise ConfigurationError("on_backend_error", value, "must be 'allow' or 'deny'")
+        return value, {}
+    if not isinstance(value, Mapping):
+        raise ConfigurationError("on_backend_error", value, "must be 'allow', 'deny' or a mapping")
+    per_scope: dict[str, str] = {}
+    for scope, policy in value.items():
+        if policy not in ("allow", "deny"):
+            raise ConfigurationError(
+                f"on_backend_error[{scope!r}]", policy, "must be 'allow' or 'deny'"
+            )
+        per_scope[str(scope)] = policy
+    return per_scope.pop("default", "allow"), per_scope
 
 
 def _with_cost(check: Check, cost: int) -> Check:

@@ -14,6 +14,8 @@ CORS without ever reaching the limiter.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,7 +27,11 @@ from .context import SCOPE_KEY, RequestContext
 from .errors import BackendError, ConfigurationError
 from .headers import HeaderStyle, rate_limit_headers
 from .limiter import RateLimiter
-from .responses import blocked_response, quota_exceeded_response
+from .responses import (
+    blocked_response,
+    endpoint_unavailable_response,
+    quota_exceeded_response,
+)
 from .route_limits import RouteLimit, attached_limits
 
 __all__ = ["DEFAULT_EXEMPT", "RateLimitMiddleware"]
@@ -77,6 +83,13 @@ class RateLimitMiddleware:
         limiter = self.limiter
         context = await limiter.context(scope)
         context.middleware = True
+        breaker = limiter.endpoint_breaker
+        if breaker is not None:
+            until = await breaker.open_until(context.endpoint)
+            if until is not None:
+                retry = max(1, math.ceil(until - time.time()))
+                await self._refuse(scope, receive, send, endpoint_unavailable_response(retry))
+                return
         listed = await limiter.access(context)
         if listed == "block":
             await self._refuse(scope, receive, send, blocked_response())
@@ -161,9 +174,20 @@ class _Responder:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._send = send
-        await self.app(scope, receive, self.send)
         context = self.context
-        await context.limiter.after_response(context, self.status)
+        limiter = context.limiter
+        load = limiter.dynamic.load if limiter.dynamic is not None else None
+        started = time.monotonic()
+        if load is not None:
+            load.in_flight += 1
+        try:
+            await self.app(scope, receive, self.send)
+        finally:
+            if load is not None:
+                load.in_flight -= 1
+                # An exception that escaped the app is a 500 as far as load goes.
+                load.record(self.status or 500, time.monotonic() - started)
+        await limiter.after_response(context, self.status)
 
     async def send(self, message: Message) -> None:
         kind = message["type"]

@@ -29,6 +29,7 @@ __all__ = [
     "PROBLEM_JSON",
     "backend_unavailable_response",
     "blocked_response",
+    "endpoint_unavailable_response",
     "quota_exceeded_response",
     "reduced_capacity_response",
 ]
@@ -87,6 +88,18 @@ def backend_unavailable_response(retry_after: int = 1) -> Response:
         "title": "Service Unavailable",
         "status": 503,
         "detail": "Rate limiting is temporarily unavailable.",
+    }
+    return _problem(503, body, retry_after, ())
+
+
+def endpoint_unavailable_response(retry_after: int) -> Response:
+    """503 while an endpoint's circuit breaker is open (it keeps failing)."""
+    _check_retry_after(retry_after)
+    body = {
+        "type": "about:blank",
+        "title": "Service Unavailable",
+        "status": 503,
+        "detail": "This endpoint is temporarily unavailable.",
     }
     return _problem(503, body, retry_after, ())
 

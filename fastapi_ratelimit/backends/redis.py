@@ -41,7 +41,7 @@ __all__ = ["RedisBackend"]
 
 _Mode = Literal["h", "p", "r"]
 _CREDENTIALS_RE = re.compile(r"(?<=://)[^@/\s]*@")
-_DEFAULT_TIMEOUT = 0.25
+_DEFAULT_TIMEOUT = 0.05
 _VERSION = "#version"
 
 

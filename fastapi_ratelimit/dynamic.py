@@ -1,0 +1,379 @@
+"""Dynamic limits: a factor applied to quotas, from load, client behaviour and operators.
+
+- **Load** (:class:`LoadMonitor`): CPU and memory (psutil), the app's own 5xx rate and
+  latency, and the number of requests in flight, sampled in the background (never per
+  request). The seed's thresholds are the defaults: CPU over 80% gives x0.5, over 60% x0.75;
+  memory over 80% x0.7; error rate over 10% x0.5; more than 1000 in flight x0.6 (the factors
+  multiply).
+- **Behaviour** (:class:`BehaviourTracker`): per client over the last hour, a good citizen
+  (moderate use, under 5% rejected) earns x1.2; an abusive one (over 50% rejected, or far over
+  its volume) gets x0.3, and after repeated violations an optional penalty box: refused for a
+  set time, on every instance (the box lives in the backend).
+- **Override**: an operator's factor for every limit, with an expiry ("halve every limit for
+  10 minutes"), stored in the backend so every instance applies it.
+
+Scaled quotas keep the policy's bucket, so a change never resets counters; the headers show
+the reduced quota.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from loguru import logger
+
+from .control import ControlStore, Mirror, live
+from .errors import ConfigurationError
+from .policy import Policy
+from .rate import Rate
+
+__all__ = ["BehaviourTracker", "DynamicLimits", "LoadMonitor", "LoadThresholds", "scale_policy"]
+
+#: Factors are rounded to this step, so scaled policies are few and cached.
+_STEP = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class LoadThresholds:
+    """The seed's thresholds and factors (percentages for CPU and memory)."""
+
+    cpu_high: float = 80.0
+    cpu_high_factor: float = 0.5
+    cpu_medium: float = 60.0
+    cpu_medium_factor: float = 0.75
+    memory_high: float = 80.0
+    memory_high_factor: float = 0.7
+    error_rate: float = 0.10
+    error_rate_factor: float = 0.5
+    in_flight: int = 1000
+    in_flight_factor: float = 0.6
+    #: Mean latency (seconds) above which limits shrink; None disables it.
+    latency: float | None = None
+    latency_factor: float = 0.7
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSample:
+    cpu: float = 0.0
+    memory: float = 0.0
+    error_rate: float = 0.0
+    latency: float = 0.0
+    in_flight: int = 0
+
+
+def load_factor(sample: LoadSample, t: LoadThresholds) -> tuple[float, list[str]]:
+    """The factor for one sample, and the reasons (for logs)."""
+    factor, reasons = 1.0, []
+    if sample.cpu > t.cpu_high:
+        factor *= t.cpu_high_factor
+        reasons.append(f"cpu {sample.cpu:.0f}%")
+    elif sample.cpu > t.cpu_medium:
+        factor *= t.cpu_medium_factor
+        reasons.append(f"cpu {sample.cpu:.0f}%")
+    if sample.memory > t.memory_high:
+        factor *= t.memory_high_factor
+        reasons.append(f"memory {sample.memory:.0f}%")
+    if sample.error_rate > t.error_rate:
+        factor *= t.error_rate_factor
+        reasons.append(f"5xx {sample.error_rate:.0%}")
+    if sample.in_flight > t.in_flight:
+        factor *= t.in_flight_factor
+        reasons.append(f"{sample.in_flight} in flight")
+    if t.latency is not None and sample.latency > t.latency:
+        factor *= t.latency_factor
+        reasons.append(f"latency {sample.latency * 1000:.0f} ms")
+    return factor, reasons
+
+
+def _system_sampler() -> Callable[[], tuple[float, float]]:
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil is in the dynamic extra
+        logger.warning("psutil is not installed: CPU and memory do not scale limits")
+        return lambda: (0.0, 0.0)
+    psutil.cpu_percent(None)  # the first call primes the counter
+
+    def sample() -> tuple[float, float]:
+        return float(psutil.cpu_percent(None)), float(psutil.virtual_memory().percent)
+
+    return sample
+
+
+class LoadMonitor:
+    """Samples load in the background every ``interval`` seconds.
+
+    The middleware reports each response (:meth:`record`) and the in-flight count; ``sampler``
+    (tests inject one) returns (CPU %, memory %).
+    """
+
+    def __init__(
+        self,
+        *,
+        thresholds: LoadThresholds | None = None,
+        interval: float = 1.0,
+        sampler: Callable[[], tuple[float, float]] | None = None,
+    ) -> None:
+        if not (isinstance(interval, (int, float)) and interval > 0):
+            raise ConfigurationError("load.interval", interval, "must be > 0 seconds")
+        self.thresholds = thresholds or LoadThresholds()
+        self._interval = interval
+        self._sampler = sampler
+        self.factor = 1.0
+        self.reasons: list[str] = []
+        self.in_flight = 0
+        self._responses = 0
+        self._errors = 0
+        self._latency_sum = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def record(self, status: int, latency: float) -> None:
+        self._responses += 1
+        self._errors += status >= 500
+        self._latency_sum += latency
+
+    def ensure_started(self) -> None:
+        if self._task is None or self._task.done():
+            if self._sampler is None:
+                self._sampler = _system_sampler()
+            self._task = asyncio.create_task(self._loop())
+
+    def sample_now(self) -> float:
+        """Take one sample and update the factor (the loop calls this; so can tests)."""
+        sampler = self._sampler or _system_sampler()
+        self._sampler = sampler
+        cpu, memory = sampler()
+        responses = self._responses
+        sample = LoadSample(
+            cpu=cpu,
+            memory=memory,
+            error_rate=self._errors / responses if responses else 0.0,
+            latency=self._latency_sum / responses if responses else 0.0,
+            in_flight=self.in_flight,
+        )
+        self._responses, self._errors, self._latency_sum = 0, 0, 0.0
+        factor, reasons = load_factor(sample, self.thresholds)
+        if factor != self.factor:
+            logger.info(
+                "load factor {:.2f} -> {:.2f} ({})",
+                self.factor,
+                factor,
+                ", ".join(reasons) or "normal",
+            )
+        self.factor, self.reasons = factor, reasons
+        return factor
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                self.sample_now()
+            except Exception as exc:  # pragma: no cover - never let sampling die
+                logger.warning("load sampling failed: {!r}", exc)
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class BehaviourTracker:
+    """Per-client requests and rejections over the last hour (per instance, bounded), the
+    resulting factor, and the penalty box (shared through the backend)."""
+
+    def __init__(
+        self,
+        *,
+        good_factor: float = 1.2,
+        abusive_factor: float = 0.3,
+        good_max_requests: int = 1000,
+        abusive_requests: int = 10_000,
+        penalty_violations: int | None = None,
+        penalty_window: float = 60.0,
+        penalty_duration: float = 300.0,
+        max_clients: int = 100_000,
+    ) -> None:
+        self.good_factor = good_factor
+        self.abusive_factor = abusive_factor
+        self.good_max_requests = good_max_requests
+        self.abusive_requests = abusive_requests
+        self.penalty_violations = penalty_violations
+        self.penalty_window = penalty_window
+        self.penalty_duration = penalty_duration
+        self._max = max_clients
+        # client -> [hour, requests, rejected, recent violation times...]
+        self._stats: OrderedDict[str, list[float]] = OrderedDict()
+        self._violations: OrderedDict[str, list[float]] = OrderedDict()
+        self._store: ControlStore | None = None
+        self._box: Mirror | None = None
+
+    def bind(self, store: ControlStore | None, refresh_interval: float) -> None:
+        self._store = store
+        if store is not None and self.penalty_violations is not None:
+            self._box = Mirror(store, "penalty", refresh_interval)
+
+    def factor(self, client: str) -> float:
+        stats = self._stats.get(client)
+        if stats is None or stats[0] != _hour():
+            return 1.0
+        requests, rejected = stats[1], stats[2]
+        if requests <= 0:
+            return 1.0
+        rate = rejected / requests
+        if rate > 0.5 or requests > self.abusive_requests:
+            return self.abusive_factor
+        if 10 < requests < self.good_max_requests and rate < 0.05:
+            return self.good_factor
+        return 1.0
+
+    async def record(self, client: str, allowed: bool) -> None:
+        hour = _hour()
+        stats = self._stats.get(client)
+        if stats is None or stats[0] != hour:
+            stats = [hour, 0, 0]
+            if len(self._stats) >= self._max:
+                self._stats.popitem(last=False)
+        self._stats[client] = stats
+        self._stats.move_to_end(client)
+        stats[1] += 1
+        if not allowed:
+            stats[2] += 1
+            await self._violation(client)
+
+    async def _violation(self, client: str) -> None:
+        if self.penalty_violations is None or self._store is None:
+            return
+        now = time.time()
+        times = self._violations.get(client, [])
+        times = [t for t in times if t > now - self.penalty_window] + [now]
+        if len(self._violations) >= self._max:
+            self._violations.popitem(last=False)
+        self._violations[client] = times
+        if len(times) >= self.penalty_violations:
+            self._violations.pop(client, None)
+            entry = {"expires_at": now + self.penalty_duration, "violations": len(times)}
+            logger.warning("penalty box: a client is refused for {}s", self.penalty_duration)
+            await self._store.control_put("penalty", client, json.dumps(entry))
+            if self._box is not None:
+                await self._box.refresh()
+
+    async def penalty_until(self, client: str) -> float | None:
+        if self._box is None:
+            return None
+        await self._box.ensure_loaded()
+        entry = self._box.entries.get(client)
+        if entry is None or not live(entry, time.time()):
+            return None
+        until = entry.get("expires_at")
+        return float(until) if isinstance(until, (int, float)) else None
+
+    async def aclose(self) -> None:
+        if self._box is not None:
+            await self._box.aclose()
+
+
+class DynamicLimits:
+    """Everything that scales quotas. Pass one to ``RateLimiter(dynamic=...)``.
+
+    Args:
+        load: a :class:`LoadMonitor` (``None``: load does not scale limits).
+        behaviour: a :class:`BehaviourTracker` (``None``: behaviour does not).
+        reduced_capacity_status: answer a denial made while load or an override reduces the
+            quotas with 503 ``temporary-reduced-capacity`` (True) or a plain 429 (False).
+    """
+
+    def __init__(
+        self,
+        *,
+        load: LoadMonitor | None = None,
+        behaviour: BehaviourTracker | None = None,
+        reduced_capacity_status: bool = True,
+    ) -> None:
+        self.load = load
+        self.behaviour = behaviour
+        self.reduced_capacity_status = reduced_capacity_status
+        self._override: Mirror | None = None
+        self._store: ControlStore | None = None
+        self._scaled: dict[tuple[int, float], Policy] = {}
+
+    def bind(self, store: ControlStore | None, refresh_interval: float) -> None:
+        self._store = store
+        if store is not None:
+            self._override = Mirror(store, "override", refresh_interval)
+        if self.behaviour is not None:
+            self.behaviour.bind(store, refresh_interval)
+
+    async def global_factor(self) -> float:
+        """Load times the operator's override, rounded to the cache step."""
+        if self.load is not None:
+            self.load.ensure_started()
+        factor = self.load.factor if self.load is not None else 1.0
+        return factor * await self.override_factor()
+
+    async def override_factor(self) -> float:
+        if self._override is None:
+            return 1.0
+        await self._override.ensure_loaded()
+        entry = self._override.entries.get("all")
+        if entry is None or not live(entry, time.time()):
+            return 1.0
+        value = entry.get("factor")
+        return float(value) if isinstance(value, (int, float)) and value > 0 else 1.0
+
+    async def set_override(self, factor: float, *, ttl: float | None = None, by: str = "") -> None:
+        if self._store is None or self._override is None:
+            raise ConfigurationError("backend", None, "does not store operator state")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 10:
+            raise ConfigurationError("factor", factor, "must be a number in (0, 10]")
+        if ttl is not None and not (isinstance(ttl, (int, float)) and ttl > 0):
+            raise ConfigurationError("ttl", ttl, "must be a number of seconds > 0 or None")
+        now = time.time()
+        entry = {"factor": factor, "set_by": by, "expires_at": None if ttl is None else now + ttl}
+        await self._store.control_put("override", "all", json.dumps(entry))
+        await self._override.refresh()
+        logger.info("ratelimit audit: override x{} for {}s by {!r}", factor, ttl, by)
+
+    async def clear_override(self, *, by: str = "") -> bool:
+        if self._store is None or self._override is None:
+            raise ConfigurationError("backend", None, "does not store operator state")
+        removed = await self._store.control_delete("override", ["all"])
+        await self._override.refresh()
+        logger.info("ratelimit audit: override cleared by {!r}", by)
+        return bool(removed)
+
+    def scaled(self, policy: Policy, factor: float) -> Policy:
+        """``policy`` with its quota times ``factor``, same bucket (counters carry over)."""
+        factor = round(factor / _STEP) * _STEP
+        if abs(factor - 1.0) < 1e-9:
+            return policy
+        key = (id(policy), factor)
+        found = self._scaled.get(key)
+        if found is None:
+            if len(self._scaled) >= 4096:
+                self._scaled.clear()
+            found = self._scaled[key] = scale_policy(policy, factor)
+        return found
+
+    async def aclose(self) -> None:
+        for part in (self.load, self.behaviour, self._override):
+            if part is not None:
+                await part.aclose()
+
+
+def scale_policy(policy: Policy, factor: float) -> Policy:
+    rate = policy.rate
+    burst = None if rate.burst is None else max(1, math.floor(rate.burst * factor))
+    scaled = Rate(max(1, math.floor(rate.limit * factor)), rate.period, burst)
+    return Policy(policy.name, scaled, policy.algorithm, bucket=policy.bucket)
+
+
+def _hour() -> int:
+    return int(time.time() // 3600)
