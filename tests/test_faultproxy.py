@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 import redis.asyncio
 import redis.exceptions
-from faultproxy import FaultProxy
+from faultproxy import Direction, FaultProxy
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from servers import RedisServer, free_port, redis_server_binary
@@ -77,23 +77,30 @@ async def test_pass_through_ping_set_get(proxy: FaultProxy) -> None:
 async def test_delay_reply_slows_ping_and_times_out_short_socket_timeout(
     proxy: FaultProxy,
 ) -> None:
-    async with asyncio.timeout(5), client(proxy) as r:
-        assert await r.ping() is True  # connected before the delay starts
-        proxy.delay(0.2)
-        start = time.monotonic()
-        assert await r.ping() is True
-        assert time.monotonic() - start >= 0.2
+    async with client(proxy) as patient, client(proxy, socket_timeout=0.05) as hasty:
+        async with asyncio.timeout(5):
+            assert await patient.ping() is True  # both connected before the delay starts
+            assert await hasty.ping() is True
+            proxy.delay(0.2)
+            start = time.monotonic()
+            assert await patient.ping() is True
+            assert time.monotonic() - start >= 0.2
 
-    async with asyncio.timeout(5), client(proxy, socket_timeout=0.05) as r:
-        start = time.monotonic()
+            start = time.monotonic()
+            with pytest.raises(redis.exceptions.TimeoutError):
+                await hasty.ping()
+            assert time.monotonic() - start < 0.2
+
+    async with asyncio.timeout(5), client(proxy, socket_timeout=0.05) as late:
         with pytest.raises(redis.exceptions.TimeoutError):
-            await r.ping()
-        assert time.monotonic() - start < 0.2
+            await late.ping()  # a new connection under delay times out too
 
 
 @pytest.mark.parametrize("direction", ["request", "both"])
-async def test_delay_other_directions_keep_order(proxy: FaultProxy, direction: str) -> None:
-    proxy.delay(0.1, direction=direction)  # type: ignore[arg-type]
+async def test_delay_other_directions_keep_order(
+    proxy: FaultProxy, direction: Direction
+) -> None:
+    proxy.delay(0.1, direction=direction)
     async with asyncio.timeout(5), client(proxy) as r:
         start = time.monotonic()
         async with r.pipeline(transaction=False) as pipe:
@@ -204,16 +211,18 @@ async def test_refuse_fails_fast_then_relistens_on_the_same_port(proxy: FaultPro
         assert await r.ping() is True
 
 
-async def test_reset_connections_fails_the_next_command_without_retries(
+async def test_reset_connections_fails_or_reconnects_the_next_command(
     proxy: FaultProxy,
 ) -> None:
     async with asyncio.timeout(5), client(proxy) as r:
         assert await r.ping() is True
         proxy.reset_connections()
         await asyncio.sleep(0.05)
-        with pytest.raises(redis.exceptions.ConnectionError):
-            await r.ping()
-        assert await r.ping() is True  # the pool then reconnects
+        try:
+            await r.ping()  # redis-py 8.1: ConnectionError (Error 104 while writing)
+        except redis.exceptions.ConnectionError:
+            pass  # (a client that checks connections at pool checkout would reconnect)
+        assert await r.ping() is True  # the pool reconnects
     assert proxy.stats.connections_reset == 1
     assert proxy.stats.connections_accepted == 2
 
