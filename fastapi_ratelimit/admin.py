@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
+from .dynamic import DynamicLimits
 from .errors import BackendError, ConfigurationError
 from .limiter import RateLimiter
 
@@ -33,6 +34,11 @@ class EntryBody(BaseModel):
     kind: Literal["ip", "user", "api_key"]
     value: str = Field(min_length=1, max_length=4096)
     reason: str = Field(default="", max_length=500)
+    ttl: float | None = Field(default=None, gt=0)
+
+
+class OverrideBody(BaseModel):
+    factor: float = Field(gt=0, le=10)
     ttl: float | None = Field(default=None, gt=0)
 
 
@@ -102,6 +108,19 @@ def admin_router(
     for list_name in ("allow", "block"):
         _list_routes(router, limiter, list_name, Operator, who)
 
+    @router.get("/override")
+    async def get_override(operator: Operator) -> dict[str, float]:
+        return {"factor": await _call(_dynamic(limiter).override_factor())}
+
+    @router.put("/override")
+    async def set_override(body: OverrideBody, operator: Operator) -> dict[str, Any]:
+        await _call(_dynamic(limiter).set_override(body.factor, ttl=body.ttl, by=who(operator)))
+        return {"factor": body.factor, "ttl": body.ttl}
+
+    @router.delete("/override")
+    async def clear_override(operator: Operator) -> dict[str, bool]:
+        return {"cleared": await _call(_dynamic(limiter).clear_override(by=who(operator)))}
+
     @router.post("/lists/cleanup")
     async def cleanup(operator: Operator) -> dict[str, int]:
         return {"removed": await _call(limiter.cleanup())}
@@ -144,6 +163,12 @@ def _list_routes(
     router.add_api_route(f"/{name}", list_entries, methods=["GET"], name=f"list_{name}")
     router.add_api_route(f"/{name}", add_entry, methods=["POST"], name=f"add_{name}")
     router.add_api_route(f"/{name}", remove_entry, methods=["DELETE"], name=f"remove_{name}")
+
+
+def _dynamic(limiter: RateLimiter) -> DynamicLimits:
+    if limiter.dynamic is None:
+        raise HTTPException(409, "this limiter has no dynamic limits (RateLimiter(dynamic=...))")
+    return limiter.dynamic
 
 
 async def _call(awaitable: Any) -> Any:

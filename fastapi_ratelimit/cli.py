@@ -72,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
         remove.add_argument("value")
         actions.add_parser("list")
 
+    override = commands.add_parser("override", help="scale every limit (all instances)")
+    override_actions = override.add_subparsers(dest="action", required=True)
+    set_override = override_actions.add_parser("set", help="e.g. 'override set 0.5 --ttl 600'")
+    set_override.add_argument("factor", type=float)
+    set_override.add_argument("--ttl", type=float, help="seconds until it lapses")
+    override_actions.add_parser("get")
+    override_actions.add_parser("clear")
     commands.add_parser("cleanup", help="delete expired list entries")
     for name in ("inspect", "reset"):
         sub = commands.add_parser(name, help=f"{name} the counters of one identity")
@@ -146,6 +153,21 @@ async def _run(args: argparse.Namespace, url: str) -> tuple[Any, bool]:
                 removed = await lists.remove(args.command, args.kind, args.value, by=args.by)
                 return {"removed": removed}, removed
             return [asdict(e) for e in await lists.entries(args.command)], True
+        if args.command == "override":
+            from .dynamic import DynamicLimits
+
+            dynamic = DynamicLimits()
+            dynamic.bind(backend, 0.5)
+            try:
+                if args.action == "set":
+                    await dynamic.set_override(args.factor, ttl=args.ttl, by=args.by)
+                    return {"factor": args.factor, "ttl": args.ttl}, True
+                if args.action == "get":
+                    return {"factor": await dynamic.override_factor()}, True
+                cleared = await dynamic.clear_override(by=args.by)
+                return {"cleared": cleared}, cleared
+            finally:
+                await dynamic.aclose()
         if args.command == "cleanup":
             lists = AccessLists(backend, keys, ipv6_prefix=args.ipv6_prefix)
             return {"removed": await lists.cleanup()}, True

@@ -434,3 +434,39 @@ def test_cli_errors_name_the_problem_and_hide_passwords() -> None:
     )
     assert missing.returncode == 2
     assert "--redis-url" in missing.stderr
+
+
+async def test_admin_override() -> None:
+    from fastapi_ratelimit.dynamic import DynamicLimits
+
+    limiter = RateLimiter(ip_limit="10/minute", dynamic=DynamicLimits(), refresh_interval=0.1)
+    app = make_app(limiter)
+    admin = admin_app(limiter, token="s3cret-admin-token-0123")
+    good = {"authorization": "Bearer s3cret-admin-token-0123"}
+    async with client_for(app) as users, client_for(admin) as client:
+        set_ = await client.put(
+            "/ratelimit/admin/override", json={"factor": 0.5, "ttl": 600}, headers=good
+        )
+        assert set_.status_code == 200
+        assert policies(await users.get("/work"))["ip"]["q"] == 5
+        got = await client.get("/ratelimit/admin/override", headers=good)
+        assert got.json() == {"factor": 0.5}
+        assert (await client.delete("/ratelimit/admin/override", headers=good)).json() == {
+            "cleared": True
+        }
+        assert policies(await users.get("/work"))["ip"]["q"] == 10
+        bad = await client.put("/ratelimit/admin/override", json={"factor": 0}, headers=good)
+        assert bad.status_code == 422
+    no_dynamic = admin_app(RateLimiter(), token="s3cret-admin-token-0123")
+    async with client_for(no_dynamic) as client:
+        assert (await client.get("/ratelimit/admin/override", headers=good)).status_code == 409
+    await limiter.aclose()
+
+
+@pytest.mark.redis
+def test_cli_override(redis_url: str) -> None:
+    assert cli(redis_url, "override", "set", "0.5", "--ttl", "600").returncode == 0
+    assert json.loads(cli(redis_url, "--json", "override", "get").stdout) == {"factor": 0.5}
+    assert cli(redis_url, "override", "clear").returncode == 0
+    assert json.loads(cli(redis_url, "--json", "override", "get").stdout) == {"factor": 1.0}
+    assert cli(redis_url, "override", "set", "0").returncode == 2
