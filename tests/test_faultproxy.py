@@ -12,10 +12,11 @@ import pytest
 import pytest_asyncio
 import redis.asyncio
 import redis.exceptions
+from conftest import require_redis
 from faultproxy import Direction, FaultProxy
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from servers import RedisServer, free_port, redis_server_binary
+from servers import RedisServer, free_port
 
 pytestmark = pytest.mark.redis
 
@@ -25,8 +26,7 @@ PONG = b"+PONG\r\n"
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RedisServer]:
-    if redis_server_binary() is None:
-        pytest.skip("redis-server is not installed (not found on PATH)")
+    require_redis()  # skips, or fails on CI
     with RedisServer(name="faultproxy") as srv:
         yield srv
 

@@ -365,8 +365,10 @@ class RedisBackend:
             raise BackendError(
                 f"Redis {operation} timed out after {self._timeout}s ({self._where()})"
             ) from exc
-        # RedisClusterException (slot not covered, ...) is not a RedisError.
-        except (RedisError, RedisClusterException, OSError) as exc:
+        # RedisClusterException (slot not covered, ...) is not a RedisError, and a client bug
+        # (an AttributeError deep in a reconnect) must not become a 500 either: anything but
+        # cancellation is a backend failure.
+        except (RedisError, RedisClusterException, OSError, Exception) as exc:
             raise BackendError(
                 f"Redis {operation} failed: {type(exc).__name__}: {_scrub(str(exc))} "
                 f"({self._where()})"
