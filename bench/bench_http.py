@@ -168,6 +168,7 @@ class Sample:
     server_core_other: float | None = None
     client_core_other: float | None = None
     attempts: int = 1
+    waited_s: float = 0.0  # waiting for the machine to be quiet before (re)measuring
     noisy: bool = False  # foreign load above --max-foreign on every attempt
 
 
@@ -227,6 +228,33 @@ def core_busy_seconds(cpu: int) -> float:
                 ticks = [int(v) for v in values[:8]]
                 return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
     raise RuntimeError(f"cpu{cpu} not in /proc/stat")
+
+
+def cores_busy(cpus: Sequence[int], seconds: float) -> dict[int, float]:
+    """Share of each CPU busy over ``seconds``."""
+    before = {c: core_busy_seconds(c) for c in cpus}
+    time.sleep(seconds)
+    return {c: (core_busy_seconds(c) - before[c]) / seconds for c in cpus}
+
+
+def wait_quiet(args: argparse.Namespace) -> float:
+    """Wait (up to ``--quiet-wait`` s) until neither benchmark core is more than
+    ``--max-foreign`` busy over one second; between measurements nothing of ours runs, so
+    whatever is busy is someone else. Returns the seconds waited."""
+    started = time.monotonic()
+    cores = sorted({args.server_cpu, args.client_cpu, args.redis_cpu})
+    told = False
+    while True:
+        busy = max(cores_busy(cores, 1.0).values())
+        waited = time.monotonic() - started
+        if busy <= args.max_foreign:
+            return waited
+        if waited >= args.quiet_wait:
+            log(f"  still {_pct(busy)} busy after {waited:.0f} s: measuring anyway")
+            return waited
+        if not told:
+            log(f"  a benchmark core is {_pct(busy)} busy (someone else): waiting for quiet")
+            told = True
 
 
 def machine_busy(seconds: float = 2.0) -> float:
@@ -533,11 +561,15 @@ def measure(
 ) -> Sample:
     """Warm up, then measure; measure again (up to ``--retries`` times, after a pause) while
     something else used more than ``--max-foreign`` of either core. The last try is kept."""
-    if args.warmup > 0:
-        run_wrk(args, server.url, args.warmup)
+    waited = 0.0
     for attempt in range(args.retries + 1):
+        if args.quiet_wait > 0:
+            waited += wait_quiet(args)
+        if args.warmup > 0:
+            run_wrk(args, server.url, args.warmup)
         sample = measure_once(args, server, redis_server, round_index, position)
         sample.attempts = attempt + 1
+        sample.waited_s = round(waited, 1)
         foreign = max(sample.server_core_other or 0.0, sample.client_core_other or 0.0)
         sample.noisy = foreign > args.max_foreign
         if not sample.noisy:
@@ -548,8 +580,6 @@ def measure(
         )
         if attempt < args.retries:
             time.sleep(args.retry_pause)
-            if args.warmup > 0:
-                run_wrk(args, server.url, args.warmup)
     return sample
 
 
@@ -567,6 +597,23 @@ def wrk_version(binary: str) -> str:
     done = subprocess.run([binary, "-v"], capture_output=True, text=True, check=False)
     first = (done.stdout or done.stderr).strip().splitlines()
     return first[0] if first else "?"
+
+
+def git_state() -> str:
+    """The commit measured, and whether ``fastapi_ratelimit/`` differs from it."""
+    root = BENCH.parent
+
+    def git(*argv: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(root), *argv], capture_output=True, text=True, check=False
+        )
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return "not a git checkout"
+    dirty = git("status", "--porcelain", "--", "fastapi_ratelimit")
+    return f"{commit}{' + uncommitted changes in fastapi_ratelimit/' if dirty else ''}"
 
 
 def fmt_ratio(value: float | None) -> str:
@@ -645,11 +692,17 @@ def markdown(outcomes: Sequence[Outcome], meta: dict[str, Any]) -> str:
         f"- server: uvicorn {v['uvicorn']}, 1 worker, `--loop uvloop --http httptools "
         f"--no-access-log --log-level warning` (uvloop {v['uvloop']}, httptools "
         f"{v['httptools']}), pinned to CPU {meta['server_cpu']}; wrk pinned to CPU "
-        f"{meta['client_cpu']}; redis-server {meta['redis_version']} (private, no persistence) "
-        f"pinned to CPU {meta['redis_cpu']}; {meta['cpu_count']} CPUs",
+        f"{meta['client_cpu']}; "
+        + (
+            f"redis-server {meta['redis_version']} (private, no persistence) pinned to CPU "
+            f"{meta['redis_cpu']}; "
+            if meta["redis_version"] != "-"
+            else "no Redis variant run; "
+        )
+        + f"{meta['cpu_count']} CPUs",
         f"- Python {meta['python']}; fastapi {v['fastapi']}, starlette {v['starlette']}; "
-        f"fastapi_ratelimit {v['fastapi_ratelimit']}; slowapi {v['slowapi']} (limits "
-        f"{v['limits']}); fastapi-limiter {v['fastapi-limiter']} (pyrate-limiter "
+        f"fastapi_ratelimit {v['fastapi_ratelimit']} ({meta['git']}); slowapi {v['slowapi']} "
+        f"(limits {v['limits']}); fastapi-limiter {v['fastapi-limiter']} (pyrate-limiter "
         f"{v['pyrate-limiter']}); redis-py {v['redis']} (hiredis {v['hiredis']})",
         "- every limit is ~10^9/minute: nothing is ever denied; `ratio` = the variant's req/s "
         "over bare's in the same round, median over rounds",
@@ -693,6 +746,7 @@ def markdown(outcomes: Sequence[Outcome], meta: dict[str, Any]) -> str:
         f"{o.variant.id} (round {s.round + 1})" for o in outcomes for s in o.samples if s.noisy
     ]
     retried = sum(s.attempts - 1 for s in samples)
+    waited = sum(s.waited_s for s in samples)
     lines += [
         "",
         "`server CPU`: uvicorn's CPU time / wall time (100% = its core saturated). `Redis scripts "
@@ -702,7 +756,8 @@ def markdown(outcomes: Sequence[Outcome], meta: dict[str, Any]) -> str:
         f"wrk or redis-server: interrupts, softirqs, other processes), kept samples: median "
         f"{other_median}, max {other_max}; {retried} measurement(s) repeated because it exceeded "
         f"{_pct(meta['max_foreign'])}; kept although noisy: {', '.join(noisy) or 'none'}. "
-        f"Machine busy before the run: {_pct(meta['machine_busy_before'])} of all CPUs.",
+        f"Waited {waited:.0f} s in all for the cores to be idle before measuring. Machine busy "
+        f"before the run: {_pct(meta['machine_busy_before'])} of all CPUs.",
         "",
         *target_lines(outcomes),
     ]
@@ -855,7 +910,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="measure again when something else used more than this share of a core",
     )
     parser.add_argument("--retries", type=int, default=3, help="re-measurements when noisy")
-    parser.add_argument("--retry-pause", type=float, default=5.0, help="seconds before a retry")
+    parser.add_argument("--retry-pause", type=float, default=2.0, help="seconds before a retry")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=120.0,
+        help="before each measurement, wait up to this long for both cores to be idle (0: off)",
+    )
     parser.add_argument("--connections", type=int, default=32, help="wrk -c")
     parser.add_argument("--threads", type=int, default=1, help="wrk -t")
     parser.add_argument("--server-cpu", type=int, default=0, help="CPU for every uvicorn")
@@ -928,6 +989,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "connections": args.connections,
         "max_foreign": args.max_foreign,
         "retries": args.retries,
+        "quiet_wait": args.quiet_wait,
         "threads": args.threads,
         "server_cpu": args.server_cpu,
         "client_cpu": args.client_cpu,
@@ -939,6 +1001,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "versions": {p: version(p) for p in packages},
+        "git": git_state(),
     }
     meta["machine_busy_before"] = round(machine_busy(), 3)
     if meta["machine_busy_before"] > 0.1:

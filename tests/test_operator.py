@@ -122,8 +122,8 @@ async def test_api_key_tier_sets_the_api_key_level(make_backend: Any) -> None:
 
 
 async def test_changes_propagate_between_instances_within_a_second(redis_url: str) -> None:
-    one = tiered(RedisBackend.from_url(redis_url), ip_limit="1/minute")
-    two = tiered(RedisBackend.from_url(redis_url), ip_limit="1/minute")
+    one = tiered(RedisBackend.from_url(redis_url, timeout=5.0), ip_limit="1/minute")
+    two = tiered(RedisBackend.from_url(redis_url, timeout=5.0), ip_limit="1/minute")
     app_two = make_app(two)
     try:
         async with client_for(app_two) as client:
@@ -397,7 +397,9 @@ def test_cli_end_to_end(redis_url: str) -> None:
 
     # Counters made by an app, inspected and reset from the CLI.
     async def traffic() -> None:
-        limiter = RateLimiter(backend=RedisBackend.from_url(redis_url), ip_limit="5/minute")
+        limiter = RateLimiter(
+            backend=RedisBackend.from_url(redis_url, timeout=5.0), ip_limit="5/minute"
+        )
         app = make_app(limiter)
         async with client_for(app) as client:
             for _ in range(3):

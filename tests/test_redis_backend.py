@@ -42,7 +42,7 @@ def commandstats(url: str) -> dict[str, int]:
 
 
 async def test_one_redis_command_per_multi_level_check(redis_url: str) -> None:
-    backend = RedisBackend.from_url(redis_url)
+    backend = RedisBackend.from_url(redis_url, timeout=5.0)
     try:
         await backend.hit(five_levels())  # loads the script (EVALSHA, NOSCRIPT, SCRIPT LOAD)
         with redis.Redis.from_url(redis_url) as client:
@@ -78,7 +78,7 @@ async def test_one_redis_command_per_multi_level_check(redis_url: str) -> None:
 
 
 async def test_script_flush_mid_traffic_loses_nothing(redis_url: str) -> None:
-    backend = RedisBackend.from_url(redis_url)
+    backend = RedisBackend.from_url(redis_url, timeout=5.0)
     flusher = redis.asyncio.Redis.from_url(redis_url)
     levels = five_levels()
     try:
@@ -209,7 +209,7 @@ async def test_timeout_is_a_backend_error(redis_url: str) -> None:
 
 
 async def test_out_of_memory_is_a_backend_error(redis_url: str) -> None:
-    backend = RedisBackend.from_url(redis_url)
+    backend = RedisBackend.from_url(redis_url, timeout=5.0)
     admin = redis.asyncio.Redis.from_url(redis_url)
     try:
         await admin.set("ballast", "x" * 10000)
@@ -230,9 +230,11 @@ async def test_auth_failures_are_backend_errors_without_the_password() -> None:
     with RedisServer() as server:
         # Set after start: the fixture's readiness probe speaks without a password.
         server.command("CONFIG", "SET", "requirepass", "s3cret-pw")
-        wrong = RedisBackend.from_url(f"redis://:wrong-pw-123@127.0.0.1:{server.port}/0")
-        missing = RedisBackend.from_url(f"redis://127.0.0.1:{server.port}/0")
-        right = RedisBackend.from_url(f"redis://:s3cret-pw@127.0.0.1:{server.port}/0")
+        wrong = RedisBackend.from_url(
+            f"redis://:wrong-pw-123@127.0.0.1:{server.port}/0", timeout=5.0
+        )
+        missing = RedisBackend.from_url(f"redis://127.0.0.1:{server.port}/0", timeout=5.0)
+        right = RedisBackend.from_url(f"redis://:s3cret-pw@127.0.0.1:{server.port}/0", timeout=5.0)
         try:
             with pytest.raises(BackendError) as wrong_info:
                 await wrong.hit(five_levels())
@@ -247,7 +249,7 @@ async def test_auth_failures_are_backend_errors_without_the_password() -> None:
 
 
 async def test_keys_hold_no_raw_identifiers(redis_url: str) -> None:
-    backend = RedisBackend.from_url(redis_url)
+    backend = RedisBackend.from_url(redis_url, timeout=5.0)
     secret = "sk_live_0123456789abcdef"
     try:
         await backend.hit([Check(Policy("keys", "10/minute"), "api_key", secret)])
