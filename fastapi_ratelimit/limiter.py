@@ -391,10 +391,13 @@ class RateLimiter:
             if denial is not None:
                 context.decisions.append(denial)
                 return Verdict((denial,))
-        enforced = [c for c in checks if not self._is_shadow(c.scope)]
-        shadow = [c for c in checks if self._is_shadow(c.scope)]
-        if shadow:
-            await self._run_shadow(shadow, context)
+        if self._shadow_all or self._shadow:
+            enforced = [c for c in checks if not self._is_shadow(c.scope)]
+            shadow = [c for c in checks if self._is_shadow(c.scope)]
+            if shadow:
+                await self._run_shadow(shadow, context)
+        else:
+            enforced = list(checks)
         if not enforced:
             return Verdict(())
         verdict = await self._hit(enforced)

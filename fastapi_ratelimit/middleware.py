@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from starlette.datastructures import MutableHeaders
 from starlette.requests import HTTPConnection
 
 from ._types import ASGIApp, Message, Receive, Scope, Send
@@ -215,12 +214,15 @@ class _Responder:
                 return
             limiter = context.limiter
             if context.decisions and limiter.header_style is not HeaderStyle.NONE:
-                mutable = MutableHeaders(scope=message)
-                for name, value in rate_limit_headers(
-                    context.decisions, limiter.header_style, now=limiter.now()
-                ):
-                    # Set, never append: each header appears once even if the app set one.
-                    mutable[name.decode("latin-1")] = value.decode("latin-1")
+                ours = rate_limit_headers(context.decisions, limiter.header_style, now=time.time())
+                # Replace, never append: each header appears once even if the app set one.
+                # One pass over the list (MutableHeaders.__setitem__ rescans it per header).
+                names = {name for name, _ in ours}
+                message["headers"] = [
+                    header
+                    for header in message.get("headers", ())
+                    if header[0].lower() not in names
+                ] + ours
         elif self.replaced and kind == "http.response.body":
             return
         await self._send(message)
