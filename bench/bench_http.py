@@ -644,7 +644,10 @@ def summary_rows(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
                 "requests_per_s_median": round(statistics.median(rates), 1) if rates else None,
                 "requests_per_s_min": round(min(rates), 1) if rates else None,
                 "requests_per_s_max": round(max(rates), 1) if rates else None,
-                "ratio_to_bare_median": _round(o.median("ratio"), 3),
+                # bare's own samples hold its drift within a round (vs the round's mean)
+                "ratio_to_bare_median": 1.0
+                if o.variant.id == "bare"
+                else _round(o.median("ratio"), 3),
                 "target": o.variant.target,
                 "target_met": (
                     None
@@ -682,7 +685,7 @@ def _median_latency(outcome: Outcome, key: str) -> float | None:
 def markdown(outcomes: Sequence[Outcome], meta: dict[str, Any]) -> str:
     v = meta["versions"]
     lines = [
-        f"## HTTP requests per second through uvicorn ({meta['rounds']} interleaved rounds x "
+        f"## HTTP requests per second through uvicorn ({meta['rounds']} interleaved round(s) x "
         f"{meta['seconds']:g} s, median)",
         "",
         f"- command: `{meta['command']}` ({meta['date']}, {meta['elapsed_seconds']:g} s)",
@@ -704,8 +707,9 @@ def markdown(outcomes: Sequence[Outcome], meta: dict[str, Any]) -> str:
         f"fastapi_ratelimit {v['fastapi_ratelimit']} ({meta['git']}); slowapi {v['slowapi']} "
         f"(limits {v['limits']}); fastapi-limiter {v['fastapi-limiter']} (pyrate-limiter "
         f"{v['pyrate-limiter']}); redis-py {v['redis']} (hiredis {v['hiredis']})",
-        "- every limit is ~10^9/minute: nothing is ever denied; `ratio` = the variant's req/s "
-        "over bare's in the same round, median over rounds",
+        "- every limit is ~10^9/minute: nothing is ever denied; `ratio to bare` = the variant's "
+        "req/s over the mean of bare's two runs (first and last) in the same round, median over "
+        "rounds",
         "",
         "| Variant | What | req/s (median) | min - max | ratio to bare | target / earlier "
         "| non-2xx | socket err | p50 / p99 ms | server CPU | Redis scripts / cmds per req "
@@ -747,8 +751,17 @@ def markdown(outcomes: Sequence[Outcome], meta: dict[str, Any]) -> str:
     ]
     retried = sum(s.attempts - 1 for s in samples)
     waited = sum(s.waited_s for s in samples)
+    bare = next((o for o in outcomes if o.variant.id == "bare"), None)
+    drift = []
+    for r in sorted({s.round for s in bare.samples} if bare else ()):
+        assert bare is not None
+        ends = [s.requests_per_s for s in bare.samples if s.round == r]
+        drift.append(f"{ends[0]:,.0f} -> {ends[-1]:,.0f} ({100 * (ends[-1] / ends[0] - 1):+.0f}%)")
     lines += [
         "",
+        "bare at the start and the end of each round (the round's baseline is their mean): "
+        + ("; ".join(drift) or "-")
+        + ".",
         "`server CPU`: uvicorn's CPU time / wall time (100% = its core saturated). `Redis scripts "
         "/ cmds per req`: script calls (EVAL/EVALSHA) per request / every command Redis counted, "
         "including those run inside scripts (from `INFO commandstats`).",
@@ -865,9 +878,12 @@ def run(args: argparse.Namespace, outcomes: list[Outcome], meta: dict[str, Any])
         if bare is None or bare.status != "ok":
             raise RuntimeError(f"the bare app is not available: {bare.note if bare else ''}")
         running = [o for o in active if o.status == "ok"]
+        others = [o for o in running if o is not bare]
         for r in range(args.rounds):
-            shift = r % len(running)
-            order = running[shift:] + running[:shift]
+            # bare opens and closes every round (its mean is the round's baseline: drift during
+            # the round hits both ends alike); the others rotate in between.
+            shift = r % len(others) if others else 0
+            order = [bare, *others[shift:], *others[:shift], bare]
             log(f"round {r + 1}/{args.rounds}: " + ", ".join(o.variant.id for o in order))
             for position, o in enumerate(order):
                 sample = measure(args, servers[o.variant.id], redis_server, r, position)
@@ -877,10 +893,11 @@ def run(args: argparse.Namespace, outcomes: list[Outcome], meta: dict[str, Any])
                     f"  {o.variant.id:<27} {sample.requests_per_s:>10,.0f} req/s"
                     f"  cpu {_pct(sample.server_cpu):>4}" + (f"  ERRORS {errors}" if errors else "")
                 )
-            base = next(s for s in bare.samples if s.round == r).requests_per_s
+            base = statistics.mean(s.requests_per_s for s in bare.samples if s.round == r)
             for o in running:
-                sample = next(s for s in o.samples if s.round == r)
-                sample.ratio = sample.requests_per_s / base if base else None
+                for sample in o.samples:
+                    if sample.round == r:
+                        sample.ratio = sample.requests_per_s / base if base else None
         for o in running:
             # Anything the servers logged (uvicorn at warning level: tracebacks of 500s).
             server = servers[o.variant.id]

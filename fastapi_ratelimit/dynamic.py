@@ -302,7 +302,7 @@ class DynamicLimits:
         self.reduced_capacity_status = reduced_capacity_status
         self._override: Mirror | None = None
         self._store: ControlStore | None = None
-        self._scaled: dict[tuple[int, float], Policy] = {}
+        self._scaled: dict[tuple[int, float], tuple[Policy, Policy]] = {}
 
     def bind(self, store: ControlStore | None, refresh_interval: float) -> None:
         self._store = store
@@ -355,12 +355,15 @@ class DynamicLimits:
         if abs(factor - 1.0) < 1e-9:
             return policy
         key = (id(policy), factor)
-        found = self._scaled.get(key)
-        if found is None:
-            if len(self._scaled) >= 4096:
-                self._scaled.clear()
-            found = self._scaled[key] = scale_policy(policy, factor)
-        return found
+        cached = self._scaled.get(key)
+        if cached is not None and cached[0] is policy:
+            return cached[1]
+        if len(self._scaled) >= 4096:
+            self._scaled.clear()
+        scaled = scale_policy(policy, factor)
+        # Holding the original keeps its id from being reused by another policy.
+        self._scaled[key] = (policy, scaled)
+        return scaled
 
     async def aclose(self) -> None:
         for part in (self.load, self.behaviour, self._override):

@@ -36,7 +36,8 @@ from .route_limits import RouteLimit, attached_limits
 __all__ = ["DEFAULT_EXEMPT", "RateLimitMiddleware"]
 
 DEFAULT_EXEMPT = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json")
-_route_limits_cache: dict[int, tuple[RouteLimit, ...]] = {}
+# id(route) -> (route, its limits). Holding the route keeps its id from being reused.
+_route_limits_cache: dict[int, tuple[Any, tuple[RouteLimit, ...]]] = {}
 
 
 class RateLimitMiddleware:
@@ -234,9 +235,9 @@ def _route_limits(route: Any) -> tuple[RouteLimit, ...]:
     from another dependency can't be checked before the app runs: they check themselves."""
     if route is None:
         return ()
-    found = _route_limits_cache.get(id(route))
-    if found is not None:
-        return found
+    cached = _route_limits_cache.get(id(route))
+    if cached is not None and cached[0] is route:
+        return cached[1]
     from .dependencies import RateLimit
 
     limits = list(attached_limits(getattr(route, "endpoint", None)))
@@ -252,5 +253,5 @@ def _route_limits(route: Any) -> tuple[RouteLimit, ...]:
     result = tuple(limits)
     if len(_route_limits_cache) >= 4096:
         _route_limits_cache.clear()
-    _route_limits_cache[id(route)] = result
+    _route_limits_cache[id(route)] = (route, result)
     return result

@@ -32,27 +32,29 @@ class ResolvedRoute:
 
 
 _UNMATCHED = ResolvedRoute(UNMATCHED, None)
-# (app id, type, method, root_path, path) -> ResolvedRoute. Emptied when full, so random paths
-# cost a route scan, never memory.
-_cache: dict[tuple[int, str, str, str, str], ResolvedRoute] = {}
+# (routes id, routes count, type, method, root_path, path) -> (routes, ResolvedRoute). Emptied
+# when full, so random paths cost a route scan, never memory. The value holds the routes list
+# itself: while cached it cannot be freed and its id reused; the count catches added routes.
+_cache: dict[tuple[int, int, str, str, str, str], tuple[object, ResolvedRoute]] = {}
 
 
 def resolve_route(routes: Sequence[BaseRoute], scope: Scope) -> ResolvedRoute:
     """Match ``scope`` against ``routes`` the way Starlette's router will."""
     cache_key = (
         id(routes),
+        len(routes),
         scope["type"],
         scope.get("method", ""),
         scope.get("root_path", ""),
         scope["path"],
     )
-    found = _cache.get(cache_key)
-    if found is not None:
-        return found
+    cached = _cache.get(cache_key)
+    if cached is not None and cached[0] is routes:
+        return cached[1]
     found = _search(routes, scope, "") or _UNMATCHED
     if len(_cache) >= _CACHE_SIZE:
         _cache.clear()
-    _cache[cache_key] = found
+    _cache[cache_key] = (routes, found)
     return found
 
 
