@@ -44,6 +44,11 @@ class _Window:
         self._seconds = seconds
         self._buckets: deque[list[int]] = deque()  # [second, calls, failures]
 
+    @property
+    def failures(self) -> bool:
+        """Whether the window holds any failure (as of the last add)."""
+        return any(b[2] for b in self._buckets)
+
     def add(self, now: float, failed: bool) -> None:
         second = int(now)
         if self._buckets and self._buckets[-1][0] == second:
@@ -125,7 +130,10 @@ class CircuitBreaker:
     def record_success(self) -> None:
         self._consecutive = 0
         if self._state == "closed":
-            self._window.add(self._clock(), False)
+            # Successes only matter to the failure rate once something failed lately: while
+            # the window holds no failure, skip the bookkeeping (the hot path).
+            if self._window.failures:
+                self._window.add(self._clock(), False)
             return
         self._probing = False
         self._window.clear()

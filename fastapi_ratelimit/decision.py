@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 __all__ = ["Decision", "Verdict"]
@@ -46,14 +46,15 @@ class Verdict:
     """
 
     decisions: tuple[Decision, ...]
+    #: True only when every level admits the request (computed once: it is read often).
+    allowed: bool = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed", all(d.allowed for d in self.decisions))
 
     @classmethod
     def of(cls, decisions: Sequence[Decision]) -> Verdict:
         return cls(tuple(decisions))
-
-    @property
-    def allowed(self) -> bool:
-        return all(d.allowed for d in self.decisions)
 
     @property
     def denied(self) -> tuple[Decision, ...]:

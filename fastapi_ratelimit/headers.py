@@ -133,19 +133,23 @@ def _ceil_seconds(seconds: float) -> int:
 def _ietf(
     decisions: Sequence[Decision], binding: Decision, remaining: int, t: int
 ) -> list[tuple[bytes, bytes]]:
+    policy_header = _policy_header(tuple([(d.policy, d.limit, d.window) for d in decisions]))
+    status = f"{_sf_string(binding.policy)};r={remaining};t={t}"
+    return [(b"ratelimit-policy", policy_header), (b"ratelimit", status.encode("ascii"))]
+
+
+@lru_cache(maxsize=1024)
+def _policy_header(policies: tuple[tuple[str, int, float], ...]) -> bytes:
+    # The same few combinations of policies repeat request after request: build each once.
     members: list[str] = []
     seen: set[str] = set()
-    for d in decisions:
+    for name, limit, window in policies:
         # Two checks may share a policy (e.g. the same policy at two scopes); a list with the
         # same name twice would leave clients guessing which one a RateLimit member refers to.
-        if d.policy not in seen:
-            seen.add(d.policy)
-            members.append(_policy_member(d.policy, d.limit, d.window))
-    status = f"{_sf_string(binding.policy)};r={remaining};t={t}"
-    return [
-        (b"ratelimit-policy", ", ".join(members).encode("ascii")),
-        (b"ratelimit", status.encode("ascii")),
-    ]
+        if name not in seen:
+            seen.add(name)
+            members.append(_policy_member(name, limit, window))
+    return ", ".join(members).encode("ascii")
 
 
 def _x_ratelimit(
