@@ -155,7 +155,7 @@ class Sample:
     non_2xx_3xx: int
     socket_errors: dict[str, int]
     latency_ms: dict[str, float]  # avg, p50, p99
-    ratio: float | None = None  # to bare in the same round
+    ratio: float | None = None  # over the mean of the same round's bare runs
     server_cpu: float | None = None  # uvicorn CPU time / wall time (1.0 = one core)
     redis_cpu: float | None = None
     #: Per request: top-level script calls (EVAL/EVALSHA/FCALL and their _RO forms), and every
@@ -886,7 +886,17 @@ def run(args: argparse.Namespace, outcomes: list[Outcome], meta: dict[str, Any])
             order = [bare, *others[shift:], *others[:shift], bare]
             log(f"round {r + 1}/{args.rounds}: " + ", ".join(o.variant.id for o in order))
             for position, o in enumerate(order):
-                sample = measure(args, servers[o.variant.id], redis_server, r, position)
+                if o.status != "ok":
+                    continue
+                try:
+                    sample = measure(args, servers[o.variant.id], redis_server, r, position)
+                except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as exc:
+                    if o is bare:
+                        raise
+                    server = servers[o.variant.id]
+                    o.status, o.note = "failed", f"round {r + 1}: {exc}; log: {server.tail(5)}"
+                    log(f"  {o.variant.id}: FAILED: {o.note}")
+                    continue
                 o.samples.append(sample)
                 errors = sample.non_2xx_3xx + sum(sample.socket_errors.values())
                 log(
@@ -899,7 +909,6 @@ def run(args: argparse.Namespace, outcomes: list[Outcome], meta: dict[str, Any])
                     if sample.round == r:
                         sample.ratio = sample.requests_per_s / base if base else None
         for o in running:
-            # Anything the servers logged (uvicorn at warning level: tracebacks of 500s).
             server = servers[o.variant.id]
             if server.process is not None and server.process.poll() is not None:
                 o.status, o.note = "failed", f"uvicorn died: {server.tail()}"

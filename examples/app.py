@@ -78,6 +78,7 @@ limiter = RateLimiter(
     tier_resolver=current_tier,
     trusted_proxies=[p for p in os.environ.get("TRUSTED_PROXIES", "").split(",") if p],
     on_backend_error="allow",
+    headers="both",  # the IETF headers and the seed's X-RateLimit-*
 )
 
 

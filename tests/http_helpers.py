@@ -44,3 +44,8 @@ def ratelimit(response: httpx.Response) -> tuple[str, dict[str, Any]]:
 def header_counts(response: httpx.Response) -> dict[str, int]:
     names = [name.decode().lower() for name, _ in response.headers.raw]
     return {name: names.count(name) for name in set(names)}
+
+
+def remaining(response: httpx.Response) -> str:
+    """``r`` of the ``RateLimit`` header (the binding level's remaining units), as text."""
+    return str(ratelimit(response)[1]["r"])

@@ -113,7 +113,9 @@ def streaming_app(gate: asyncio.Event, events: list[str]) -> FastAPI:
 
         return StreamingResponse(body(), media_type="text/plain")
 
-    app.add_middleware(RateLimitMiddleware, limiter=RateLimiter(ip_limit="2/minute"))
+    app.add_middleware(
+        RateLimitMiddleware, limiter=RateLimiter(ip_limit="2/minute", headers="both")
+    )
     return app
 
 
@@ -172,7 +174,9 @@ def websocket_app(accepted: list[dict[str, Any]]) -> FastAPI:
         except WebSocketDisconnect:
             pass
 
-    app.add_middleware(RateLimitMiddleware, limiter=RateLimiter(ip_limit="2/minute"))
+    app.add_middleware(
+        RateLimitMiddleware, limiter=RateLimiter(ip_limit="2/minute", headers="both")
+    )
     return app
 
 
@@ -240,7 +244,9 @@ def items_app(served: list[int]) -> FastAPI:
         served.append(item)
         return {"item": item}
 
-    app.add_middleware(RateLimitMiddleware, limiter=RateLimiter(ip_limit="3/minute"))
+    app.add_middleware(
+        RateLimitMiddleware, limiter=RateLimiter(ip_limit="3/minute", headers="both")
+    )
     return app
 
 
@@ -298,7 +304,9 @@ def upload_app(received: list[int]) -> FastAPI:
         received.append(len(await request.body()))
         return {"bytes": received[-1]}
 
-    app.add_middleware(RateLimitMiddleware, limiter=RateLimiter(ip_limit="2/minute"))
+    app.add_middleware(
+        RateLimitMiddleware, limiter=RateLimiter(ip_limit="2/minute", headers="both")
+    )
     return app
 
 
@@ -346,7 +354,9 @@ def cors_app(limiter_inside: bool) -> FastAPI:
         return {"pong": "yes"}
 
     def add_limiter() -> None:
-        app.add_middleware(RateLimitMiddleware, limiter=RateLimiter(ip_limit="1/minute"))
+        app.add_middleware(
+            RateLimitMiddleware, limiter=RateLimiter(ip_limit="1/minute", headers="both")
+        )
 
     def add_cors() -> None:
         app.add_middleware(

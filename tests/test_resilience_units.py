@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI, HTTPException
-from http_helpers import client_for, policies
+from http_helpers import client_for, policies, remaining
 
 from fastapi_ratelimit import (
     BackendError,
@@ -128,7 +128,7 @@ async def test_open_breaker_skips_the_backend_and_recovers() -> None:
     )
     app = app_for(limiter)
     async with client_for(app) as client:
-        assert (await client.get("/work")).headers["x-ratelimit-remaining"] == "99"
+        assert remaining(await client.get("/work")) == "99"
         backend.down = True
         statuses = [(await client.get("/work")).status_code for _ in range(10)]
         assert statuses == [200] * 10  # fail open
@@ -136,7 +136,7 @@ async def test_open_breaker_skips_the_backend_and_recovers() -> None:
         backend.down = False
         clock.now += 2
         recovered = await client.get("/work")
-        assert recovered.headers["x-ratelimit-remaining"] == "98"  # counters continued
+        assert remaining(recovered) == "98"  # counters continued
 
 
 async def test_fail_closed_per_level_and_fallback() -> None:
@@ -214,7 +214,7 @@ async def test_load_shrinks_quotas_without_resetting_counters() -> None:
         reduced = await client.get("/work")
         # Quota halved to 5; the 4 already spent still count: this is the fifth.
         assert policies(reduced)["ip"]["q"] == 5
-        assert reduced.headers["x-ratelimit-remaining"] == "0"
+        assert remaining(reduced) == "0"
         refused = await client.get("/work")
         assert refused.status_code == 503
         assert refused.json()["type"].endswith("#temporary-reduced-capacity")
@@ -223,7 +223,7 @@ async def test_load_shrinks_quotas_without_resetting_counters() -> None:
         load.sample_now()
         back = await client.get("/work")
         assert back.status_code == 200
-        assert back.headers["x-ratelimit-remaining"] == "4"
+        assert remaining(back) == "4"
     await limiter.aclose()
 
 

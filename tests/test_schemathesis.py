@@ -158,6 +158,7 @@ def proxied_app() -> FastAPI:
     are actually parsed: a small app whose limiter trusts the test client's network."""
     proxied = FastAPI()
     proxied_limiter = RateLimiter(
+        headers="both",
         ip_limit="1000/minute",
         api_key_limit="1000/minute",
         user_limit="1000/minute",
