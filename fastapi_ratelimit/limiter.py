@@ -408,7 +408,8 @@ class RateLimiter:
             return None
         context.decisions.extend(verdict.decisions)
         if verdict.allowed:
-            context.charged.extend(c for c in enforced if c.cost == context.cost)
+            cost = context.cost
+            context.charged += [c for c in enforced if c.cost == cost]
         else:
             logger.debug(
                 "rate limit exceeded: {} {} ({})",
