@@ -154,6 +154,11 @@ class AccessLists:
 
     # -- the hot path ------------------------------------------------------------------------
 
+    def known_empty(self) -> bool:
+        """Both lists are loaded, refreshing, and empty."""
+        allow, block = self._mirrors["allow"], self._mirrors["block"]
+        return allow.running and block.running and not allow.entries and not block.entries
+
     async def decide(self, context: RequestContext) -> ListName | None:
         """``"block"``, ``"allow"`` or ``None`` for this request."""
         allow, block = self._mirrors["allow"], self._mirrors["block"]

@@ -59,6 +59,12 @@ class Mirror:
     def entries(self) -> Mapping[str, dict[str, Any]]:
         return self._entries
 
+    @property
+    def running(self) -> bool:
+        """Loaded and refreshing: callers can read :attr:`entries` without awaiting."""
+        task = self._task
+        return task is not None and not task.done()
+
     async def ensure_loaded(self) -> None:
         """Load synchronously the first time and start the background refresh loop, which
         keeps the copy at most ``refresh_interval`` (plus one round trip) behind, busy or idle.

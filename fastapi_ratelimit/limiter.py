@@ -360,9 +360,10 @@ class RateLimiter:
 
     async def access(self, context: RequestContext) -> str | None:
         """``"allow"``, ``"block"`` or ``None``: the allow/block lists' word on this request."""
-        if self.lists is None:
-            return None
-        return await self.lists.decide(context)
+        lists = self.lists
+        if lists is None or lists.known_empty():
+            return None  # the common case, without another coroutine on the hot path
+        return await lists.decide(context)
 
     def _tier_named(self, name: Any) -> Tier:
         assert self._tiers is not None
@@ -524,6 +525,15 @@ class RateLimiter:
 
     def unavailable_response(self) -> Response:
         return backend_unavailable_response(self.retry_after_unavailable())
+
+    def needs_after_response(self, context: RequestContext) -> bool:
+        """Whether :meth:`after_response` has anything to do for this request."""
+        return bool(
+            self.endpoint_breaker is not None
+            or (self.refund_when is not None and context.charged)
+            or context.refundable
+            or context.reported_cost is not None
+        )
 
     async def after_response(self, context: RequestContext, status: int | None) -> None:
         """Refunds by status, the adjustment for a cost the endpoint reported, and the

@@ -187,7 +187,8 @@ class _Responder:
                 load.in_flight -= 1
                 # An exception that escaped the app is a 500 as far as load goes.
                 load.record(self.status or 500, time.monotonic() - started)
-        await limiter.after_response(context, self.status)
+        if limiter.needs_after_response(context):
+            await limiter.after_response(context, self.status)
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
