@@ -284,6 +284,23 @@ class RateLimiter:
     def now() -> float:
         return time.time()
 
+    @property
+    def sync_context(self) -> bool:
+        """True when :meth:`build_context` can stand in for :meth:`context` (no resolvers
+        and no tiers to look up): one coroutine less per request."""
+        return self._user_resolver is None and self._tier_resolver is None and self._tiers is None
+
+    def build_context(self, scope: Scope) -> RequestContext:
+        """:meth:`context` without resolvers or tiers (see :attr:`sync_context`)."""
+        user, api_key = _default_user(scope), self._api_key_of(scope)
+        return self._finish_context(scope, user, api_key, None, None)
+
+    def _api_key_of(self, scope: Scope) -> str | None:
+        if self._api_key_header is None and self._api_key_query is None:
+            return None
+        # b"" matches no header: with only a query parameter configured, read only that.
+        return api_key_from_scope(scope, self._api_key_header or b"", self._api_key_query)
+
     async def context(self, scope: Scope) -> RequestContext:
         """Work out who is calling, which endpoint, at what cost."""
         connection: HTTPConnection | None = None
@@ -291,10 +308,7 @@ class RateLimiter:
         if self._user_resolver is not None:
             connection = HTTPConnection(scope)
             user = user_identity(await _maybe_await(self._user_resolver(connection)))
-        api_key = None
-        if self._api_key_header is not None or self._api_key_query is not None:
-            # b"" matches no header: with only a query parameter configured, read only that.
-            api_key = api_key_from_scope(scope, self._api_key_header or b"", self._api_key_query)
+        api_key = self._api_key_of(scope)
         tier: Tier | None = None
         key_tier: Tier | None = None
         if self._tiers is not None:
@@ -311,6 +325,17 @@ class RateLimiter:
                 key_tier = self._tiers.get(name) if name is not None else None
                 if name is not None and key_tier is None:
                     self._unknown_tier(name)
+        return self._finish_context(scope, user, api_key, tier, key_tier, connection)
+
+    def _finish_context(
+        self,
+        scope: Scope,
+        user: str | None,
+        api_key: str | None,
+        tier: Tier | None,
+        key_tier: Tier | None,
+        connection: HTTPConnection | None = None,
+    ) -> RequestContext:
         routes = getattr(scope.get("app"), "routes", None)
         resolved = resolve_route(routes, scope) if isinstance(routes, list) else None
         method = scope.get("method", "WEBSOCKET") if scope["type"] == "http" else "WEBSOCKET"

@@ -23,6 +23,7 @@ from starlette.requests import HTTPConnection
 
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .context import SCOPE_KEY, RequestContext
+from .dynamic import LoadMonitor
 from .errors import BackendError, ConfigurationError
 from .headers import HeaderStyle, rate_limit_headers
 from .limiter import RateLimiter
@@ -81,7 +82,10 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limiter = self.limiter
-        context = await limiter.context(scope)
+        if limiter.sync_context:
+            context = limiter.build_context(scope)
+        else:
+            context = await limiter.context(scope)
         context.middleware = True
         breaker = limiter.endpoint_breaker
         if breaker is not None:
@@ -123,7 +127,14 @@ class RateLimitMiddleware:
         if kind == "websocket":
             await self.app(scope, receive, send)
             return
-        await _Responder(self.app, context)(scope, receive, send)
+        responder = _Responder(self.app, context, send)
+        load = limiter.dynamic.load if limiter.dynamic is not None else None
+        if load is not None:
+            await responder.run_measured(scope, receive, load)
+        else:
+            await self.app(scope, receive, responder.send)
+        if limiter.needs_after_response(context):
+            await limiter.after_response(context, responder.status)
 
     def _skip(self, scope: Scope) -> bool:
         path: str = scope["path"]
@@ -166,29 +177,23 @@ class _Responder:
 
     __slots__ = ("_send", "app", "context", "replaced", "status")
 
-    def __init__(self, app: ASGIApp, context: RequestContext) -> None:
+    def __init__(self, app: ASGIApp, context: RequestContext, send: Send) -> None:
         self.app = app
         self.context = context
+        self._send = send
         self.status: int | None = None
         self.replaced = False
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self._send = send
-        context = self.context
-        limiter = context.limiter
-        load = limiter.dynamic.load if limiter.dynamic is not None else None
+    async def run_measured(self, scope: Scope, receive: Receive, load: LoadMonitor) -> None:
+        """Run the app, feeding the load monitor its in-flight count, status and latency."""
         started = time.monotonic()
-        if load is not None:
-            load.in_flight += 1
+        load.in_flight += 1
         try:
             await self.app(scope, receive, self.send)
         finally:
-            if load is not None:
-                load.in_flight -= 1
-                # An exception that escaped the app is a 500 as far as load goes.
-                load.record(self.status or 500, time.monotonic() - started)
-        if limiter.needs_after_response(context):
-            await limiter.after_response(context, self.status)
+            load.in_flight -= 1
+            # An exception that escaped the app is a 500 as far as load goes.
+            load.record(self.status or 500, time.monotonic() - started)
 
     async def send(self, message: Message) -> None:
         kind = message["type"]

@@ -194,7 +194,12 @@ class RedisBackend:
     # -- the Backend protocol ----------------------------------------------------------------
 
     async def hit(self, checks: Sequence[Check]) -> Verdict:
-        return await self._run("h", checks)
+        if self._cluster or len(checks) < 2:
+            return await self._run("h", checks)
+        # Standalone and Sentinel: straight to the one script call.
+        keys = [self.key_for(c) for c in checks]
+        ensure_distinct(keys)
+        return Verdict(tuple(await self._eval("h", checks, keys)))
 
     async def peek(self, checks: Sequence[Check]) -> Verdict:
         return await self._run("p", checks)
@@ -324,9 +329,7 @@ class RedisBackend:
     async def _eval(self, mode: _Mode, checks: Sequence[Check], keys: list[str]) -> list[Decision]:
         now = "-" if self._clock is None else str(self._clock.now_us())
         levels = " ".join([f"{check.policy.wire}{check.cost}" for check in checks])
-        reply = await self._call(
-            "script", self._invoke_script, keys, [f"{mode} {now} {self._margin_ms} {levels}"]
-        )
+        reply = await self._script_call(keys, [f"{mode} {now} {self._margin_ms} {levels}"])
         if mode == "r":
             return []
         values = [int(v) for v in reply.split()]
@@ -335,14 +338,35 @@ class RedisBackend:
             for check, j in zip(checks, range(0, 4 * len(checks), 4), strict=True)
         ]
 
-    async def _invoke_script(self, keys: list[str], args: list[str]) -> Any:
+    async def _script_call(self, keys: list[str], args: list[str]) -> Any:
+        # _call and a straight EVALSHA folded into one coroutine: every await layer costs on
+        # the hot path (AsyncScript.__call__ too); the reload path stays in _reload_and_run.
         client = self._client
         try:
-            # Straight EVALSHA: AsyncScript.__call__ costs more per call than the happy path
-            # needs; it still does the loading below.
-            return await client.evalsha(self._script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            pass
+            if not self._initialized:
+                await self._initialize()
+            async with self._slots:
+                if self._timeout is None:
+                    try:
+                        return await client.evalsha(self._script.sha, len(keys), *keys, *args)
+                    except NoScriptError:
+                        return await self._reload_and_run(keys, args)
+                async with asyncio.timeout(self._timeout):
+                    try:
+                        return await client.evalsha(self._script.sha, len(keys), *keys, *args)
+                    except NoScriptError:
+                        return await self._reload_and_run(keys, args)
+        except TimeoutError as exc:
+            raise BackendError(
+                f"Redis script timed out after {self._timeout}s ({self._where()})"
+            ) from exc
+        except Exception as exc:  # see _call: never anything but a BackendError
+            raise BackendError(
+                f"Redis script failed: {type(exc).__name__}: {_scrub(str(exc))} ({self._where()})"
+            ) from exc
+
+    async def _reload_and_run(self, keys: list[str], args: list[str]) -> Any:
+        client = self._client
         try:
             # NOSCRIPT after SCRIPT FLUSH or a restart: AsyncScript loads it and retries.
             return await self._script(keys, args)
