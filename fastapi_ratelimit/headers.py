@@ -30,10 +30,16 @@ from collections.abc import Sequence
 from enum import StrEnum
 from functools import lru_cache
 
-from .decision import Decision, Verdict
+from .decision import Decision
 from .errors import ConfigurationError
 
-__all__ = ["HeaderStyle", "parse_header_style", "rate_limit_headers", "retry_after_value"]
+__all__ = [
+    "HEADER_NAMES",
+    "HeaderStyle",
+    "parse_header_style",
+    "rate_limit_headers",
+    "retry_after_value",
+]
 
 
 class HeaderStyle(StrEnum):
@@ -65,6 +71,26 @@ def parse_header_style(value: str | HeaderStyle) -> HeaderStyle:
             pass
     choices = ", ".join(repr(s.value) for s in HeaderStyle)
     raise ConfigurationError("headers", value, f"must be one of {choices}")
+
+
+#: The header names each style writes (the middleware drops an app's own copies of them).
+HEADER_NAMES: dict[HeaderStyle, frozenset[bytes]] = {
+    HeaderStyle.IETF: frozenset({b"ratelimit-policy", b"ratelimit"}),
+    HeaderStyle.X_RATELIMIT: frozenset(
+        {
+            b"x-ratelimit-limit",
+            b"x-ratelimit-remaining",
+            b"x-ratelimit-reset",
+            b"x-ratelimit-used",
+            b"x-ratelimit-scope",
+        }
+    ),
+    HeaderStyle.LEGACY: frozenset({b"ratelimit-limit", b"ratelimit-remaining", b"ratelimit-reset"}),
+    HeaderStyle.NONE: frozenset(),
+}
+HEADER_NAMES[HeaderStyle.BOTH] = (
+    HEADER_NAMES[HeaderStyle.IETF] | HEADER_NAMES[HeaderStyle.X_RATELIMIT]
+)
 
 
 def rate_limit_headers(
@@ -112,10 +138,22 @@ def retry_after_value(decisions: Sequence[Decision]) -> int:
 
 
 def _binding(decisions: Sequence[Decision]) -> Decision:
-    # Delegate to Verdict so that the headers always describe the level it reports.
-    binding = Verdict(tuple(decisions)).binding
-    assert binding is not None  # callers return early on no decisions
-    return binding
+    # Verdict.binding's rule (tests pin that both agree), without building a Verdict: this
+    # runs on every response.
+    if len(decisions) == 1:
+        return decisions[0]
+    denied = [d for d in decisions if not d.allowed]
+    if denied:
+        return max(denied, key=_retry_key)
+    return min(decisions, key=_share_key)
+
+
+def _retry_key(decision: Decision) -> float:
+    return decision.retry_after
+
+
+def _share_key(decision: Decision) -> tuple[float, int]:
+    return (decision.remaining / decision.limit, decision.remaining)
 
 
 def _reset_seconds(decision: Decision) -> int:
@@ -134,8 +172,14 @@ def _ietf(
     decisions: Sequence[Decision], binding: Decision, remaining: int, t: int
 ) -> list[tuple[bytes, bytes]]:
     policy_header = _policy_header(tuple([(d.policy, d.limit, d.window) for d in decisions]))
-    status = f"{_sf_string(binding.policy)};r={remaining};t={t}"
-    return [(b"ratelimit-policy", policy_header), (b"ratelimit", status.encode("ascii"))]
+    status = b'"%s";r=%d;t=%d' % (_name_bytes(binding.policy), remaining, t)
+    return [(b"ratelimit-policy", policy_header), (b"ratelimit", status)]
+
+
+@lru_cache(maxsize=1024)
+def _name_bytes(name: str) -> bytes:
+    # The sf-string without its quotes, checked once per policy name.
+    return _sf_string(name)[1:-1].encode("ascii")
 
 
 @lru_cache(maxsize=1024)

@@ -25,7 +25,7 @@ from ._types import ASGIApp, Message, Receive, Scope, Send
 from .context import SCOPE_KEY, RequestContext
 from .dynamic import LoadMonitor
 from .errors import BackendError, ConfigurationError
-from .headers import HeaderStyle, rate_limit_headers
+from .headers import HEADER_NAMES, HeaderStyle, rate_limit_headers
 from .limiter import RateLimiter
 from .responses import (
     blocked_response,
@@ -219,12 +219,12 @@ class _Responder:
                 )
                 await self._send({"type": "http.response.body", "body": response.body})
                 return
-            limiter = context.limiter
-            if context.decisions and limiter.header_style is not HeaderStyle.NONE:
-                ours = rate_limit_headers(context.decisions, limiter.header_style, now=time.time())
+            style = context.limiter.header_style
+            if context.decisions and style is not HeaderStyle.NONE:
+                ours = rate_limit_headers(context.decisions, style, now=time.time())
                 # Replace, never append: each header appears once even if the app set one.
                 # One pass over the list (MutableHeaders.__setitem__ rescans it per header).
-                names = {name for name, _ in ours}
+                names = HEADER_NAMES[style]
                 message["headers"] = [
                     header
                     for header in message.get("headers", ())
