@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from loguru import logger
@@ -72,23 +73,14 @@ class Mirror:
         if self._task is None or self._task.done():
             if self._version == -1:
                 await self.refresh()
-            self._task = asyncio.create_task(self._refresh_loop())
-
-    async def _refresh_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.refresh()
-            except Exception as exc:  # never let the loop die
-                logger.warning("refresh of {} failed: {!r}", self._namespace, exc)
+            self._task = asyncio.create_task(
+                every(self._interval, self.refresh, f"refresh of {self._namespace}")
+            )
 
     async def aclose(self) -> None:
         """Stop the background refresh (call from the app's shutdown)."""
         task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop(task)
 
     async def refresh(self) -> None:
         try:
@@ -117,6 +109,27 @@ class Mirror:
         self._entries = entries
         self._version = version
         self.generation += 1
+
+
+async def every(interval: float, action: Callable[[], Awaitable[Any] | Any], what: str) -> None:
+    """Run ``action`` every ``interval`` seconds until cancelled; a failure is logged, never
+    fatal to the loop."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            result = action()
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            logger.warning("{} failed: {!r}", what, exc)
+
+
+async def stop(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background task and wait for it to finish."""
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def live(entry: Mapping[str, Any], now: float) -> bool:

@@ -19,7 +19,6 @@ the reduced quota.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import time
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from .control import ControlStore, Mirror, live
+from .control import ControlStore, Mirror, every, live, stop
 from .errors import ConfigurationError
 from .policy import Policy
 from .rate import Rate
@@ -142,7 +141,9 @@ class LoadMonitor:
         if self._task is None or self._task.done():
             if self._sampler is None:
                 self._sampler = _system_sampler()
-            self._task = asyncio.create_task(self._loop())
+            self._task = asyncio.create_task(
+                every(self._interval, self.sample_now, "load sampling")
+            )
 
     def sample_now(self) -> float:
         """Take one sample and update the factor (the loop calls this; so can tests)."""
@@ -169,20 +170,9 @@ class LoadMonitor:
         self.factor, self.reasons = factor, reasons
         return factor
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                self.sample_now()
-            except Exception as exc:  # pragma: no cover - never let sampling die
-                logger.warning("load sampling failed: {!r}", exc)
-
     async def aclose(self) -> None:
         task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop(task)
 
 
 class BehaviourTracker:
