@@ -21,7 +21,7 @@ from starlette.responses import Response
 
 from .backends.base import Check
 from .context import SCOPE_KEY, RequestContext
-from .errors import ConfigurationError
+from .errors import BackendError, ConfigurationError
 from .headers import rate_limit_headers, retry_after_value
 from .keys import Identity
 from .policy import Algorithm, Policy
@@ -179,7 +179,14 @@ async def enforce(
     check = limit.check(context, await limit.key_value(connection), user)
     if check is None:
         return
-    verdict = await limiter.run([check], context)
+    try:
+        verdict = await limiter.run([check], context)
+    except BackendError:
+        # on_backend_error="deny": a 503, never a 500 from inside a dependency.
+        wait = str(limiter.retry_after_unavailable())
+        raise HTTPException(
+            503, "Rate limiting is temporarily unavailable.", {"Retry-After": wait}
+        ) from None
     if verdict is None:  # backend failed under on_backend_error="allow"
         return
     if limit.refund_when is not None:

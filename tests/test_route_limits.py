@@ -261,3 +261,25 @@ def test_item_type_is_resolvable() -> None:
         return item
 
     assert endpoint.__signature__.parameters["item"].annotation is Item  # type: ignore[attr-defined]
+
+
+async def test_guard_under_a_failing_backend_never_answers_500() -> None:
+    from fastapi_ratelimit import BackendError, MemoryBackend, Verdict
+
+    class Down(MemoryBackend):
+        async def hit(self, checks: Any) -> Verdict:
+            raise BackendError("Redis script failed: ConnectionError")
+
+    for policy, status in (("deny", 503), ("allow", 200)):
+        limiter = RateLimiter(backend=Down(), on_backend_error=policy, breaker=None)
+        app = FastAPI()
+
+        @app.get("/g", dependencies=[Depends(RateLimit("1/minute", limiter=limiter))])
+        async def g() -> dict[str, str]:
+            return {"ok": "yes"}
+
+        async with client_for(app) as client:
+            response = await client.get("/g")
+        assert response.status_code == status
+        if status == 503:
+            assert int(response.headers["retry-after"]) >= 1
