@@ -50,7 +50,13 @@ class Verdict:
     allowed: bool = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "allowed", all(d.allowed for d in self.decisions))
+        # A plain loop: no generator frame on the hot path.
+        allowed = True
+        for decision in self.decisions:
+            if not decision.allowed:
+                allowed = False
+                break
+        object.__setattr__(self, "allowed", allowed)
 
     @classmethod
     def of(cls, decisions: Sequence[Decision]) -> Verdict:

@@ -86,6 +86,10 @@ class Policy:
     #: The quota shown to clients: the burst for bucket algorithms, else the limit.
     limit: int = field(init=False, repr=False, compare=False)
     bucket: str = field(init=False, repr=False, compare=False)
+    #: The window in seconds (``w`` in ``RateLimit-Policy``).
+    window: float = field(init=False, repr=False, compare=False)
+    #: The algorithm's two-letter code, as stored keys use it (a plain attribute: hot path).
+    code: str = field(init=False, repr=False, compare=False)
     #: ``"<code> <limit> <window us> <capacity> "``: the policy as the Lua script reads it,
     #: built once so a Redis check only appends the cost.
     wire: str = field(init=False, repr=False, compare=False)
@@ -126,6 +130,8 @@ class Policy:
             )
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "bucket", bucket or name)
+        object.__setattr__(self, "window", rate.period)
+        object.__setattr__(self, "code", algorithm.code)
         object.__setattr__(self, "rate", rate)
         object.__setattr__(self, "algorithm", algorithm)
         object.__setattr__(self, "horizon_us", _horizon_us(rate, algorithm))
@@ -133,11 +139,6 @@ class Policy:
         object.__setattr__(
             self, "wire", f"{algorithm.code} {rate.limit} {rate.period_us} {rate.capacity} "
         )
-
-    @property
-    def window(self) -> float:
-        """The policy window in seconds (``w`` in ``RateLimit-Policy``)."""
-        return self.rate.period
 
 
 def _horizon_us(rate: Rate, algorithm: Algorithm) -> int:

@@ -149,7 +149,7 @@ class MemoryBackend:
 
     def _key(self, check: Check) -> str:
         policy = check.policy
-        return self._keys.key(check.scope, policy.bucket, policy.algorithm.code, check.identity)
+        return self._keys.key(check.scope, policy.bucket, policy.code, check.identity)
 
     def _get(self, key: str, now: int) -> Any:
         entry = self._data.get(key)

@@ -189,7 +189,7 @@ class RedisBackend:
     def key_for(self, check: Check) -> str:
         """The Redis key that holds ``check``'s state (for operators and tests)."""
         policy = check.policy
-        return self._keys.key(check.scope, policy.bucket, policy.algorithm.code, check.identity)
+        return self._keys.key(check.scope, policy.bucket, policy.code, check.identity)
 
     # -- the Backend protocol ----------------------------------------------------------------
 
