@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-__all__ = ["Decision", "Verdict"]
+__all__ = ["Decision", "Verdict", "binding_of"]
 
 
 class Decision(NamedTuple):
@@ -76,9 +76,23 @@ class Verdict:
     def binding(self) -> Decision | None:
         """The most restrictive level: the denying one with the longest wait or, when the
         request passed, the one with the smallest share of its quota left."""
-        if not self.decisions:
-            return None
-        denied = self.denied
-        if denied:
-            return max(denied, key=lambda d: d.retry_after)
-        return min(self.decisions, key=lambda d: (d.remaining / d.limit, d.remaining))
+        return binding_of(self.decisions) if self.decisions else None
+
+
+def binding_of(decisions: Sequence[Decision]) -> Decision:
+    """The most restrictive of a non-empty sequence of decisions (see :attr:`Verdict.binding`).
+    A function of its own so the response headers use the same rule without a Verdict."""
+    if len(decisions) == 1:
+        return decisions[0]
+    denied = [d for d in decisions if not d.allowed]
+    if denied:
+        return max(denied, key=_retry_key)
+    return min(decisions, key=_share_key)
+
+
+def _retry_key(decision: Decision) -> float:
+    return decision.retry_after
+
+
+def _share_key(decision: Decision) -> tuple[float, int]:
+    return (decision.remaining / decision.limit, decision.remaining)

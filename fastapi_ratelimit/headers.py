@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from enum import StrEnum
 from functools import lru_cache
 
-from .decision import Decision
+from .decision import Decision, binding_of
 from .errors import ConfigurationError
 
 __all__ = [
@@ -104,7 +104,7 @@ def rate_limit_headers(
     """
     if not decisions or style == HeaderStyle.NONE:
         return []
-    binding = _binding(decisions)
+    binding = binding_of(decisions)
     t = _reset_seconds(binding)
     remaining = max(binding.remaining, 0)
     # == rather than `is`: a plain "ietf" string compares equal to the member too.
@@ -134,26 +134,7 @@ def retry_after_value(decisions: Sequence[Decision]) -> int:
     if not decisions:
         return 1
     wait = max((d.retry_after for d in decisions if not d.allowed), default=0.0)
-    return max(_ceil_seconds(wait), _reset_seconds(_binding(decisions)), 1)
-
-
-def _binding(decisions: Sequence[Decision]) -> Decision:
-    # Verdict.binding's rule (tests pin that both agree), without building a Verdict: this
-    # runs on every response.
-    if len(decisions) == 1:
-        return decisions[0]
-    denied = [d for d in decisions if not d.allowed]
-    if denied:
-        return max(denied, key=_retry_key)
-    return min(decisions, key=_share_key)
-
-
-def _retry_key(decision: Decision) -> float:
-    return decision.retry_after
-
-
-def _share_key(decision: Decision) -> tuple[float, int]:
-    return (decision.remaining / decision.limit, decision.remaining)
+    return max(_ceil_seconds(wait), _reset_seconds(binding_of(decisions)), 1)
 
 
 def _reset_seconds(decision: Decision) -> int:

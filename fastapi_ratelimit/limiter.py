@@ -519,7 +519,7 @@ class RateLimiter:
         for check in checks:
             f = factor * (client_factor if check.scope in _CLIENT_SCOPES else 1.0)
             policy = dynamic.scaled(check.policy, f)
-            scaled.append(check if policy is check.policy else _with_policy(check, policy))
+            scaled.append(check if policy is check.policy else check._replace(policy=policy))
         return scaled
 
     async def _penalty(self, context: RequestContext) -> Decision | None:
@@ -582,10 +582,10 @@ class RateLimiter:
             if reported is not None and charged and reported != context.cost:
                 delta = reported - context.cost
                 if delta < 0:
-                    refunds.extend(_with_cost(c, -delta) for c in charged)
+                    refunds.extend(c._replace(cost=-delta) for c in charged)
                 else:
                     # Charged afterwards where quota is left; denied means nothing is taken.
-                    await self.backend.hit([_with_cost(c, delta) for c in charged])
+                    await self.backend.hit([c._replace(cost=delta) for c in charged])
             if refunds:
                 await self.backend.refund(refunds)
         except BackendError as exc:
@@ -861,10 +861,6 @@ def _client(context: RequestContext) -> str:
     return f"ip:{context.ip}"
 
 
-def _with_policy(check: Check, policy: Policy) -> Check:
-    return Check(policy, check.scope, check.identity, check.cost)
-
-
 def _failure_policies(value: Any) -> tuple[str, dict[str, str]]:
     if isinstance(value, str):
         if value not in ("allow", "deny"):
@@ -880,10 +876,6 @@ def _failure_policies(value: Any) -> tuple[str, dict[str, str]]:
             )
         per_scope[str(scope)] = policy
     return per_scope.pop("default", "allow"), per_scope
-
-
-def _with_cost(check: Check, cost: int) -> Check:
-    return Check(check.policy, check.scope, check.identity, cost)
 
 
 async def _maybe_await(value: Any) -> Any:
