@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from typing import Any
 
@@ -71,11 +72,15 @@ async def drive(app: Any, n: int) -> None:
 
 
 def count(config: str, n: int) -> int:
+    # valgrind needs the real binary, not the venv's symlink; the venv's packages (and this
+    # checkout) then come in through PYTHONPATH.
+    paths = [sysconfig.get_paths()["purelib"], os.path.dirname(os.path.dirname(__file__))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     with tempfile.NamedTemporaryFile() as out:
         result = subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out.name}",
              os.path.realpath(sys.executable), __file__, "--child", config, str(n)],
-            capture_output=True, text=True, check=True,
+            capture_output=True, text=True, check=True, env=env,
         )  # fmt: skip
     match = re.search(r"Collected : (\d+)", result.stderr)
     if match is None:

@@ -148,6 +148,7 @@ class AccessLists:
             "allow": Mirror(store, "allow", refresh_interval),
             "block": Mirror(store, "block", refresh_interval),
         }
+        self._allow, self._block = self._mirrors["allow"], self._mirrors["block"]
         self._indexes = {"allow": _Index(), "block": _Index()}
         self._store = store
         self._networks: dict[str, _Network | None] = {}
@@ -156,7 +157,7 @@ class AccessLists:
 
     def known_empty(self) -> bool:
         """Both lists are loaded, refreshing, and empty."""
-        allow, block = self._mirrors["allow"], self._mirrors["block"]
+        allow, block = self._allow, self._block
         return allow.running and block.running and not allow.entries and not block.entries
 
     async def decide(self, context: RequestContext) -> ListName | None:

@@ -43,11 +43,8 @@ class _Window:
     def __init__(self, seconds: float) -> None:
         self._seconds = seconds
         self._buckets: deque[list[int]] = deque()  # [second, calls, failures]
-
-    @property
-    def failures(self) -> bool:
-        """Whether the window holds any failure (as of the last add)."""
-        return any(b[2] for b in self._buckets)
+        #: Failures in the window (as of the last add or trim): kept, not summed per call.
+        self.failures = 0
 
     def add(self, now: float, failed: bool) -> None:
         second = int(now)
@@ -58,6 +55,7 @@ class _Window:
             self._buckets.append(bucket)
         bucket[1] += 1
         bucket[2] += failed
+        self.failures += failed
         self._trim(now)
 
     def totals(self, now: float) -> tuple[int, int]:
@@ -66,11 +64,12 @@ class _Window:
 
     def clear(self) -> None:
         self._buckets.clear()
+        self.failures = 0
 
     def _trim(self, now: float) -> None:
         oldest = now - self._seconds
         while self._buckets and self._buckets[0][0] < oldest:
-            self._buckets.popleft()
+            self.failures -= self._buckets.popleft()[2]
 
 
 class CircuitBreaker:
@@ -102,6 +101,9 @@ class CircuitBreaker:
         self._state: State = "closed"
         self._opened_at = 0.0
         self._probing = False
+        #: Closed, with no failure in the window nor in a row: a success changes nothing, so
+        #: callers skip :meth:`record_success` (and :meth:`allow_call` is surely true).
+        self.idle = True
         self.listeners: list[Callable[[State], None]] = []
 
     @property
@@ -131,9 +133,10 @@ class CircuitBreaker:
         self._consecutive = 0
         if self._state == "closed":
             # Successes only matter to the failure rate once something failed lately: while
-            # the window holds no failure, skip the bookkeeping (the hot path).
+            # the window holds no failure, skip the bookkeeping.
             if self._window.failures:
                 self._window.add(self._clock(), False)
+            self.idle = not self._window.failures
             return
         self._probing = False
         self._window.clear()
@@ -142,6 +145,7 @@ class CircuitBreaker:
     def record_failure(self) -> None:
         now = self._clock()
         self._consecutive += 1
+        self.idle = False
         if self._state == "half_open":
             self._probing = False
             self._open(now)
@@ -163,6 +167,7 @@ class CircuitBreaker:
         if state == self._state:
             return
         previous, self._state = self._state, state
+        self.idle = False  # the next success (closed) works out whether it is idle again
         log = logger.warning if state == "open" else logger.info
         log("rate-limit backend circuit breaker: {} -> {}", previous, state)
         for listener in self.listeners:

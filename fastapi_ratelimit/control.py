@@ -50,21 +50,15 @@ class Mirror:
         self._namespace = namespace
         self._interval = refresh_interval
         self._version = -1
-        self._entries: dict[str, dict[str, Any]] = {}
+        #: The local copy, parsed (replaced whole on refresh, never edited in place).
+        self.entries: Mapping[str, dict[str, Any]] = {}
         self._task: asyncio.Task[None] | None = None
         self._failing = False
+        #: Loaded and refreshing: callers can read :attr:`entries` without awaiting. A plain
+        #: attribute (the task's done-callback clears it): it is read on every request.
+        self.running = False
         #: Bumped on every change of the local copy, so derived indexes know to rebuild.
         self.generation = 0
-
-    @property
-    def entries(self) -> Mapping[str, dict[str, Any]]:
-        return self._entries
-
-    @property
-    def running(self) -> bool:
-        """Loaded and refreshing: callers can read :attr:`entries` without awaiting."""
-        task = self._task
-        return task is not None and not task.done()
 
     async def ensure_loaded(self) -> None:
         """Load synchronously the first time and start the background refresh loop, which
@@ -73,13 +67,20 @@ class Mirror:
         if self._task is None or self._task.done():
             if self._version == -1:
                 await self.refresh()
-            self._task = asyncio.create_task(
+            self._task = task = asyncio.create_task(
                 every(self._interval, self.refresh, f"refresh of {self._namespace}")
             )
+            self.running = True
+            task.add_done_callback(self._stopped)
+
+    def _stopped(self, task: asyncio.Task[None]) -> None:
+        if task is self._task:
+            self.running = False
 
     async def aclose(self) -> None:
         """Stop the background refresh (call from the app's shutdown)."""
         task, self._task = self._task, None
+        self.running = False
         await stop(task)
 
     async def refresh(self) -> None:
@@ -106,7 +107,7 @@ class Mirror:
                 continue
             if isinstance(parsed, dict):
                 entries[key] = parsed
-        self._entries = entries
+        self.entries = entries
         self._version = version
         self.generation += 1
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from functools import partial
 from typing import NamedTuple
 
 __all__ = ["Decision", "Verdict", "binding_of"]
+
+_new_tuple = tuple.__new__
 
 
 class Decision(NamedTuple):
@@ -37,26 +39,33 @@ class Decision(NamedTuple):
     window: float
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class _VerdictFields(NamedTuple):
+    decisions: tuple[Decision, ...]
+    allowed: bool
+
+
+class Verdict(_VerdictFields):
     """The answer for all levels of one request, decided atomically.
 
     ``allowed`` is true only when every level admits the request; otherwise no level consumed
     anything. ``decisions`` are in the order the checks were given.
+
+    ``Verdict(decisions)`` works out ``allowed``. Immutable like a frozen dataclass, but a
+    tuple: one is built per request, and a backend that already knows ``allowed`` builds it
+    with :data:`new_verdict` without another Python-level call.
     """
 
-    decisions: tuple[Decision, ...]
-    #: True only when every level admits the request (computed once: it is read often).
-    allowed: bool = field(init=False, compare=False)
+    __slots__ = ()
 
-    def __post_init__(self) -> None:
-        # A plain loop: no generator frame on the hot path.
-        allowed = True
-        for decision in self.decisions:
-            if not decision.allowed:
-                allowed = False
-                break
-        object.__setattr__(self, "allowed", allowed)
+    def __new__(cls, decisions: tuple[Decision, ...], allowed: bool | None = None) -> Verdict:
+        if allowed is None:
+            # A plain loop: no generator frame.
+            allowed = True
+            for decision in decisions:
+                if not decision.allowed:
+                    allowed = False
+                    break
+        return _new_tuple(cls, (decisions, allowed))
 
     @classmethod
     def of(cls, decisions: Sequence[Decision]) -> Verdict:
@@ -79,20 +88,31 @@ class Verdict:
         return binding_of(self.decisions) if self.decisions else None
 
 
+#: ``tuple.__new__`` bound to the class: builds one from a tuple of its fields in one C call,
+#: without NamedTuple's Python-level ``__new__``. For the backends' hot paths; the caller
+#: vouches for the fields (for a Verdict, that ``allowed`` matches the decisions).
+new_decision = partial(_new_tuple, Decision)
+new_verdict = partial(_new_tuple, Verdict)
+
+
 def binding_of(decisions: Sequence[Decision]) -> Decision:
     """The most restrictive of a non-empty sequence of decisions (see :attr:`Verdict.binding`).
-    A function of its own so the response headers use the same rule without a Verdict."""
+    A function of its own so the response headers use the same rule without a Verdict.
+
+    Ties go to the earliest decision. Plain loops, no key functions: this runs per request.
+    """
+    first = decisions[0]
     if len(decisions) == 1:
-        return decisions[0]
-    denied = [d for d in decisions if not d.allowed]
-    if denied:
-        return max(denied, key=_retry_key)
-    return min(decisions, key=_share_key)
-
-
-def _retry_key(decision: Decision) -> float:
-    return decision.retry_after
-
-
-def _share_key(decision: Decision) -> tuple[float, int]:
-    return (decision.remaining / decision.limit, decision.remaining)
+        return first
+    denied: Decision | None = None
+    for decision in decisions:
+        if not decision.allowed and (denied is None or decision.retry_after > denied.retry_after):
+            denied = decision
+    if denied is not None:
+        return denied
+    best, best_share = first, first.remaining / first.limit
+    for decision in decisions:
+        share = decision.remaining / decision.limit
+        if share < best_share or (share == best_share and decision.remaining < best.remaining):
+            best, best_share = decision, share
+    return best

@@ -29,6 +29,7 @@ import math
 from collections.abc import Sequence
 from enum import StrEnum
 from functools import lru_cache
+from operator import itemgetter
 
 from .decision import Decision, binding_of
 from .errors import ConfigurationError
@@ -140,9 +141,11 @@ def retry_after_value(decisions: Sequence[Decision]) -> int:
 def _reset_seconds(decision: Decision) -> int:
     """``t``: seconds until the quota is available again."""
     if decision.allowed:
-        return _ceil_seconds(decision.reset_after)
+        reset = decision.reset_after
+        return math.ceil(reset) if reset > 0 else 0
     # A denied client must wait at least a second: t=0 would invite an immediate retry.
-    return max(_ceil_seconds(decision.retry_after), 1)
+    retry = decision.retry_after
+    return math.ceil(retry) if retry > 1 else 1
 
 
 def _ceil_seconds(seconds: float) -> int:
@@ -152,9 +155,14 @@ def _ceil_seconds(seconds: float) -> int:
 def _ietf(
     decisions: Sequence[Decision], binding: Decision, remaining: int, t: int
 ) -> list[tuple[bytes, bytes]]:
-    policy_header = _policy_header(tuple([(d.policy, d.limit, d.window) for d in decisions]))
+    # The cache key is built by C code alone (itemgetter and map): no Python frame per level.
+    policy_header = _policy_header(tuple(map(_POLICY_FIELDS, decisions)))
     status = b'"%s";r=%d;t=%d' % (_name_bytes(binding.policy), remaining, t)
     return [(b"ratelimit-policy", policy_header), (b"ratelimit", status)]
+
+
+#: A decision's (policy, limit, window): what its ``RateLimit-Policy`` member is made of.
+_POLICY_FIELDS = itemgetter(*map(Decision._fields.index, ("policy", "limit", "window")))
 
 
 @lru_cache(maxsize=1024)

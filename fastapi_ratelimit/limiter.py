@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from loguru import logger
 from starlette.requests import HTTPConnection
@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from ._types import Scope
 from .access import AccessLists, Kind, ListEntry
-from .backends.base import Backend, Check
+from .backends.base import Backend, Check, new_check
 from .backends.memory import MemoryBackend
 from .breaker import CircuitBreaker, EndpointBreaker
 from .context import RequestContext
@@ -38,7 +38,7 @@ from .responses import (
     quota_exceeded_response,
     reduced_capacity_response,
 )
-from .routing import resolve_route
+from .routing import UNMATCHED, request_method, resolve_route
 from .tiers import Tier, TierStore, build_tiers
 
 __all__ = ["CompositeLimit", "RateLimiter"]
@@ -61,6 +61,21 @@ class CompositeLimit:
     rate: RateLike
     name: str | None = None
     algorithm: Algorithm | str | None = None
+
+
+class _EndpointPlan(NamedTuple):
+    """What does not change between requests to one endpoint, worked out once."""
+
+    #: The cost from the cost table, before tier multipliers and the cost function.
+    cost: int
+    #: The endpoint level's policy, if it has one.
+    policy: Policy | None
+    #: The global and endpoint checks at that cost (checks are immutable: shared safely).
+    global_check: Check | None
+    endpoint_check: Check | None
+
+
+_MAX_PLANS = 4096
 
 
 def _default_user(scope: Scope) -> str | None:
@@ -261,6 +276,14 @@ class RateLimiter:
             raise ConfigurationError("refresh_interval", refresh_interval, "must be in (0, 1] s")
         self.lists: AccessLists | None = None
         self.tier_store: TierStore | None = None
+        #: :meth:`after_response` has work after every response (a breaker to feed, refunds
+        #: by status to look at), not only when a request asks for it.
+        self.after_every_response = endpoint_breaker is not None or refund_when is not None
+        #: True when :meth:`build_context` can stand in for :meth:`context` (no resolvers and
+        #: no tiers to look up): one coroutine less per request.
+        self.sync_context = user_resolver is None and tier_resolver is None and tiers is None
+        # endpoint -> its plan; bounded, since a client can send any method string.
+        self._plans: dict[str, _EndpointPlan] = {}
         if isinstance(self.backend, ControlStore):
             keys = getattr(self.backend, "key_builder", None)
             keys = keys if isinstance(keys, KeyBuilder) else KeyBuilder()
@@ -283,12 +306,6 @@ class RateLimiter:
     @staticmethod
     def now() -> float:
         return time.time()
-
-    @property
-    def sync_context(self) -> bool:
-        """True when :meth:`build_context` can stand in for :meth:`context` (no resolvers
-        and no tiers to look up): one coroutine less per request."""
-        return self._user_resolver is None and self._tier_resolver is None and self._tiers is None
 
     def build_context(self, scope: Scope) -> RequestContext:
         """:meth:`context` without resolvers or tiers (see :attr:`sync_context`)."""
@@ -337,12 +354,17 @@ class RateLimiter:
         connection: HTTPConnection | None = None,
     ) -> RequestContext:
         routes = getattr(scope.get("app"), "routes", None)
-        resolved = resolve_route(routes, scope) if isinstance(routes, list) else None
-        method = scope.get("method", "WEBSOCKET") if scope["type"] == "http" else "WEBSOCKET"
-        endpoint = endpoint_key(method, resolved.template if resolved else "<unmatched>")
+        if isinstance(routes, list):
+            resolved = resolve_route(routes, scope)
+            endpoint, route = resolved.endpoint, resolved.route
+        else:
+            endpoint, route = endpoint_key(request_method(scope), UNMATCHED), None
+        plan = self._plans.get(endpoint) or self._plan(endpoint)
+        cost = plan.cost
         charged_tier = tier or key_tier
         multiplier = charged_tier.cost_multiplier if charged_tier is not None else 1.0
-        cost = self._costs.cost(endpoint, multiplier)
+        if multiplier != 1.0:
+            cost = self._costs.cost(endpoint, multiplier)
         if self._cost_function is not None:
             connection = connection or HTTPConnection(scope)
             cost = self._custom_cost(connection, cost, multiplier)
@@ -354,33 +376,56 @@ class RateLimiter:
             tier=tier,
             key_tier=key_tier,
             endpoint=endpoint,
-            route=resolved.route if resolved else None,
+            route=route,
             cost=cost,
         )
+
+    def _plan(self, endpoint: str) -> _EndpointPlan:
+        cost = self._costs.cost(endpoint)
+        policy = self._endpoints.get(endpoint)
+        if policy is None:
+            # "* /path": the limit of every method of the route, each method counted apart.
+            policy = self._endpoints.get("* " + endpoint.partition(" ")[2])
+        plan = _EndpointPlan(
+            cost,
+            policy,
+            Check(self._global, "global", "", cost) if self._global is not None else None,
+            Check(policy, "endpoint", endpoint, cost) if policy is not None else None,
+        )
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        self._plans[endpoint] = plan
+        return plan
 
     def level_checks(self, context: RequestContext) -> list[Check]:
         """The checks for the limiter's own levels (not the route limits)."""
         cost = context.cost
+        plan = self._plans.get(context.endpoint) or self._plan(context.endpoint)
+        # At the table's cost (the usual case) the global and endpoint checks are prebuilt.
+        base = cost == plan.cost
         checks: list[Check] = []
-        if self._global is not None:
-            checks.append(Check(self._global, "global", "", cost))
+        if base and plan.global_check is not None:
+            checks.append(plan.global_check)
+        elif self._global is not None:
+            checks.append(new_check((self._global, "global", "", cost)))
         if self._ip is not None:
-            checks.append(Check(self._ip, "ip", context.ip, cost))
-        endpoint_policy = self._endpoints.get(context.endpoint)
-        if endpoint_policy is not None:
-            checks.append(Check(endpoint_policy, "endpoint", context.endpoint, cost))
+            checks.append(new_check((self._ip, "ip", context.ip, cost)))
+        if base and plan.endpoint_check is not None:
+            checks.append(plan.endpoint_check)
+        elif plan.policy is not None:
+            checks.append(new_check((plan.policy, "endpoint", context.endpoint, cost)))
         if context.api_key is not None:
             key_policy = context.key_tier.key_policy if context.key_tier else self._api_key
             if key_policy is not None:
-                checks.append(Check(key_policy, "api_key", context.api_key, cost))
+                checks.append(new_check((key_policy, "api_key", context.api_key, cost)))
         if context.user is not None:
             user_policy = context.tier.policy if context.tier is not None else self._user
             if user_policy is not None:
-                checks.append(Check(user_policy, "user", context.user, cost))
+                checks.append(new_check((user_policy, "user", context.user, cost)))
         for parts, scope, policy in self._composites:
             identity = _composite_identity(parts, context)
             if identity is not None:
-                checks.append(Check(policy, scope, identity, cost))
+                checks.append(new_check((policy, scope, identity, cost)))
         return checks
 
     async def access(self, context: RequestContext) -> str | None:
@@ -418,13 +463,12 @@ class RateLimiter:
             if denial is not None:
                 context.decisions.append(denial)
                 return Verdict((denial,))
+        enforced: Sequence[Check] = checks
         if self._shadow_all or self._shadow:
             enforced = [c for c in checks if not self._is_shadow(c.scope)]
             shadow = [c for c in checks if self._is_shadow(c.scope)]
             if shadow:
                 await self._run_shadow(shadow, context)
-        else:
-            enforced = list(checks)
         if not enforced:
             return Verdict(())
         verdict = await self._hit(enforced)
@@ -434,8 +478,8 @@ class RateLimiter:
             return None
         context.decisions.extend(verdict.decisions)
         if verdict.allowed:
-            cost = context.cost
-            context.charged += [c for c in enforced if c.cost == cost]
+            # Those at the request's cost are picked out after the response, if ever needed.
+            context.charged.extend(enforced)
         else:
             logger.debug(
                 "rate limit exceeded: {} {} ({})",
@@ -447,10 +491,11 @@ class RateLimiter:
             await self.dynamic.behaviour.record(_client(context), verdict.allowed)
         return verdict
 
-    async def _hit(self, checks: list[Check]) -> Verdict | None:
+    async def _hit(self, checks: Sequence[Check]) -> Verdict | None:
         """One backend call through the circuit breaker and the failure policy."""
         breaker = self.breaker
-        if breaker is not None and not breaker.allow_call():
+        # An idle breaker (closed, nothing failed lately) needs no call either way.
+        if breaker is not None and not breaker.idle and not breaker.allow_call():
             return await self._backend_down(checks, None)
         try:
             verdict = await self.backend.hit(checks)
@@ -458,12 +503,12 @@ class RateLimiter:
             if breaker is not None:
                 breaker.record_failure()
             return await self._backend_down(checks, exc)
-        if breaker is not None:
+        if breaker is not None and not breaker.idle:
             breaker.record_success()
         return verdict
 
     async def _backend_down(
-        self, checks: list[Check], error: BackendError | None
+        self, checks: Sequence[Check], error: BackendError | None
     ) -> Verdict | None:
         if error is not None and self.breaker is None:
             # Without a breaker, at most one line per 10 s: an outage must not flood the logs.
@@ -484,7 +529,7 @@ class RateLimiter:
     def retry_after_unavailable(self) -> int:
         return self.breaker.retry_after() if self.breaker is not None else 1
 
-    async def _wait_and_retry(self, checks: list[Check], verdict: Verdict) -> Verdict | None:
+    async def _wait_and_retry(self, checks: Sequence[Check], verdict: Verdict) -> Verdict | None:
         """Throttle instead of reject: wait up to the denied levels' ``max_delay``."""
         budget = min((self._delays.get(d.scope, 0.0) for d in verdict.denied), default=0.0)
         deadline = time.monotonic() + budget
@@ -554,10 +599,7 @@ class RateLimiter:
     def needs_after_response(self, context: RequestContext) -> bool:
         """Whether :meth:`after_response` has anything to do for this request."""
         return bool(
-            self.endpoint_breaker is not None
-            or (self.refund_when is not None and context.charged)
-            or context.refundable
-            or context.reported_cost is not None
+            self.after_every_response or context.refundable or context.reported_cost is not None
         )
 
     async def after_response(self, context: RequestContext, status: int | None) -> None:
@@ -571,7 +613,8 @@ class RateLimiter:
             return  # the backend is down: refunds would only add latency
         try:
             refunds: list[Check] = []
-            charged = context.charged
+            # Route limits with a cost of their own are refunded by their own rule.
+            charged = [c for c in context.charged if c.cost == context.cost]
             if self.refund_when is not None and charged and self.refund_when(status):
                 refunds.extend(charged)
                 charged = []

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
+from operator import itemgetter
 from typing import Any
 
 from starlette.requests import HTTPConnection
@@ -37,6 +38,7 @@ from .route_limits import RouteLimit, attached_limits
 __all__ = ["DEFAULT_EXEMPT", "RateLimitMiddleware"]
 
 DEFAULT_EXEMPT = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json")
+_NAME = itemgetter(0)
 # id(route) -> (route, its limits). Holding the route keeps its id from being reused.
 _route_limits_cache: dict[int, tuple[Any, tuple[RouteLimit, ...]]] = {}
 
@@ -94,7 +96,9 @@ class RateLimitMiddleware:
                 retry = max(1, math.ceil(until - time.time()))
                 await self._refuse(scope, receive, send, endpoint_unavailable_response(retry))
                 return
-        listed = await limiter.access(context)
+        lists = limiter.lists
+        # Empty lists (the usual case) cost no coroutine.
+        listed = None if lists is None or lists.known_empty() else await limiter.access(context)
         if listed == "block":
             await self._refuse(scope, receive, send, blocked_response())
             return
@@ -133,7 +137,7 @@ class RateLimitMiddleware:
             await responder.run_measured(scope, receive, load)
         else:
             await self.app(scope, receive, responder.send)
-        if limiter.needs_after_response(context):
+        if limiter.after_every_response or context.refundable or context.reported_cost is not None:
             await limiter.after_response(context, responder.status)
 
     def _skip(self, scope: Scope) -> bool:
@@ -222,14 +226,17 @@ class _Responder:
             style = context.limiter.header_style
             if context.decisions and style is not HeaderStyle.NONE:
                 ours = rate_limit_headers(context.decisions, style, now=time.time())
-                # Replace, never append: each header appears once even if the app set one.
-                # One pass over the list (MutableHeaders.__setitem__ rescans it per header).
+                headers = message.get("headers", ())
                 names = HEADER_NAMES[style]
-                message["headers"] = [
-                    header
-                    for header in message.get("headers", ())
-                    if header[0].lower() not in names
-                ] + ours
+                # Replace, never append: each header appears once even if the app set one.
+                # The check is C code alone (map, bytes.lower, isdisjoint); a new list, since
+                # the app's own list may be reused for other responses.
+                if names.isdisjoint(map(bytes.lower, map(_NAME, headers))):
+                    message["headers"] = [*headers, *ours]
+                else:
+                    message["headers"] = [
+                        header for header in headers if header[0].lower() not in names
+                    ] + ours
         elif self.replaced and kind == "http.response.body":
             return
         await self._send(message)

@@ -16,8 +16,9 @@ from typing import Any
 from starlette.routing import BaseRoute, Host, Match, Mount
 
 from ._types import Scope
+from .costs import endpoint_key
 
-__all__ = ["ResolvedRoute", "resolve_route"]
+__all__ = ["ResolvedRoute", "request_method", "resolve_route"]
 
 UNMATCHED = "<unmatched>"
 _CACHE_SIZE = 4096
@@ -25,10 +26,12 @@ _CACHE_SIZE = 4096
 
 @dataclass(frozen=True, slots=True)
 class ResolvedRoute:
-    """The template (``"/users/{id}"``) and the leaf route object, if any route matched."""
+    """The template (``"/users/{id}"``) and the leaf route object, if any route matched, and
+    the endpoint they make with the request's method (``"GET /users/{id}"``)."""
 
     template: str
     route: BaseRoute | None
+    endpoint: str = ""
 
 
 _UNMATCHED = ResolvedRoute(UNMATCHED, None)
@@ -52,10 +55,20 @@ def resolve_route(routes: Sequence[BaseRoute], scope: Scope) -> ResolvedRoute:
     if cached is not None and cached[0] is routes:
         return cached[1]
     found = _search(routes, scope, "") or _UNMATCHED
+    # The endpoint string is built here, once per cached path, not per request.
+    found = ResolvedRoute(
+        found.template, found.route, endpoint_key(request_method(scope), found.template)
+    )
     if len(_cache) >= _CACHE_SIZE:
         _cache.clear()
     _cache[cache_key] = (routes, found)
     return found
+
+
+def request_method(scope: Scope) -> str:
+    """The method an endpoint key uses: a WebSocket handshake is ``"WEBSOCKET"``."""
+    method = scope.get("method", "WEBSOCKET") if scope["type"] == "http" else "WEBSOCKET"
+    return method if isinstance(method, str) else "WEBSOCKET"
 
 
 def _search(routes: Iterable[BaseRoute], scope: Scope, prefix: str) -> ResolvedRoute | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from ._base import Evaluation
+from ._base import Evaluation, new_evaluation
 
 State = tuple[int, int]
 
@@ -19,14 +19,16 @@ def evaluate(state: State | None, now: int, limit: int, window: int, cost: int) 
     available = limit - count
     ends_in = start + window - now
     allowed = cost <= available
-    return Evaluation(
-        allowed,
-        available,
-        0 if allowed else max(1, ends_in),
-        ends_in,
-        ends_in if count > 0 else 0,
-        (start, count + cost),
-        ends_in,
+    return new_evaluation(
+        (
+            allowed,
+            available,
+            0 if allowed else max(1, ends_in),
+            ends_in,
+            ends_in if count > 0 else 0,
+            (start, count + cost),
+            ends_in,
+        )
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from ._base import Evaluation
+from ._base import Evaluation, new_evaluation
 
 State = float
 
@@ -30,14 +30,16 @@ def evaluate(
     backlog = 0.0 if state is None else max(state - now, 0.0)
     diff = backlog + cost * interval
     allowed = diff <= tau + SLACK_US
-    return Evaluation(
-        allowed,
-        (tau - backlog) / interval,
-        0 if allowed else max(1, math.ceil(diff - tau - SLACK_US)),
-        math.ceil(diff),
-        math.ceil(backlog),
-        now + diff,
-        math.ceil(diff),
+    return new_evaluation(
+        (
+            allowed,
+            (tau - backlog) / interval,
+            0 if allowed else max(1, math.ceil(diff - tau - SLACK_US)),
+            math.ceil(diff),
+            math.ceil(backlog),
+            now + diff,
+            math.ceil(diff),
+        )
     )
 
 

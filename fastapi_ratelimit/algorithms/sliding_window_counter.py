@@ -8,24 +8,22 @@ from __future__ import annotations
 
 import math
 
-from ._base import Evaluation
+from ._base import Evaluation, new_evaluation
 
 State = tuple[int, int, int]
 
 
-def current_counts(state: State | None, start: int, window: int) -> tuple[int, int]:
-    if state is None:
-        return 0, 0
-    if state[0] == start:
-        return state[1], state[2]
-    if state[0] == start - window:
-        return 0, state[1]
-    return 0, 0
-
-
 def evaluate(state: State | None, now: int, limit: int, window: int, cost: int) -> Evaluation:
     start = math.floor(now / window) * window
-    cur, prev = current_counts(state, start, window)
+    # Inline rather than a helper: this runs per level per request.
+    if state is None:
+        cur = prev = 0
+    elif state[0] == start:
+        cur, prev = state[1], state[2]
+    elif state[0] == start - window:
+        cur, prev = 0, state[1]
+    else:
+        cur = prev = 0
     elapsed = now - start
     weight = (window - elapsed) / window
     estimate = prev * weight + cur
@@ -50,14 +48,16 @@ def evaluate(state: State | None, now: int, limit: int, window: int, cost: int) 
         reset_keep = window - elapsed
     else:
         reset_keep = 0
-    return Evaluation(
-        allowed,
-        available,
-        retry,
-        2 * window - elapsed,
-        reset_keep,
-        (start, cur + cost, prev),
-        2 * window - elapsed,
+    return new_evaluation(
+        (
+            allowed,
+            available,
+            retry,
+            2 * window - elapsed,
+            reset_keep,
+            (start, cur + cost, prev),
+            2 * window - elapsed,
+        )
     )
 
 

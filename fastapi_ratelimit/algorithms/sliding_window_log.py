@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from ._base import Evaluation
+from ._base import Evaluation, new_evaluation
 
 State = deque[int]
 
@@ -34,14 +34,16 @@ def evaluate(log: State, now: int, limit: int, window: int, cost: int) -> Evalua
         k = count + cost - limit
         oldest_needed = log[k - 1] if k <= count else (log[-1] if count else now)
         retry = max(1, oldest_needed + window - now)
-    return Evaluation(
-        allowed,
-        available,
-        retry,
-        window,
-        (log[-1] + window - now) if count else 0,
-        cost,  # the caller appends `cost` entries stamped `now`
-        window,
+    return new_evaluation(
+        (
+            allowed,
+            available,
+            retry,
+            window,
+            (log[-1] + window - now) if count else 0,
+            cost,  # the caller appends `cost` entries stamped `now`
+            window,
+        )
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from ._base import Evaluation
+from ._base import Evaluation, new_evaluation
 
 State = tuple[float, int]
 
@@ -32,14 +32,16 @@ def evaluate(
     retry = 0 if allowed else max(1, math.ceil((cost - tokens) / rate))
     left = tokens - cost
     reset_commit = max(0, math.ceil((capacity - left) / rate))
-    return Evaluation(
-        allowed,
-        tokens,
-        retry,
-        reset_commit,
-        max(0, math.ceil((capacity - tokens) / rate)),
-        (left, updated),
-        reset_commit,
+    return new_evaluation(
+        (
+            allowed,
+            tokens,
+            retry,
+            reset_commit,
+            max(0, math.ceil((capacity - tokens) / rate)),
+            (left, updated),
+            reset_commit,
+        )
     )
 
 

@@ -8,9 +8,10 @@ nothing anywhere. Backends are plain objects you build and pass in: no registry,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import NamedTuple, Protocol, runtime_checkable
 
-from ..decision import Decision, Verdict
+from ..decision import Decision, Verdict, new_decision
 from ..keys import Identity
 from ..policy import Policy
 
@@ -43,6 +44,12 @@ class Check(_CheckFields):
         return super().__new__(cls, policy, scope, identity, cost)
 
 
+#: ``new_check((policy, scope, identity, cost))``: a :class:`Check` without the validation
+#: in its ``__new__`` (one C call). Only for callers whose cost is already validated, such as
+#: the limiter with costs from its checked cost table.
+new_check = partial(tuple.__new__, Check)
+
+
 @runtime_checkable
 class Backend(Protocol):
     """Where rate-limit state lives. Implementations: ``MemoryBackend``, ``RedisBackend``."""
@@ -73,15 +80,18 @@ def make_decision(
     check: Check, allowed: bool, remaining: int, reset_us: int, retry_us: int
 ) -> Decision:
     """Shared by the backends, so both turn microseconds into a Decision identically."""
-    return Decision(
-        allowed,
-        check.policy.limit,
-        remaining if remaining > 0 else 0,
-        reset_us / 1_000_000,
-        retry_us / 1_000_000,
-        check.policy.name,
-        check.scope,
-        check.policy.window,
+    policy = check.policy
+    return new_decision(
+        (
+            allowed,
+            policy.limit,
+            remaining if remaining > 0 else 0,
+            reset_us / 1_000_000,
+            retry_us / 1_000_000,
+            policy.name,
+            check.scope,
+            policy.window,
+        )
     )
 
 

@@ -20,7 +20,7 @@ from ..algorithms import sliding_window_log as sl
 from ..algorithms import token_bucket as tb
 from ..algorithms._base import Evaluation
 from ..clock import Clock, SystemClock
-from ..decision import Decision, Verdict
+from ..decision import Decision, Verdict, new_verdict
 from ..errors import ConfigurationError
 from ..keys import KeyBuilder
 from ..policy import Algorithm
@@ -161,63 +161,52 @@ class MemoryBackend:
         return entry[1]
 
     def _check(self, checks: Sequence[Check], *, commit: bool) -> Verdict:
+        # The hot path of the embedded default: one pass to evaluate, one to commit and
+        # answer, with lookups and stores inline (every call saved is per level per request).
         now = self._clock.now_us()
-        keys = [self._key(c) for c in checks]
-        if len(keys) > 1:
-            ensure_distinct(keys)
-        evaluations: list[tuple[Evaluation, Any]] = []
+        data = self._data
+        key_of = self._keys.key
+        rows: list[tuple[Check, str, list[Any] | None, Any, Evaluation]] = []
         all_allowed = True
-        for check, key in zip(checks, keys, strict=True):
-            state = self._get(key, now)
-            evaluation = self._evaluate(check, state, now)
-            evaluations.append((evaluation, state))
-            all_allowed = all_allowed and evaluation.allowed
+        for check in checks:
+            policy = check.policy
+            key = key_of(check.scope, policy.bucket, policy.code, check.identity)
+            entry = data.get(key)
+            if entry is not None and entry[0] <= now:
+                del data[key]
+                entry = None
+            state = entry[1] if entry is not None else None
+            if policy.algorithm is _SL:
+                state = state if state is not None else deque()
+            evaluation = _evaluate(check, state, now)
+            if not evaluation.allowed:
+                all_allowed = False
+            rows.append((check, key, entry, state, evaluation))
+        if len(rows) > 1 and len({row[1] for row in rows}) != len(rows):
+            ensure_distinct([row[1] for row in rows])
         consume = commit and all_allowed
         decisions: list[Decision] = []
-        for check, key, (ev, state) in zip(checks, keys, evaluations, strict=True):
+        for check, key, entry, state, ev in rows:
             if consume:
-                self._store(check, key, ev, state, now)
+                if check.policy.algorithm is _SL:
+                    state.extend([now] * check.cost)
+                else:
+                    state = ev.new_state
+                expires = now + ev.ttl_us + self._margin_us
+                if entry is not None:
+                    entry[0] = expires
+                    entry[1] = state
+                    data.move_to_end(key)
+                else:
+                    self._make_room(now)
+                    data[key] = [expires, state]
                 remaining = math.floor(ev.available - check.cost)
                 reset_us = ev.reset_commit_us
             else:
                 remaining = math.floor(ev.available)
                 reset_us = ev.reset_keep_us
             decisions.append(make_decision(check, ev.allowed, remaining, reset_us, ev.retry_us))
-        return Verdict(tuple(decisions))
-
-    @staticmethod
-    def _evaluate(check: Check, state: Any, now: int) -> Evaluation:
-        policy = check.policy
-        rate = policy.rate
-        algorithm = policy.algorithm
-        if algorithm is _SC:
-            return sc.evaluate(state, now, rate.limit, rate.period_us, check.cost)
-        if algorithm is _GC:
-            return gc.evaluate(state, now, rate.limit, rate.period_us, rate.capacity, check.cost)
-        if algorithm is _TB:
-            return tb.evaluate(state, now, rate.limit, rate.period_us, rate.capacity, check.cost)
-        if algorithm is _FW:
-            return fw.evaluate(state, now, rate.limit, rate.period_us, check.cost)
-        log = state if state is not None else deque()
-        sl.trim(log, now, rate.period_us)
-        return sl.evaluate(log, now, rate.limit, rate.period_us, check.cost)
-
-    def _store(self, check: Check, key: str, ev: Evaluation, state: Any, now: int) -> None:
-        if check.policy.algorithm is _SL:
-            log = state if state is not None else deque()
-            log.extend([now] * check.cost)
-            new_state: Any = log
-        else:
-            new_state = ev.new_state
-        expires = now + ev.ttl_us + self._margin_us
-        entry = self._data.get(key)
-        if entry is not None:
-            entry[0] = expires
-            entry[1] = new_state
-            self._data.move_to_end(key)
-            return
-        self._make_room(now)
-        self._data[key] = [expires, new_state]
+        return new_verdict((tuple(decisions), all_allowed))
 
     def _make_room(self, now: int) -> None:
         data = self._data
@@ -242,3 +231,20 @@ class MemoryBackend:
                 return
         data.popitem(last=False)
         self._sweep_credit -= 1
+
+
+def _evaluate(check: Check, state: Any, now: int) -> Evaluation:
+    """One level's evaluation; the sliding log's ``state`` is a deque (trimmed in place)."""
+    policy = check.policy
+    rate = policy.rate
+    algorithm = policy.algorithm
+    if algorithm is _SC:
+        return sc.evaluate(state, now, rate.limit, rate.period_us, check.cost)
+    if algorithm is _GC:
+        return gc.evaluate(state, now, rate.limit, rate.period_us, rate.capacity, check.cost)
+    if algorithm is _TB:
+        return tb.evaluate(state, now, rate.limit, rate.period_us, rate.capacity, check.cost)
+    if algorithm is _FW:
+        return fw.evaluate(state, now, rate.limit, rate.period_us, check.cost)
+    sl.trim(state, now, rate.period_us)
+    return sl.evaluate(state, now, rate.limit, rate.period_us, check.cost)
