@@ -1,0 +1,240 @@
+"""One multiplexed connection to a standalone Redis, for the script calls on the hot path.
+
+redis-py checks a connection out of its pool for every command, and its ``execute_command``
+adds retries, observability hooks and argument encoding on top; per request, that costs more
+CPU than everything else the middleware does. Here every request shares ONE connection:
+a command is written as soon as it is made and the replies, which Redis sends in order, are
+matched to their callers first-in first-out (aioredis 1.x worked this way). Concurrent
+requests so pipeline on the wire for free: fewer system calls on both sides, no pool, no
+connection per request.
+
+A caller that gives up (timeout, cancellation) leaves its slot in the queue, and its reply is
+read and dropped when it comes: the connection never goes out of step. A timeout also drops
+the connection, since a link that swallowed one reply may have swallowed more; the next call
+connects afresh. Used only where redis-py adds nothing we need: plain TCP or Unix-socket
+connections of a standalone client, RESP2, password or ACL user (see :func:`pipe_for`);
+TLS, Sentinel, Cluster and other set-ups keep redis-py for everything.
+
+Replies are parsed by ``hiredis`` (installed with ``redis[hiredis]``); without it the backend
+uses redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.connection import Connection, ConnectionPool, UnixDomainSocketConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+try:
+    import hiredis
+except ImportError:  # pragma: no cover - redis[hiredis] installs it
+    hiredis = None  # type: ignore[assignment]
+
+__all__ = ["Pipe", "bulk", "pack", "pipe_for"]
+
+
+def pack(*parts: bytes) -> bytes:
+    """A command as a RESP array of bulk strings."""
+    return b"*%d\r\n" % len(parts) + bulk(*parts)
+
+
+def bulk(*parts: bytes) -> bytes:
+    """``parts`` as consecutive RESP bulk strings (the elements of an array)."""
+    return b"".join([b"$%d\r\n%s\r\n" % (len(part), part) for part in parts])
+
+
+def pipe_for(client: Redis) -> Pipe | None:
+    """A :class:`Pipe` with ``client``'s connection settings, or ``None`` when the client is
+    set up in a way only redis-py handles (TLS, Sentinel, RESP3, credential providers, a
+    custom pool or connection class)."""
+    pool = client.connection_pool
+    if hiredis is None or type(pool) is not ConnectionPool:
+        return None
+    kind = pool.connection_class
+    options = pool.connection_kwargs
+    if kind not in (Connection, UnixDomainSocketConnection):
+        return None
+    if options.get("credential_provider") is not None or options.get("protocol") not in (
+        None,
+        2,
+        "2",
+    ):
+        return None
+    return Pipe(
+        host=str(options.get("host", "localhost")),
+        port=int(options.get("port", 6379)),
+        path=options.get("path") if kind is UnixDomainSocketConnection else None,
+        db=int(options.get("db", 0) or 0),
+        username=options.get("username"),
+        password=options.get("password"),
+        connect_timeout=options.get("socket_connect_timeout") or 5.0,
+    )
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        assert hiredis is not None
+        self.reader = hiredis.Reader()
+        self.waiters: deque[asyncio.Future[Any]] = deque()
+        # An asyncio.Transport, or uvloop's, which does not subclass it.
+        self.transport: Any = None
+        self.lost = False
+        # A connection belongs to the loop that opened it (tests run one loop per test).
+        self.loop = asyncio.get_running_loop()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        waiters = self.waiters
+        while True:
+            reply = reader.gets()
+            if reply is False:
+                return
+            if not waiters:  # a reply nobody asked for: the stream is broken
+                self.abort()
+                return
+            waiter = waiters.popleft()
+            if waiter.done():
+                continue  # its caller gave up; the reply is dropped, the order kept
+            if isinstance(reply, hiredis.ReplyError):
+                waiter.set_exception(_reply_error(str(reply)))
+            else:
+                waiter.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        error = RedisConnectionError(f"connection to Redis lost: {exc or 'closed'}")
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+
+    def abort(self) -> None:
+        self.lost = True
+        if self.transport is not None:
+            # abort(), not close(): nothing queued for a link we give up on is worth sending.
+            with contextlib.suppress(RuntimeError):  # its event loop is closed already
+                self.transport.abort()
+
+
+def _reply_error(message: str) -> ResponseError:
+    if message.startswith("NOSCRIPT"):
+        return NoScriptError(message)
+    return ResponseError(message)
+
+
+class Pipe:
+    """One shared, pipelined connection (see the module docstring). Connects lazily and
+    reconnects on the call after a loss."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "localhost",
+        port: int = 6379,
+        path: str | None = None,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self._host, self._port, self._path = host, port, path
+        self._db = db
+        self._username, self._password = username, password
+        self._connect_timeout = connect_timeout
+        self._protocol: _Protocol | None = None
+        self._connecting: asyncio.Future[_Protocol] | None = None
+
+    # A timer handle per call rather than asyncio.timeout(): a third of the cost, and the
+    # expiry must also drop the connection.
+    async def call(self, command: bytes, timeout: float | None) -> Any:  # noqa: ASYNC109
+        """Send one packed command and wait for its reply (at most ``timeout`` seconds)."""
+        protocol = self._protocol
+        loop = asyncio.get_running_loop()
+        if protocol is None or protocol.lost or protocol.loop is not loop:
+            protocol = await self._connect()
+        waiter = loop.create_future()
+        protocol.waiters.append(waiter)
+        protocol.transport.write(command)
+        if timeout is None:
+            return await waiter
+        timer = loop.call_later(timeout, _expire, waiter, protocol)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+
+    def close(self) -> None:
+        """Close the connection (pending callers get a ConnectionError)."""
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None and protocol.transport is not None:
+            protocol.lost = True
+            protocol.transport.close()
+
+    async def _connect(self) -> _Protocol:
+        # Concurrent callers share one attempt rather than each opening a connection.
+        if self._protocol is not None:
+            self._protocol.abort()  # lost, or of another loop: make sure it is closed
+            self._protocol = None
+        if (
+            self._connecting is None
+            or self._connecting.get_loop() is not asyncio.get_running_loop()
+        ):
+            self._connecting = asyncio.ensure_future(self._open())
+        connecting = self._connecting
+        try:
+            return await asyncio.shield(connecting)
+        finally:
+            if connecting.done() and self._connecting is connecting:
+                self._connecting = None
+
+    async def _open(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                if self._path is not None:
+                    _, protocol = await loop.create_unix_connection(_Protocol, self._path)
+                else:
+                    _, protocol = await loop.create_connection(_Protocol, self._host, self._port)
+                try:
+                    if self._password is not None:
+                        credentials = [self._password.encode()]
+                        if self._username is not None:
+                            credentials.insert(0, self._username.encode())
+                        await _ask(protocol, pack(b"AUTH", *credentials))
+                    if self._db:
+                        await _ask(protocol, pack(b"SELECT", b"%d" % self._db))
+                except BaseException:
+                    protocol.abort()
+                    raise
+        except TimeoutError:
+            raise RedisTimeoutError(
+                f"connecting to Redis timed out after {self._connect_timeout}s"
+            ) from None
+        except OSError as exc:
+            raise RedisConnectionError(f"cannot connect to Redis: {exc}") from exc
+        self._protocol = protocol
+        return protocol
+
+
+async def _ask(protocol: _Protocol, command: bytes) -> Any:
+    waiter = asyncio.get_running_loop().create_future()
+    protocol.waiters.append(waiter)
+    protocol.transport.write(command)
+    return await waiter
+
+
+def _expire(waiter: asyncio.Future[Any], protocol: _Protocol) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+        protocol.abort()
