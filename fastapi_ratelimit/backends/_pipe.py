@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -50,10 +51,10 @@ def bulk(*parts: bytes) -> bytes:
     return b"".join([b"$%d\r\n%s\r\n" % (len(part), part) for part in parts])
 
 
-def pipe_for(client: Redis) -> Pipe | None:
+def pipe_for(client: Redis, setup: Sequence[bytes] = ()) -> Pipe | None:
     """A :class:`Pipe` with ``client``'s connection settings, or ``None`` when the client is
     set up in a way only redis-py handles (TLS, Sentinel, RESP3, credential providers, a
-    custom pool or connection class)."""
+    custom pool or connection class). ``setup``: commands sent on every new connection."""
     pool = client.connection_pool
     if hiredis is None or type(pool) is not ConnectionPool:
         return None
@@ -75,6 +76,7 @@ def pipe_for(client: Redis) -> Pipe | None:
         username=options.get("username"),
         password=options.get("password"),
         connect_timeout=options.get("socket_connect_timeout") or 5.0,
+        setup=setup,
     )
 
 
@@ -147,8 +149,10 @@ class Pipe:
         username: str | None = None,
         password: str | None = None,
         connect_timeout: float = 5.0,
+        setup: Sequence[bytes] = (),
     ) -> None:
         self._host, self._port, self._path = host, port, path
+        self._setup = tuple(setup)
         self._db = db
         self._username, self._password = username, password
         self._connect_timeout = connect_timeout
@@ -214,6 +218,8 @@ class Pipe:
                         await _ask(protocol, pack(b"AUTH", *credentials))
                     if self._db:
                         await _ask(protocol, pack(b"SELECT", b"%d" % self._db))
+                    for command in self._setup:
+                        await _ask(protocol, command)
                 except BaseException:
                     protocol.abort()
                     raise

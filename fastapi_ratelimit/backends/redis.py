@@ -35,7 +35,7 @@ from ..decision import Decision, Verdict
 from ..errors import BackendError, ConfigurationError
 from ..keys import KeyBuilder
 from ._pipe import bulk as _bulk
-from ._pipe import pipe_for
+from ._pipe import pack, pipe_for
 from ._scripts import multi_level_script
 from .base import Check, ensure_distinct, make_decision
 
@@ -118,8 +118,10 @@ class RedisBackend:
         self._script = client.register_script(self._source)
         if multiplex is None:
             multiplex = _owns_client
+        # Every new pipe connection loads the script first: a cold start never meets NOSCRIPT.
+        load = pack(b"SCRIPT", b"LOAD", self._source.encode())
         self._pipe = (
-            pipe_for(client)
+            pipe_for(client, [load])
             if multiplex and not self._cluster and isinstance(client, Redis)
             else None
         )
@@ -367,9 +369,12 @@ class RedisBackend:
         pipe = self._pipe
         if pipe is not None:
             try:
-                return await pipe.call(self._evalsha(keys, args[0]), self._timeout)
-            except NoScriptError:
-                pass  # redis-py below reloads the script and retries
+                try:
+                    return await pipe.call(self._evalsha(keys, args[0]), self._timeout)
+                except NoScriptError:
+                    # Flushed (SCRIPT FLUSH, a restart without persistence): EVAL sends the
+                    # source, runs it and caches it again, so EVALSHA works from then on.
+                    return await pipe.call(self._eval_source(keys, args[0]), self._timeout)
             except TimeoutError as exc:
                 raise BackendError(
                     f"Redis script timed out after {self._timeout}s ({self._where()})"
@@ -402,6 +407,10 @@ class RedisBackend:
             raise BackendError(
                 f"Redis script failed: {type(exc).__name__}: {_scrub(str(exc))} ({self._where()})"
             ) from exc
+
+    def _eval_source(self, keys: list[str], arg: str) -> bytes:
+        parts = [b"EVAL", self._source.encode(), b"%d" % len(keys), *map(str.encode, keys)]
+        return pack(*parts, arg.encode())
 
     def _evalsha(self, keys: list[str], arg: str) -> bytes:
         """``EVALSHA sha len(keys) *keys arg``, packed for the pipe."""
