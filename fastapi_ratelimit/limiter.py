@@ -276,6 +276,10 @@ class RateLimiter:
             raise ConfigurationError("refresh_interval", refresh_interval, "must be in (0, 1] s")
         self.lists: AccessLists | None = None
         self.tier_store: TierStore | None = None
+        # Fixed at construction; whether the backend is the memory one is read per request.
+        self._may_run_now = (
+            dynamic is None and not self._shadow_all and not self._shadow and not self._delays
+        )
         #: :meth:`after_response` has work after every response (a breaker to feed, refunds
         #: by status to look at), not only when a request asks for it.
         self.after_every_response = endpoint_breaker is not None or refund_when is not None
@@ -476,6 +480,29 @@ class RateLimiter:
             verdict = await self._wait_and_retry(enforced, verdict)
         if verdict is None:
             return None
+        self._record(verdict, enforced, context)
+        if self.dynamic is not None and self.dynamic.behaviour is not None:
+            await self.dynamic.behaviour.record(_client(context), verdict.allowed)
+        return verdict
+
+    @property
+    def runs_now(self) -> bool:
+        """Whether :meth:`run_now` may stand in for :meth:`run` (one coroutine less per
+        request). Read per request: the backend is a public attribute and may be replaced."""
+        return self._may_run_now and type(self.backend) is MemoryBackend
+
+    def run_now(self, checks: Sequence[Check], context: RequestContext) -> Verdict:
+        """:meth:`run` without a coroutine, for limiters that :attr:`runs_now` (the memory
+        backend, which never waits or fails, and no dynamic limits, shadow levels or
+        delays): the same decisions, recorded the same way."""
+        backend = self.backend
+        assert isinstance(backend, MemoryBackend)
+        verdict = backend.hit_now(checks)
+        self._record(verdict, checks, context)
+        return verdict
+
+    @staticmethod
+    def _record(verdict: Verdict, enforced: Sequence[Check], context: RequestContext) -> None:
         context.decisions.extend(verdict.decisions)
         if verdict.allowed:
             # Those at the request's cost are picked out after the response, if ever needed.
@@ -487,9 +514,6 @@ class RateLimiter:
                 ",".join(d.policy for d in verdict.denied),
                 ",".join(d.scope for d in verdict.denied),
             )
-        if self.dynamic is not None and self.dynamic.behaviour is not None:
-            await self.dynamic.behaviour.record(_client(context), verdict.allowed)
-        return verdict
 
     async def _hit(self, checks: Sequence[Check]) -> Verdict | None:
         """One backend call through the circuit breaker and the failure policy."""

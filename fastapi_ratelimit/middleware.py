@@ -119,11 +119,16 @@ class RateLimitMiddleware:
                 checks.append(check)
                 if limit.refund_when is not None:
                     context.refundable.append((limit, check))
-        try:
-            verdict = await limiter.run(checks, context) if checks else None
-        except BackendError:
-            await self._refuse(scope, receive, send, limiter.unavailable_response())
-            return
+        if not checks:
+            verdict = None
+        elif limiter.runs_now:
+            verdict = limiter.run_now(checks, context)
+        else:
+            try:
+                verdict = await limiter.run(checks, context)
+            except BackendError:
+                await self._refuse(scope, receive, send, limiter.unavailable_response())
+                return
         if verdict is not None and not verdict.allowed:
             await self._refuse(scope, receive, send, limiter.denial_response(context, verdict))
             return

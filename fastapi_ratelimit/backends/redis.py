@@ -68,7 +68,9 @@ class RedisBackend:
             bypassing redis-py's pool for them: much less CPU per request. ``None`` (the
             default) does so when the backend owns its client (:meth:`from_url`) and the
             client is a plain TCP or Unix-socket one; ``max_in_flight`` then bounds only the
-            other commands. ``False``: always redis-py.
+            other commands. ``False``: always redis-py. On that connection ``timeout`` runs
+            from the moment a call is written, so it also covers waiting behind the calls
+            pipelined before it: the latency a request can gain stays bounded.
     """
 
     def __init__(
