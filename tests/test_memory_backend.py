@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastapi_ratelimit import Algorithm, Check, ConfigurationError, FakeClock, MemoryBackend, Policy
 
@@ -48,6 +50,50 @@ async def test_least_recently_used_is_evicted_when_nothing_expired() -> None:
     assert (await backend.peek([Check(policy, "ip", "a")])).decisions[0].remaining == 0
     assert (await backend.peek([Check(policy, "ip", "c")])).decisions[0].remaining == 1
     assert (await backend.peek([Check(policy, "ip", "b")])).decisions[0].remaining == 2
+
+
+async def test_making_room_never_loses_an_update_of_the_same_request() -> None:
+    # Full at 2 keys; a request that touches the least recently used key AND a new one must
+    # keep its update of the old key (the new key evicts the other, older one).
+    backend = MemoryBackend(max_keys=2, clock=FakeClock())
+    policy = Policy("p", "5/hour")
+    a, b, c = (Check(policy, "ip", name) for name in "abc")
+    await backend.hit([a])
+    await backend.hit([b])
+    await backend.hit([c, a])  # the new key first: making room for it must not take a
+    assert (await backend.peek([a])).decisions[0].remaining == 3
+    assert (await backend.peek([b])).decisions[0].remaining == 5  # evicted
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 2),  # which identity
+            st.integers(1, 4),  # cost
+            st.integers(0, 40_000),  # ms to wait first
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_fast_path_decides_exactly_as_the_general_one(steps: list[tuple[int, int, int]]) -> None:
+    """hit_now() takes the all-admitted sliding-window shortcut; _check() never does. Same
+    answers and the same stored state, admitted or not."""
+    policies = [Policy("a", "7/10s"), Policy("b", "12/30s")]
+    clocks = (FakeClock(), FakeClock())
+    fast, general = (MemoryBackend(clock=clock) for clock in clocks)
+    for who, cost, wait in steps:
+        for clock in clocks:
+            clock.advance(wait / 1000)
+        checks = [Check(p, "ip", f"id{who}", cost) for p in policies]
+        checks.append(Check(policies[0], "global", "", cost))
+        assert fast.hit_now(checks) == general._check(checks, commit=True)
+    # The same live state (expired keys may be swept at different moments: both ignore them).
+    now = clocks[0].now_us()
+    assert {k: v for k, v in fast._data.items() if v[0] > now} == {
+        k: v for k, v in general._data.items() if v[0] > now
+    }
 
 
 async def test_expired_state_is_dropped() -> None:

@@ -154,6 +154,17 @@ async def test_endpoint_level_is_shared_by_all_clients() -> None:
         assert (await a.get("/hello")).status_code == 429
 
 
+async def test_a_star_endpoint_limit_applies_to_every_method_apart() -> None:
+    app = make_app(RateLimiter(endpoint_limits={"* /users/{user_id}": "1/minute"}))
+    app.add_api_route("/users/{user_id}", lambda user_id: {"gone": user_id}, methods=["DELETE"])
+    async with client_for(app) as client:
+        assert (await client.get("/users/1")).status_code == 200
+        assert (await client.get("/users/2")).status_code == 429
+        # DELETE is another endpoint under the same limit: a bucket of its own.
+        assert (await client.delete("/users/1")).status_code == 200
+        assert (await client.delete("/users/1")).status_code == 429
+
+
 async def test_unmatched_paths_share_one_bucket_and_never_mint_keys() -> None:
     backend = MemoryBackend()
     app = make_app(RateLimiter(backend=backend, endpoint_limits={"GET <unmatched>": "2/minute"}))

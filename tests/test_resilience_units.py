@@ -65,6 +65,33 @@ def test_breaker_opens_on_consecutive_failures_then_probes_once() -> None:
     assert states == ["open", "half_open", "open", "half_open", "closed"]
 
 
+def test_an_idle_breaker_is_one_with_nothing_to_record() -> None:
+    # The limiter skips record_success while the breaker is idle; that must never hide a
+    # success the failure rate needs.
+    clock = Clock()
+    breaker = CircuitBreaker(failure_threshold=100, failure_rate=0.5, min_calls=4, clock=clock)
+    assert breaker.idle
+    breaker.record_failure()
+    assert not breaker.idle
+    breaker.record_success()  # counted: a failure is in the window
+    assert not breaker.idle
+    breaker.record_failure()
+    breaker.record_success()
+    assert breaker.state == "closed"  # 2 failures of 4 calls: at the rate, not under min
+    breaker.record_failure()
+    assert breaker.state == "open"  # 3 of 5
+    clock.now += 5
+    assert breaker.allow_call()
+    breaker.record_success()
+    assert breaker.state == "closed"
+    assert not breaker.idle
+    breaker.record_success()
+    assert breaker.idle
+    clock.now += 60
+    breaker.record_failure()
+    assert not breaker.idle
+
+
 def test_breaker_opens_on_failure_rate() -> None:
     clock = Clock()
     breaker = CircuitBreaker(failure_threshold=100, failure_rate=0.5, min_calls=10, clock=clock)
