@@ -1,11 +1,19 @@
 """Instructions per request, counted with callgrind: deterministic, unlike wall time on a
-shared machine. Drives a FastAPI app in-process (raw ASGI calls) with and without the
-middleware, runs each twice (N and N + 1000 requests) and reports the difference / 1000.
+shared machine. Each measurement runs twice (N and N + 1000 requests) and reports the
+difference / 1000.
 
-    python bench/instructions.py                  # bare, 3 memory levels, variants
+    python bench/instructions.py                  # in-process: bare, 3 memory levels, variants
     python bench/instructions.py --config '{"headers": "none"}'
+    python bench/instructions.py --server         # whole uvicorn servers: the bench_http apps
 
-Needs valgrind (Debian package). Each run takes about 15 s.
+In-process mode drives a FastAPI app with raw ASGI calls. ``--server`` runs the apps of
+``bench/bench_http.py`` under uvicorn (uvloop, httptools) inside callgrind and sends them
+sequential keep-alive requests (with the same headers as wrk), a private redis-server on a
+free port serving the Redis variants: the same ratio to bare that wrk measures, without the
+noise, but counting user-space instructions of the server process only (not the kernel's
+socket work, nor what pipelining saves under concurrent load).
+
+Needs valgrind (Debian package). Each in-process run takes about 15 s, each server run 30 s.
 """
 
 from __future__ import annotations
@@ -88,11 +96,97 @@ def count(config: str, n: int) -> int:
     return int(match.group(1))
 
 
+SERVER_VARIANTS = ("bare", "frl-memory-3", "frl-redis-5", "frl-redis-1")
+
+
+def count_server(module: str, n: int, env: dict[str, str]) -> int:
+    """Instructions of one uvicorn process serving ``n`` requests (start-up included)."""
+    import http.client
+    import signal
+    import socket
+    import time
+
+    from bench_http import APPS, HOST, PATH, REQUEST_HEADERS, free_port
+
+    port = free_port()
+    paths = [sysconfig.get_paths()["purelib"], os.path.dirname(os.path.dirname(__file__))]
+    # fmt: off
+    argv = [
+        "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+        os.path.realpath(sys.executable), "-m", "uvicorn", f"{module}:app", "--app-dir", str(APPS),
+        "--host", HOST, "--port", str(port), "--loop", "uvloop", "--http", "httptools",
+        "--no-access-log", "--log-level", "warning",
+    ]
+    # fmt: on
+    process = subprocess.Popen(
+        argv,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**env, "PYTHONPATH": os.pathsep.join(paths)},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection((HOST, port), 0.5).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"{module} did not start") from None
+                time.sleep(0.2)
+        connection = http.client.HTTPConnection(HOST, port, timeout=60)
+        for _ in range(n):
+            connection.request("GET", PATH, headers=dict(REQUEST_HEADERS))
+            response = connection.getresponse()
+            response.read()
+            if response.status != 200:
+                raise SystemExit(f"{module}: status {response.status}")
+        connection.close()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    match = re.search(r"Collected : (\d+)", stderr)
+    if match is None:
+        raise SystemExit(f"no instruction count from valgrind:\n{stderr[-2000:]}")
+    return int(match.group(1))
+
+
+def servers() -> None:
+    import shutil
+
+    from bench_http import VARIANTS as HTTP_VARIANTS
+    from bench_http import RedisServer
+
+    redis_server = RedisServer(shutil.which("redis-server") or "redis-server", cpu=1)
+    redis_server.start()
+    try:
+        env = {**os.environ, "BENCH_REDIS_URL": redis_server.url}
+        print("| variant | instructions per request | ratio to bare |\n|---|--:|--:|")
+        bare = None
+        for variant in HTTP_VARIANTS:
+            if variant.id not in SERVER_VARIANTS:
+                continue
+            per_request = (
+                count_server(variant.module, 1300, env) - count_server(variant.module, 300, env)
+            ) // 1000
+            bare = bare or per_request
+            print(f"| {variant.id} | {per_request:,} | {bare / per_request:.2f} |", flush=True)
+    finally:
+        redis_server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--child", nargs=2)
     parser.add_argument("--config", help="one RateLimiter configuration as JSON")
+    parser.add_argument("--server", action="store_true", help="whole uvicorn servers")
     args = parser.parse_args()
+    if args.server:
+        servers()
+        return
     if args.child:
         config, n = args.child
         asyncio.run(drive(make_app(json.loads(config)), int(n)))

@@ -104,15 +104,15 @@ def binding_of(decisions: Sequence[Decision]) -> Decision:
     first = decisions[0]
     if len(decisions) == 1:
         return first
+    # One pass for both rules; the share is only compared while nothing was denied.
     denied: Decision | None = None
-    for decision in decisions:
-        if not decision.allowed and (denied is None or decision.retry_after > denied.retry_after):
-            denied = decision
-    if denied is not None:
-        return denied
     best, best_share = first, first.remaining / first.limit
     for decision in decisions:
-        share = decision.remaining / decision.limit
-        if share < best_share or (share == best_share and decision.remaining < best.remaining):
-            best, best_share = decision, share
-    return best
+        if not decision.allowed:
+            if denied is None or decision.retry_after > denied.retry_after:
+                denied = decision
+        elif denied is None:
+            share = decision.remaining / decision.limit
+            if share < best_share or (share == best_share and decision.remaining < best.remaining):
+                best, best_share = decision, share
+    return denied if denied is not None else best

@@ -35,7 +35,7 @@ class KeyBuilder:
     """Builds storage keys. ``secret`` (optional) keys the hash, so that low-entropy
     identifiers such as IP addresses cannot be recovered from the store by brute force."""
 
-    __slots__ = ("_cache", "_prefix", "_scopes", "_secret")
+    __slots__ = ("_prefix", "_scopes", "_secret", "cached")
 
     def __init__(self, prefix: str = "rl", *, secret: bytes | None = None) -> None:
         if not isinstance(prefix, str) or not _SAFE_RE.fullmatch(prefix):
@@ -47,7 +47,9 @@ class KeyBuilder:
         self._prefix = prefix
         self._secret = secret or b""
         self._scopes: set[str] = set()
-        self._cache: dict[tuple[str, str, str, Identity], str] = {}
+        #: ``(scope, policy, algorithm code, identity) -> key`` for keys built lately: hot
+        #: paths look here first and call :meth:`key` only on a miss. Read-only for them.
+        self.cached: dict[tuple[str, str, str, Identity], str] = {}
 
     @property
     def prefix(self) -> str:
@@ -67,7 +69,7 @@ class KeyBuilder:
 
     def key(self, scope: str, policy: str, algorithm_code: str, identity: Identity) -> str:
         cache_key = (scope, policy, algorithm_code, identity)
-        key = self._cache.get(cache_key)
+        key = self.cached.get(cache_key)
         if key is not None:
             return key
         if scope not in self._scopes:
@@ -75,9 +77,9 @@ class KeyBuilder:
         key = f"{self._prefix}:{scope}:{policy}:{algorithm_code}:{{{self.digest(identity)}}}"
         size = len(identity) if isinstance(identity, str) else sum(map(len, identity))
         if size <= _MAX_CACHED_IDENTITY:
-            if len(self._cache) >= _KEY_CACHE_SIZE:
-                self._cache.clear()
-            self._cache[cache_key] = key
+            if len(self.cached) >= _KEY_CACHE_SIZE:
+                self.cached.clear()
+            self.cached[cache_key] = key
         return key
 
     def pattern(self) -> str:

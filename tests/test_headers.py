@@ -8,6 +8,8 @@ from collections.abc import Mapping
 
 import http_sf
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fastapi_ratelimit import ConfigurationError, Decision, Verdict
 from fastapi_ratelimit.headers import (
@@ -251,6 +253,31 @@ def test_binding_when_denied_is_the_longest_wait() -> None:
     headers = as_dict(rate_limit_headers(decisions, HeaderStyle.IETF, now=NOW))
     assert parse_ratelimit(headers[b"ratelimit"]) == ("user", {"r": 0, "t": 42})
     assert Verdict.of(decisions).binding is decisions[2]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.booleans(), st.integers(1, 50), st.integers(0, 50), st.sampled_from([0.5, 2.0, 9.0])
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_binding_follows_its_definition(rows: list[tuple[bool, int, int, float]]) -> None:
+    """The one-pass loop in binding_of against the rule written plainly: the denied level
+    with the longest wait, else the smallest share left (then fewest units); ties go to the
+    first."""
+    decisions = [
+        Decision(ok, limit, min(left, limit), 1.0, 0.0 if ok else wait, f"p{i}", "ip", 60.0)
+        for i, (ok, limit, left, wait) in enumerate(rows)
+    ]
+    refused = [d for d in decisions if not d.allowed]
+    if refused:
+        expected = max(refused, key=lambda d: d.retry_after)
+    else:
+        expected = min(decisions, key=lambda d: (d.remaining / d.limit, d.remaining))
+    assert Verdict.of(decisions).binding is expected
 
 
 @pytest.mark.parametrize(

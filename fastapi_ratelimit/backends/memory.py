@@ -179,16 +179,23 @@ class MemoryBackend:
         """
         now = self._clock.now_us()
         data = self._data
-        key_of = self._keys.key
+        keys = self._keys
+        cached_key = keys.cached
         rows = []
+        window = start = elapsed = 0
         for check in checks:
             policy = check.policy
             if policy.algorithm is not _SC:
                 return None
-            key = key_of(check.scope, policy.bucket, policy.code, check.identity)
+            identity = check.identity
+            key = cached_key.get((check.scope, policy.bucket, policy.code, identity))
+            if key is None:
+                key = keys.key(check.scope, policy.bucket, policy.code, identity)
             rate = policy.rate
-            window = rate.period_us
-            start = math.floor(now / window) * window
+            if rate.period_us != window:  # levels mostly share a window: its math once
+                window = rate.period_us
+                start = math.floor(now / window) * window
+                elapsed = now - start
             entry = data.get(key)
             cur = prev = 0
             if entry is not None and entry[0] > now:
@@ -197,7 +204,6 @@ class MemoryBackend:
                     cur, prev = state[1], state[2]
                 elif state[0] == start - window:
                     prev = state[1]
-            elapsed = now - start
             available = rate.limit - (prev * ((window - elapsed) / window) + cur)
             cost = check.cost
             if not cost <= available:
