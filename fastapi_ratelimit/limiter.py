@@ -112,7 +112,8 @@ class RateLimiter:
         api_key_limit: per API key (header ``api_key_header``; query ``api_key_query`` opt-in).
         user_limit: per user, when there are no ``tiers``.
         endpoint_limits: per endpoint, shared by all clients:
-            ``{"POST /ocr/process": "50/minute"}`` (route template + method).
+            ``{"POST /ocr/process": "50/minute"}`` (route template + method); ``"* /path"``
+            gives every method of the route that limit, each method counted apart.
         composite_limits: levels keyed on several parts (:class:`CompositeLimit`).
         algorithm: the algorithm for limits given as strings or Rates.
         tiers, default_tier, tier_resolver: per-user tiers; ``tier_resolver(request)`` (sync or

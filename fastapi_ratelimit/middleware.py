@@ -39,6 +39,7 @@ __all__ = ["DEFAULT_EXEMPT", "RateLimitMiddleware"]
 
 DEFAULT_EXEMPT = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json")
 _NAME = itemgetter(0)
+_NO_HEADERS = HeaderStyle.NONE  # a module constant: Enum member lookups run Python code
 # id(route) -> (route, its limits). Holding the route keeps its id from being reused.
 _route_limits_cache: dict[int, tuple[Any, tuple[RouteLimit, ...]]] = {}
 
@@ -229,7 +230,7 @@ class _Responder:
                 await self._send({"type": "http.response.body", "body": response.body})
                 return
             style = context.limiter.header_style
-            if context.decisions and style is not HeaderStyle.NONE:
+            if context.decisions and style is not _NO_HEADERS:
                 ours = rate_limit_headers(context.decisions, style, now=time.time())
                 headers = message.get("headers", ())
                 names = HEADER_NAMES[style]
