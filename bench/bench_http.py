@@ -79,6 +79,11 @@ class Variant:
 VARIANTS: tuple[Variant, ...] = (
     Variant("bare", "app_bare", "FastAPI, no rate limiting"),
     Variant(
+        "floor",
+        "app_floor",
+        "no limiting: a pure-ASGI send wrapper adding two constant headers (any limiter's floor)",
+    ),
+    Variant(
         "frl-memory-3",
         "app_frl_memory_3",
         "fastapi_ratelimit middleware, memory, 3 levels (global, IP, endpoint)",

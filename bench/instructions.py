@@ -96,7 +96,7 @@ def count(config: str, n: int) -> int:
     return int(match.group(1))
 
 
-SERVER_VARIANTS = ("bare", "frl-memory-3", "frl-redis-5", "frl-redis-1")
+SERVER_VARIANTS = ("bare", "floor", "frl-memory-3", "frl-redis-5", "frl-redis-1")
 
 
 def count_server(module: str, n: int, env: dict[str, str]) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from operator import itemgetter
+from operator import itemgetter, methodcaller
 from typing import Any
 
 from starlette.requests import HTTPConnection
@@ -39,6 +39,7 @@ __all__ = ["DEFAULT_EXEMPT", "RateLimitMiddleware"]
 
 DEFAULT_EXEMPT = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json")
 _NAME = itemgetter(0)
+_LOWER = methodcaller("lower")  # bytes as ASGI says; a str from a sloppy app must not raise
 _NO_HEADERS = HeaderStyle.NONE  # a module constant: Enum member lookups run Python code
 # id(route) -> (route, its limits). Holding the route keeps its id from being reused.
 _route_limits_cache: dict[int, tuple[Any, tuple[RouteLimit, ...]]] = {}
@@ -143,6 +144,7 @@ class RateLimitMiddleware:
             await responder.run_measured(scope, receive, load)
         else:
             await self.app(scope, receive, responder.send)
+        # limiter.needs_after_response(context), inline: it is asked on every request.
         if limiter.after_every_response or context.refundable or context.reported_cost is not None:
             await limiter.after_response(context, responder.status)
 
@@ -235,9 +237,9 @@ class _Responder:
                 headers = message.get("headers", ())
                 names = HEADER_NAMES[style]
                 # Replace, never append: each header appears once even if the app set one.
-                # The check is C code alone (map, bytes.lower, isdisjoint); a new list, since
+                # The check is C code alone (map, lower, isdisjoint); a new list, since
                 # the app's own list may be reused for other responses.
-                if names.isdisjoint(map(bytes.lower, map(_NAME, headers))):
+                if names.isdisjoint(map(_LOWER, map(_NAME, headers))):
                     message["headers"] = [*headers, *ours]
                 else:
                     message["headers"] = [

@@ -165,3 +165,18 @@ def test_under_uvloop(redis_url: str) -> None:
 
     run: Callable[[Any], list[int]] = uvloop.run
     assert run(scenario()) == [100 + i - 1 for i in range(50)]
+
+
+async def test_a_unix_socket_url_goes_through_the_pipe(tmp_path: Any) -> None:
+    path = tmp_path / "redis.sock"
+    with RedisServer(name="pipe-unix", extra_args=["--unixsocket", str(path)]) as server:
+        backend = RedisBackend.from_url(f"unix://{path}?db=2")
+        try:
+            verdicts = await asyncio.gather(*(backend.hit(own(i)) for i in range(20)))
+            assert [v.decisions[0].remaining for v in verdicts] == [100 + i - 1 for i in range(20)]
+            with redis.Redis(port=server.port, db=2) as admin:
+                assert len(admin.keys("rl:*")) == 20
+                clients = admin.client_list()
+            assert sum(1 for c in clients if c["cmd"] == "evalsha") == 1
+        finally:
+            await backend.aclose()

@@ -46,6 +46,7 @@ _CREDENTIALS_RE = re.compile(r"(?<=://)[^@/\s]*@")
 _DEFAULT_TIMEOUT = 0.05
 _VERSION = "#version"
 _PACKED_KEYS = 8192
+_FALLBACK_TIMEOUT = 5.0
 
 
 class RedisBackend:
@@ -370,13 +371,16 @@ class RedisBackend:
         # the hot path (AsyncScript.__call__ too); the reload path stays in _reload_and_run.
         pipe = self._pipe
         if pipe is not None:
+            # Without a per-call timeout, the socket-level fallback of _socket_options: a
+            # dead connection must never hold a request forever.
+            timeout = self._timeout if self._timeout is not None else _FALLBACK_TIMEOUT
             try:
                 try:
-                    return await pipe.call(self._evalsha(keys, args[0]), self._timeout)
+                    return await pipe.call(self._evalsha(keys, args[0]), timeout)
                 except NoScriptError:
                     # Flushed (SCRIPT FLUSH, a restart without persistence): EVAL sends the
                     # source, runs it and caches it again, so EVALSHA works from then on.
-                    return await pipe.call(self._eval_source(keys, args[0]), self._timeout)
+                    return await pipe.call(self._eval_source(keys, args[0]), timeout)
             except TimeoutError as exc:
                 raise BackendError(
                     f"Redis script timed out after {self._timeout}s ({self._where()})"
@@ -494,7 +498,7 @@ def _socket_options(timeout: Any) -> dict[str, Any]:
     # Without a per-call timeout, fall back to socket timeouts so nothing waits forever.
     if isinstance(timeout, (int, float)) and timeout > 0:
         return {"socket_timeout": None, "socket_connect_timeout": float(timeout)}
-    return {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
+    return {"socket_timeout": _FALLBACK_TIMEOUT, "socket_connect_timeout": _FALLBACK_TIMEOUT}
 
 
 def redact_url(url: str) -> str:
