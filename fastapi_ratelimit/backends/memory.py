@@ -179,22 +179,23 @@ class MemoryBackend:
         """
         now = self._clock.now_us()
         data = self._data
-        keys = self._keys
-        cached_key = keys.cached
+        builder = self._keys
+        cached_key = builder.cached
+        floor = math.floor
         rows = []
+        seen: list[str] = []
         window = start = elapsed = 0
         for check in checks:
-            policy = check.policy
+            policy, scope, identity, cost = check  # one unpacking: cheaper than 4 lookups
             if policy.algorithm is not _SC:
                 return None
-            identity = check.identity
-            key = cached_key.get((check.scope, policy.bucket, policy.code, identity))
+            key = cached_key.get((scope, policy.bucket, policy.code, identity))
             if key is None:
-                key = keys.key(check.scope, policy.bucket, policy.code, identity)
+                key = builder.key(scope, policy.bucket, policy.code, identity)
             rate = policy.rate
             if rate.period_us != window:  # levels mostly share a window: its math once
                 window = rate.period_us
-                start = math.floor(now / window) * window
+                start = floor(now / window) * window
                 elapsed = now - start
             entry = data.get(key)
             cur = prev = 0
@@ -205,28 +206,36 @@ class MemoryBackend:
                 elif state[0] == start - window:
                     prev = state[1]
             available = rate.limit - (prev * ((window - elapsed) / window) + cur)
-            cost = check.cost
             if not cost <= available:
                 return None
+            seen.append(key)
             rows.append(
-                (check, key, entry, start, cur + cost, prev, 2 * window - elapsed, available)
+                (
+                    policy,
+                    scope,
+                    cost,
+                    key,
+                    entry,
+                    (start, cur + cost, prev),
+                    2 * window - elapsed,
+                    available,
+                )
             )
-        if len(rows) > 1 and len({row[1] for row in rows}) != len(rows):
+        if len(seen) > 1 and len(set(seen)) != len(seen):
             return None
         margin = self._margin_us
         decisions = []
         fresh: list[tuple[str, list[Any]]] = []
-        for check, key, entry, start, cur, prev, reset_us, available in rows:
+        for policy, scope, cost, key, entry, state, reset_us, available in rows:
             if entry is not None:
                 # Live or expired, the entry is this key's: update it and move it to the
                 # recent end, as a new one would be.
                 entry[0] = now + reset_us + margin
-                entry[1] = (start, cur, prev)
+                entry[1] = state
                 data.move_to_end(key)
             else:
-                fresh.append((key, [now + reset_us + margin, (start, cur, prev)]))
-            policy = check.policy
-            remaining = math.floor(available - check.cost)
+                fresh.append((key, [now + reset_us + margin, state]))
+            remaining = floor(available - cost)
             decisions.append(
                 new_decision(
                     (
@@ -236,7 +245,7 @@ class MemoryBackend:
                         reset_us / 1_000_000,
                         0.0,
                         policy.name,
-                        check.scope,
+                        scope,
                         policy.window,
                     )
                 )
