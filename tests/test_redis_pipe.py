@@ -180,3 +180,26 @@ async def test_a_unix_socket_url_goes_through_the_pipe(tmp_path: Any) -> None:
             assert sum(1 for c in clients if c["cmd"] == "evalsha") == 1
         finally:
             await backend.aclose()
+
+
+async def test_closed_means_closed(redis_url: str) -> None:
+    backend = RedisBackend.from_url(redis_url)
+    await backend.hit(own(1))
+    await backend.aclose()
+    with pytest.raises(BackendError, match="closed"):
+        await backend.hit(own(1))
+    await asyncio.sleep(0.05)
+    assert script_connections(redis_url) == 0
+
+
+async def test_a_failed_connect_is_retried_by_the_next_call() -> None:
+    server = RedisServer(name="pipe-late")
+    backend = RedisBackend.from_url(server.url)
+    try:
+        with pytest.raises(BackendError):
+            await backend.hit(own(1))  # nothing listens yet
+        server.start()
+        assert (await backend.hit(own(1))).decisions[0].remaining == 100
+    finally:
+        await backend.aclose()
+        server.close()

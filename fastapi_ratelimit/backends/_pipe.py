@@ -158,6 +158,7 @@ class Pipe:
         self._connect_timeout = connect_timeout
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
+        self._closed = False
 
     # A timer handle per call rather than asyncio.timeout(): a third of the cost, and the
     # expiry must also drop the connection.
@@ -179,7 +180,8 @@ class Pipe:
             timer.cancel()
 
     def close(self) -> None:
-        """Close the connection (pending callers get a ConnectionError)."""
+        """Close the connection for good (pending callers get a ConnectionError)."""
+        self._closed = True
         protocol, self._protocol = self._protocol, None
         if protocol is not None and protocol.transport is not None:
             protocol.lost = True
@@ -187,15 +189,20 @@ class Pipe:
 
     async def _connect(self) -> _Protocol:
         # Concurrent callers share one attempt rather than each opening a connection.
+        if self._closed:
+            raise RedisConnectionError("the backend was closed")
         if self._protocol is not None:
             self._protocol.abort()  # lost, or of another loop: make sure it is closed
             self._protocol = None
-        if (
-            self._connecting is None
-            or self._connecting.get_loop() is not asyncio.get_running_loop()
-        ):
-            self._connecting = asyncio.ensure_future(self._open())
         connecting = self._connecting
+        if (
+            connecting is None
+            or connecting.done()
+            or connecting.get_loop() is not asyncio.get_running_loop()
+        ):
+            # A finished attempt is never reused: its failure was its own callers' answer.
+            connecting = self._connecting = asyncio.ensure_future(self._open())
+            connecting.add_done_callback(_retrieved)
         try:
             return await asyncio.shield(connecting)
         finally:
@@ -229,6 +236,9 @@ class Pipe:
             ) from None
         except OSError as exc:
             raise RedisConnectionError(f"cannot connect to Redis: {exc}") from exc
+        if self._closed:  # closed while connecting: keep nothing open
+            protocol.abort()
+            raise RedisConnectionError("the backend was closed")
         self._protocol = protocol
         return protocol
 
@@ -238,6 +248,13 @@ async def _ask(protocol: _Protocol, command: bytes) -> Any:
     protocol.waiters.append(waiter)
     protocol.transport.write(command)
     return await waiter
+
+
+def _retrieved(attempt: asyncio.Future[Any]) -> None:
+    # Mark a failed attempt's exception as seen even if every caller gave up waiting for it
+    # (otherwise asyncio logs "exception was never retrieved").
+    if not attempt.cancelled():
+        attempt.exception()
 
 
 def _expire(waiter: asyncio.Future[Any], protocol: _Protocol) -> None:
