@@ -258,8 +258,8 @@ class MemoryBackend:
         return new_verdict((tuple(decisions), True))
 
     def _check(self, checks: Sequence[Check], *, commit: bool) -> Verdict:
-        # The hot path of the embedded default: one pass to evaluate, one to commit and
-        # answer, with lookups and stores inline (every call saved is per level per request).
+        # The general path (every algorithm, denials, peeks): one pass to evaluate, one to
+        # commit and answer, with lookups and stores inline.
         now = self._clock.now_us()
         data = self._data
         key_of = self._keys.key
