@@ -20,7 +20,7 @@ __all__ = ["SCOPE_KEY", "RequestContext", "report_cost"]
 SCOPE_KEY = "fastapi_ratelimit"
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, init=False)
 class RequestContext:
     """Who is calling, what it costs, and what was decided, for one request.
 
@@ -55,6 +55,39 @@ class RequestContext:
     exempt: bool = False
     #: Load or an operator override shrank the quotas for this request.
     reduced: bool = False
+
+    # Written out rather than generated: one is built per request, and the generated
+    # __init__ (keyword arguments, a factory call per container) costs twice as much.
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        ip: str,
+        api_key: str | None,
+        user: str | None,
+        tier: Tier | None,
+        endpoint: str,
+        route: Any,
+        cost: int,
+        key_tier: Tier | None = None,
+    ) -> None:
+        self.limiter = limiter
+        self.ip = ip
+        self.api_key = api_key
+        self.user = user
+        self.tier = tier
+        self.endpoint = endpoint
+        self.route = route
+        self.cost = cost
+        self.key_tier = key_tier
+        self.decisions = []
+        self.charged = []
+        self.handled = set()
+        self.refundable = []
+        self.reported_cost = None
+        self.middleware = False
+        self.denial = None
+        self.exempt = False
+        self.reduced = False
 
 
 def report_cost(request: Any, cost: int) -> None:

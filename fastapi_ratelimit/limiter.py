@@ -373,16 +373,9 @@ class RateLimiter:
         if self._cost_function is not None:
             connection = connection or HTTPConnection(scope)
             cost = self._custom_cost(connection, cost, multiplier)
+        # Positional: keyword arguments cost a measurable share of the call, per request.
         return RequestContext(
-            limiter=self,
-            ip=self._client_ip(scope),
-            api_key=api_key,
-            user=user,
-            tier=tier,
-            key_tier=key_tier,
-            endpoint=endpoint,
-            route=route,
-            cost=cost,
+            self, self._client_ip(scope), api_key, user, tier, endpoint, route, cost, key_tier
         )
 
     def _plan(self, endpoint: str) -> _EndpointPlan:
