@@ -27,6 +27,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 VARIANTS = {
@@ -79,11 +80,15 @@ async def drive(app: Any, n: int) -> None:
         await app(dict(scope), receive, send)
 
 
-def count(config: str, n: int) -> int:
-    # valgrind needs the real binary, not the venv's symlink; the venv's packages (and this
-    # checkout) then come in through PYTHONPATH.
+def child_env(base: Mapping[str, str]) -> dict[str, str]:
+    """valgrind needs the real binary, not the venv's symlink; the venv's packages (and this
+    checkout) then come in through PYTHONPATH."""
     paths = [sysconfig.get_paths()["purelib"], os.path.dirname(os.path.dirname(__file__))]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    return {**base, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+def count(config: str, n: int) -> int:
+    env = child_env(os.environ)
     with tempfile.NamedTemporaryFile() as out:
         result = subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out.name}",
@@ -109,7 +114,6 @@ def count_server(module: str, n: int, env: dict[str, str]) -> int:
     from bench_http import APPS, HOST, PATH, REQUEST_HEADERS, free_port
 
     port = free_port()
-    paths = [sysconfig.get_paths()["purelib"], os.path.dirname(os.path.dirname(__file__))]
     # fmt: off
     argv = [
         "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
@@ -122,7 +126,7 @@ def count_server(module: str, n: int, env: dict[str, str]) -> int:
         argv,
         stderr=subprocess.PIPE,
         text=True,
-        env={**env, "PYTHONPATH": os.pathsep.join(paths)},
+        env=child_env(env),
     )
     try:
         deadline = time.monotonic() + 120

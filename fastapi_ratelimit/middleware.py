@@ -144,8 +144,7 @@ class RateLimitMiddleware:
             await responder.run_measured(scope, receive, load)
         else:
             await self.app(scope, receive, responder.send)
-        # limiter.needs_after_response(context), inline: it is asked on every request.
-        if limiter.after_every_response or context.refundable or context.reported_cost is not None:
+        if limiter.needs_after_response(context):
             await limiter.after_response(context, responder.status)
 
     def _skip(self, scope: Scope) -> bool:

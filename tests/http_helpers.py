@@ -49,3 +49,19 @@ def header_counts(response: httpx.Response) -> dict[str, int]:
 def remaining(response: httpx.Response) -> str:
     """``r`` of the ``RateLimit`` header (the binding level's remaining units), as text."""
     return str(ratelimit(response)[1]["r"])
+
+
+def work_app(limiter: Any) -> Any:
+    """``GET /work`` -> ``{"ok": "yes"}`` behind ``RateLimitMiddleware``."""
+    from fastapi import FastAPI
+
+    from fastapi_ratelimit import RateLimitMiddleware
+
+    app = FastAPI()
+
+    @app.get("/work")
+    async def work() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    return app

@@ -15,14 +15,13 @@ import pytest
 import redis
 from conftest import BACKEND_KINDS
 from fastapi import FastAPI, Header, HTTPException
-from http_helpers import client_for, policies, remaining
+from http_helpers import client_for, policies, remaining, work_app
 from loguru import logger
 
 from fastapi_ratelimit import (
     DEFAULT_TIERS,
     ConfigurationError,
     RateLimiter,
-    RateLimitMiddleware,
     RedisBackend,
 )
 from fastapi_ratelimit.admin import admin_router
@@ -32,17 +31,6 @@ LOCAL = BACKEND_KINDS[:2]  # memory and standalone Redis
 
 def user_from_header(connection: Any) -> str | None:
     return connection.headers.get("x-user")
-
-
-def make_app(limiter: RateLimiter) -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/work")
-    async def work() -> dict[str, str]:
-        return {"ok": "yes"}
-
-    app.add_middleware(RateLimitMiddleware, limiter=limiter)
-    return app
 
 
 def tiered(backend: Any, **kwargs: Any) -> RateLimiter:
@@ -66,7 +54,7 @@ def audit() -> Iterator[list[str]]:
 @pytest.mark.parametrize("make_backend", LOCAL, indirect=True)
 async def test_stored_tier_applies_and_keeps_counters(make_backend: Any, audit: list[str]) -> None:
     limiter = tiered(make_backend())
-    app = make_app(limiter)
+    app = work_app(limiter)
     alice = {"x-user": "alice"}
     async with client_for(app) as client:
         first = await client.get("/work", headers=alice)
@@ -90,7 +78,7 @@ async def test_stored_tier_applies_and_keeps_counters(make_backend: Any, audit: 
 async def test_tier_ttl_and_unknown_stored_tier(make_backend: Any, audit: list[str]) -> None:
     backend = make_backend()
     limiter = tiered(backend)
-    app = make_app(limiter)
+    app = work_app(limiter)
     async with client_for(app) as client:
         await limiter.set_tier("bob", "enterprise", ttl=0.4)
         assert "user-enterprise" in policies(await client.get("/work", headers={"x-user": "bob"}))
@@ -112,7 +100,7 @@ async def test_tier_ttl_and_unknown_stored_tier(make_backend: Any, audit: list[s
 @pytest.mark.parametrize("make_backend", LOCAL, indirect=True)
 async def test_api_key_tier_sets_the_api_key_level(make_backend: Any) -> None:
     limiter = tiered(make_backend(), api_key_limit="10/minute")
-    app = make_app(limiter)
+    app = work_app(limiter)
     async with client_for(app) as client:
         key = {"x-api-key": "sk_live_123"}
         assert policies(await client.get("/work", headers=key))["api_key"]["q"] == 10
@@ -124,7 +112,7 @@ async def test_api_key_tier_sets_the_api_key_level(make_backend: Any) -> None:
 async def test_changes_propagate_between_instances_within_a_second(redis_url: str) -> None:
     one = tiered(RedisBackend.from_url(redis_url, timeout=5.0), ip_limit="1/minute")
     two = tiered(RedisBackend.from_url(redis_url, timeout=5.0), ip_limit="1/minute")
-    app_two = make_app(two)
+    app_two = work_app(two)
     try:
         async with client_for(app_two) as client:
             await client.get("/work")  # loads the lists and tiers once
@@ -158,7 +146,7 @@ async def test_allow_and_block_lists(make_backend: Any) -> None:
         trusted_proxies=["10.0.0.0/8"],
         refresh_interval=0.1,
     )
-    app = make_app(limiter)
+    app = work_app(limiter)
     await limiter.allow("ip", "198.51.100.0/24", reason="office", by="ops")
     await limiter.allow("user", "vip")
     await limiter.allow("api_key", "sk_partner")
@@ -203,7 +191,7 @@ async def test_allow_and_block_lists(make_backend: Any) -> None:
 @pytest.mark.parametrize("make_backend", LOCAL, indirect=True)
 async def test_expiry_and_cleanup(make_backend: Any) -> None:
     limiter = RateLimiter(backend=make_backend(), ip_limit="1/minute", refresh_interval=0.1)
-    app = make_app(limiter)
+    app = work_app(limiter)
     await limiter.block("ip", "203.0.113.7", ttl=0.3)
     async with client_for(app) as client:
         assert (await client.get("/work")).status_code == 403
@@ -255,7 +243,7 @@ def test_network_rejections(value: str, fragment: str) -> None:
 
 async def test_ipv4_mapped_clients_match_ipv4_entries() -> None:
     limiter = RateLimiter(ip_limit="1/minute", refresh_interval=0.1)
-    app = make_app(limiter)
+    app = work_app(limiter)
     await limiter.allow("ip", "192.0.2.0/24")
     async with client_for(app, ip="::ffff:192.0.2.10") as client:
         for _ in range(3):
@@ -329,7 +317,7 @@ async def test_admin_with_a_token(audit: list[str]) -> None:
 
 async def test_admin_inspect_and_reset() -> None:
     limiter = RateLimiter(ip_limit="5/minute", global_limit="100/minute")
-    app = make_app(limiter)
+    app = work_app(limiter)
     # The admin API on its own app (no middleware): its calls are not counted.
     admin = admin_app(limiter, token="s3cret-admin-token-0123")
     good = {"authorization": "Bearer s3cret-admin-token-0123"}
@@ -400,7 +388,7 @@ def test_cli_end_to_end(redis_url: str) -> None:
         limiter = RateLimiter(
             backend=RedisBackend.from_url(redis_url, timeout=5.0), ip_limit="5/minute"
         )
-        app = make_app(limiter)
+        app = work_app(limiter)
         async with client_for(app) as client:
             for _ in range(3):
                 await client.get("/work")
@@ -442,7 +430,7 @@ async def test_admin_override() -> None:
     from fastapi_ratelimit.dynamic import DynamicLimits
 
     limiter = RateLimiter(ip_limit="10/minute", dynamic=DynamicLimits(), refresh_interval=0.1)
-    app = make_app(limiter)
+    app = work_app(limiter)
     admin = admin_app(limiter, token="s3cret-admin-token-0123")
     good = {"authorization": "Bearer s3cret-admin-token-0123"}
     async with client_for(app) as users, client_for(admin) as client:

@@ -16,9 +16,8 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from fastapi import FastAPI
 from faultproxy import FaultProxy
-from http_helpers import client_for, remaining
+from http_helpers import client_for, remaining, work_app
 from servers import RedisCluster, RedisSentinelSetup, RedisServer
 
 from fastapi_ratelimit import (
@@ -26,7 +25,6 @@ from fastapi_ratelimit import (
     Check,
     Policy,
     RateLimiter,
-    RateLimitMiddleware,
     RedisBackend,
 )
 from fastapi_ratelimit.breaker import CircuitBreaker
@@ -34,23 +32,12 @@ from fastapi_ratelimit.breaker import CircuitBreaker
 pytestmark = pytest.mark.redis
 
 
-def app_for(limiter: RateLimiter) -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/work")
-    async def work() -> dict[str, str]:
-        return {"ok": "yes"}
-
-    app.add_middleware(RateLimitMiddleware, limiter=limiter)
-    return app
-
-
 @asynccontextmanager
 async def limited(url: str, **kwargs: Any) -> AsyncIterator[tuple[RateLimiter, httpx.AsyncClient]]:
     kwargs.setdefault("ip_limit", "100000/minute")
     kwargs.setdefault("breaker", CircuitBreaker(failure_threshold=3, cooldown=0.5))
     limiter = RateLimiter(backend=RedisBackend.from_url(url, timeout=0.05), **kwargs)
-    async with client_for(app_for(limiter)) as client:
+    async with client_for(work_app(limiter)) as client:
         yield limiter, client
     await limiter.aclose()
 
@@ -213,7 +200,7 @@ async def test_sentinel_failover() -> None:
             ip_limit="100000/minute",
             breaker=CircuitBreaker(failure_threshold=3, cooldown=0.5),
         )
-        async with client_for(app_for(limiter)) as client:
+        async with client_for(work_app(limiter)) as client:
             assert "ratelimit" in (await client.get("/work")).headers
             setup.master.stop()
             failed_over_at = None
@@ -240,7 +227,7 @@ async def test_cluster_node_down() -> None:
             global_limit="1000000/minute",
             breaker=CircuitBreaker(failure_threshold=3, cooldown=0.5),
         )
-        async with client_for(app_for(limiter)) as client:
+        async with client_for(work_app(limiter)) as client:
             assert "ratelimit" in (await client.get("/work")).headers
             cluster.stop_node(1)
             during = await drive(client, 3.0, pause=0.05)

@@ -250,11 +250,8 @@ class MemoryBackend:
                     )
                 )
             )
-        # New keys last, once this request's live entries are recent and unexpired: making
-        # room never evicts an entry this loop still holds.
-        for key, entry in fresh:
-            self._make_room(now)
-            data[key] = entry
+        if fresh:
+            self._store_new(fresh, now)
         return new_verdict((tuple(decisions), True))
 
     def _check(self, checks: Sequence[Check], *, commit: bool) -> Verdict:
@@ -303,11 +300,16 @@ class MemoryBackend:
                 remaining = math.floor(ev.available)
                 reset_us = ev.reset_keep_us
             decisions.append(make_decision(check, ev.allowed, remaining, reset_us, ev.retry_us))
-        # As in _admit_all: new keys last, so making room never evicts a held entry.
-        for key, new_entry in fresh:
-            self._make_room(now)
-            data[key] = new_entry
+        if fresh:
+            self._store_new(fresh, now)
         return new_verdict((tuple(decisions), all_allowed))
+
+    def _store_new(self, fresh: list[tuple[str, list[Any]]], now: int) -> None:
+        # Called after the request's existing entries were updated (so they are recent and
+        # unexpired): making room for the new keys never evicts an entry the caller holds.
+        for key, entry in fresh:
+            self._make_room(now)
+            self._data[key] = entry
 
     def _make_room(self, now: int) -> None:
         data = self._data

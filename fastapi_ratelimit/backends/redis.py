@@ -381,15 +381,8 @@ class RedisBackend:
                     # Flushed (SCRIPT FLUSH, a restart without persistence): EVAL sends the
                     # source, runs it and caches it again, so EVALSHA works from then on.
                     return await pipe.call(self._eval_source(keys, args[0]), timeout)
-            except TimeoutError as exc:
-                raise BackendError(
-                    f"Redis script timed out after {self._timeout}s ({self._where()})"
-                ) from exc
             except Exception as exc:
-                raise BackendError(
-                    f"Redis script failed: {type(exc).__name__}: {_scrub(str(exc))}"
-                    f" ({self._where()})"
-                ) from exc
+                raise self._script_error(exc) from exc
         client = self._client
         try:
             if not self._initialized:
@@ -405,14 +398,15 @@ class RedisBackend:
                         return await client.evalsha(self._script.sha, len(keys), *keys, *args)
                     except NoScriptError:
                         return await self._reload_and_run(keys, args)
-        except TimeoutError as exc:
-            raise BackendError(
-                f"Redis script timed out after {self._timeout}s ({self._where()})"
-            ) from exc
         except Exception as exc:  # see _call: never anything but a BackendError
-            raise BackendError(
-                f"Redis script failed: {type(exc).__name__}: {_scrub(str(exc))} ({self._where()})"
-            ) from exc
+            raise self._script_error(exc) from exc
+
+    def _script_error(self, exc: Exception) -> BackendError:
+        if isinstance(exc, TimeoutError):
+            return BackendError(f"Redis script timed out after {self._timeout}s ({self._where()})")
+        return BackendError(
+            f"Redis script failed: {type(exc).__name__}: {_scrub(str(exc))} ({self._where()})"
+        )
 
     def _eval_source(self, keys: list[str], arg: str) -> bytes:
         parts = [b"EVAL", self._source.encode(), b"%d" % len(keys), *map(str.encode, keys)]
