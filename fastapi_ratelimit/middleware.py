@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from operator import itemgetter, methodcaller
-from typing import Any
+from typing import Any, NamedTuple
 
 from starlette.requests import HTTPConnection
 
+from ._accel import speedups
 from ._types import ASGIApp, Message, Receive, Scope, Send
+from .backends.base import Check
 from .context import SCOPE_KEY, RequestContext
+from .decision import Verdict
 from .dynamic import LoadMonitor
 from .errors import BackendError, ConfigurationError
 from .headers import HEADER_NAMES, HeaderStyle, rate_limit_headers
@@ -41,6 +44,7 @@ DEFAULT_EXEMPT = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json")
 _NAME = itemgetter(0)
 _LOWER = methodcaller("lower")  # bytes as ASGI says; a str from a sloppy app must not raise
 _NO_HEADERS = HeaderStyle.NONE  # a module constant: Enum member lookups run Python code
+_lane_admit = speedups.lane_admit if speedups is not None else None
 # id(route) -> (route, its limits). Holding the route keeps its id from being reused.
 _route_limits_cache: dict[int, tuple[Any, tuple[RouteLimit, ...]]] = {}
 
@@ -76,8 +80,24 @@ class RateLimitMiddleware:
         self._exact = frozenset(p.rstrip("/") or "/" for p in paths)
         self._prefixes = tuple((p.rstrip("/") + "/") for p in paths if p != "/")
         self._websockets = websockets
+        #: Requests served before, by route, method, path and peer: see _Lane.
+        self._lanes: dict[tuple[Any, ...], _Lane] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._lanes and _lane_admit is not None:
+            limiter = self.limiter
+            header, query, counted = limiter.api_key_sources
+            context = _lane_admit(
+                self._lanes, scope, limiter, header, query, counted, RequestContext
+            )
+            if context is not None:
+                # Decided, recorded and stored in the scope by the lane; the rest of what an
+                # admitted request needs (see the end of this method) is only this much.
+                responder = _Responder(self.app, context, send)
+                await self.app(scope, receive, responder.send)
+                if context.reported_cost is not None:
+                    await limiter.after_response(context, responder.status)
+                return
         kind = scope["type"]
         if kind != "http" and (kind != "websocket" or not self._websockets):
             await self.app(scope, receive, send)
@@ -111,7 +131,12 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         checks = limiter.level_checks(context)
-        for limit in _route_limits(context.route):
+        limits = _route_limits(context.route)
+        lane = None
+        if _lane_admit is not None and not limits and kind == "http":
+            # Before the route limits are added: a lane holds the limiter's levels only.
+            lane = limiter.lane_for(scope, context, checks)
+        for limit in limits:
             if limit.limiter is not None and limit.limiter is not limiter:
                 continue  # bound to another limiter: it checks for itself
             key_value = await limit.key_value(HTTPConnection(scope)) if limit.needs_key else None
@@ -134,6 +159,8 @@ class RateLimitMiddleware:
         if verdict is not None and not verdict.allowed:
             await self._refuse(scope, receive, send, limiter.denial_response(context, verdict))
             return
+        if lane is not None and verdict is not None and verdict.allowed:
+            self._add_lane(scope, lane)
         scope[SCOPE_KEY] = context
         if kind == "websocket":
             await self.app(scope, receive, send)
@@ -146,6 +173,16 @@ class RateLimitMiddleware:
             await self.app(scope, receive, responder.send)
         if limiter.needs_after_response(context):
             await limiter.after_response(context, responder.status)
+
+    def _add_lane(self, scope: Scope, fields: tuple[Any, ...]) -> None:
+        """Remember an admitted request's lane (see :class:`_Lane`)."""
+        routes = getattr(scope.get("app"), "routes", None)
+        key = _lane_key(scope, routes)
+        if key is None or not isinstance(routes, list):
+            return
+        if len(self._lanes) >= _MAX_LANES:
+            self._lanes.clear()  # bounded: a flood of peers or paths costs rebuilds, not memory
+        self._lanes[key] = _Lane(routes, *fields)
 
     def _skip(self, scope: Scope) -> bool:
         path: str = scope["path"]
@@ -206,30 +243,18 @@ class _Responder:
             # An exception that escaped the app is a 500 as far as load goes.
             load.record(self.status or 500, time.monotonic() - started)
 
-    async def send(self, message: Message) -> None:
+    def send(self, message: Message) -> Awaitable[None]:
+        # Not a coroutine function: it edits the message and hands back the next ``send``'s
+        # awaitable, so passing a message on costs no coroutine of its own.
         kind = message["type"]
         if kind == "http.response.start":
-            self.status = message["status"]
+            self.status = status = message["status"]
             context = self.context
-            denial = context.denial
-            if denial is not None and message["status"] == 429:
+            if status == 429 and context.denial is not None:
                 # A route guard denied: send the problem+json 429 instead of the framework's
                 # rendering of the exception, and drop the app's body.
                 self.replaced = True
-                limiter = context.limiter
-                headers = rate_limit_headers(
-                    context.decisions, limiter.header_style, now=limiter.now()
-                )
-                response = quota_exceeded_response(denial.decisions, headers=headers)
-                await self._send(
-                    {
-                        "type": "http.response.start",
-                        "status": 429,
-                        "headers": response.raw_headers,
-                    }
-                )
-                await self._send({"type": "http.response.body", "body": response.body})
-                return
+                return self._send_denial(context, context.denial)
             style = context.limiter.header_style
             if context.decisions and style is not _NO_HEADERS:
                 ours = rate_limit_headers(context.decisions, style, now=time.time())
@@ -245,8 +270,67 @@ class _Responder:
                         header for header in headers if header[0].lower() not in names
                     ] + ours
         elif self.replaced and kind == "http.response.body":
-            return
-        await self._send(message)
+            return _nothing()
+        return self._send(message)
+
+    async def _send_denial(self, context: RequestContext, denial: Verdict) -> None:
+        limiter = context.limiter
+        headers = rate_limit_headers(context.decisions, limiter.header_style, now=limiter.now())
+        response = quota_exceeded_response(denial.decisions, headers=headers)
+        await self._send(
+            {"type": "http.response.start", "status": 429, "headers": response.raw_headers}
+        )
+        await self._send({"type": "http.response.body", "body": response.body})
+
+
+async def _nothing() -> None:
+    """An awaitable that does nothing: a dropped message."""
+
+
+class _Lane(NamedTuple):
+    """An admitted HTTP request's decision inputs, for deciding the next request with the same
+    routes, method, root path, path and peer in one C call (``_speedups.lane_admit``, which
+    reads these fields by position). Recorded only where those alone determine the context
+    and the levels (:meth:`RateLimiter.lane_for`) and the route has no limits of its own;
+    the C side checks per request that the request is anonymous, that the limiter still has
+    this backend and no allow or block list, and that every level admits. Anything else
+    takes the Python path, which decides exactly as before.
+    """
+
+    routes: list[Any]
+    backend: Any
+    data: Any
+    now_us: Any
+    store_new: Any
+    margin: int
+    ip: str
+    endpoint: str
+    route: Any
+    cost: int
+    checks: tuple[Check, ...]
+    rows: tuple[tuple[Any, ...], ...]
+
+
+_MAX_LANES = 4096
+
+
+def _lane_key(scope: Scope, routes: Any) -> tuple[Any, ...] | None:
+    """The key ``_speedups.lane_admit`` builds for a request (the two must agree)."""
+    method, client = scope.get("method"), scope.get("client")
+    host = client[0] if isinstance(client, (tuple, list)) and client else None
+    if (
+        scope["type"] != "http"
+        or type(method) is not str
+        or method == "OPTIONS"
+        or type(host) is not str
+        or type(scope.get("path")) is not str
+        or not isinstance(routes, list)
+    ):
+        return None
+    root_path = scope.get("root_path", "")
+    if type(root_path) is not str:
+        return None
+    return (id(routes), len(routes), "http", method, root_path, scope["path"], host)
 
 
 def _route_limits(route: Any) -> tuple[RouteLimit, ...]:

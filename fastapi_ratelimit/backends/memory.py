@@ -13,6 +13,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
 
+from .._accel import speedups
 from ..algorithms import fixed_window as fw
 from ..algorithms import gcra as gc
 from ..algorithms import sliding_window_counter as sc
@@ -35,6 +36,12 @@ _FW, _SL, _SC, _TB, _GC = (
     Algorithm.TOKEN_BUCKET,
     Algorithm.GCRA,
 )
+if speedups is not None:
+    speedups.configure(_SC, Decision, Verdict)
+    _admit_sc = speedups.admit_sc
+else:
+    _admit_sc = None
+
 #: Expired keys dropped from the LRU end on each insert: keeps memory trending down without a
 #: background task.
 _OPPORTUNISTIC_EXPIRY = 2
@@ -93,6 +100,31 @@ class MemoryBackend:
         path (the limiter) may call it directly."""
         verdict = self._admit_all(checks)
         return verdict if verdict is not None else self._check(checks, commit=True)
+
+    def lane_parts(self, checks: Sequence[Check]) -> tuple[Any, ...] | None:
+        """For the middleware's lanes (``_speedups.lane_admit``): the store, the clock, how
+        new keys are stored, the TTL margin, and per check what :meth:`_admit_all` reads
+        (storage key, rate limit, period, policy limit, name and window, scope, cost).
+        ``None`` unless every check is a sliding window counter."""
+        rows = []
+        for check in checks:
+            policy = check.policy
+            if policy.algorithm is not _SC:
+                return None
+            rate = policy.rate
+            rows.append(
+                (
+                    self._key(check),
+                    rate.limit,
+                    rate.period_us,
+                    policy.limit,
+                    policy.name,
+                    policy.window,
+                    check.scope,
+                    check.cost,
+                )
+            )
+        return self._data, self._clock.now_us, self._store_new, self._margin_us, tuple(rows)
 
     async def peek(self, checks: Sequence[Check]) -> Verdict:
         return self._check(checks, commit=False)
@@ -166,7 +198,21 @@ class MemoryBackend:
             return None
         return entry[1]
 
-    def _admit_all(self, checks: Sequence[Check]) -> Verdict | None:
+    def _admit_all_c(self, checks: Sequence[Check]) -> Verdict | None:
+        """:meth:`_admit_all_py` in C (``_speedups.admit_sc``). It also answers ``None`` for
+        integers it can't mirror exactly (past 2**53), leaving those to :meth:`_check`."""
+        assert _admit_sc is not None
+        now = self._clock.now_us()
+        fresh: list[tuple[str, list[Any]]] = []
+        keys = self._keys
+        verdict: Verdict | None = _admit_sc(
+            checks, now, self._data, keys.cached, keys.key, self._margin_us, fresh
+        )
+        if fresh:
+            self._store_new(fresh, now)
+        return verdict
+
+    def _admit_all_py(self, checks: Sequence[Check]) -> Verdict | None:
         """The common case, fast: every level a sliding window counter (the default) and
         every level admitting. Anything else (another algorithm, a level that refuses, the
         same key twice) returns ``None`` before anything is changed, and :meth:`_check`
@@ -253,6 +299,9 @@ class MemoryBackend:
         if fresh:
             self._store_new(fresh, now)
         return new_verdict((tuple(decisions), True))
+
+    #: The shortcut in use: C where the extension is built.
+    _admit_all = _admit_all_c if _admit_sc is not None else _admit_all_py
 
     def _check(self, checks: Sequence[Check], *, commit: bool) -> Verdict:
         # The general path (every algorithm, denials, peeks): one pass to evaluate, one to

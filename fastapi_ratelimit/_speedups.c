@@ -1,0 +1,1060 @@
+/* fastapi_ratelimit._speedups: the per-request hot path of the memory backend and of the
+ * response headers, in C.
+ *
+ * Why C: on the memory backend the limiter's own work is pure Python bytecode, about 40
+ * machine instructions each, and three levels of sliding-window counting plus the headers
+ * took ~200 bytecodes a level. These functions do the same arithmetic, operation for
+ * operation, on C doubles and 64-bit integers.
+ *
+ * Every function here has a pure-Python twin that stays the reference (and is used when this
+ * module is not built, or when FASTAPI_RATELIMIT_PURE=1): `MemoryBackend._admit_all_py` and
+ * `decision.binding_of_py`. Tests hold each pair to the same answers. Where a value falls
+ * outside what C can mirror exactly (an integer past 2**53, a state of an unexpected shape),
+ * these functions answer "don't know" (None) before changing anything, and the Python path
+ * decides.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+
+/* Integers up to 2**53 convert to double exactly, so C's double arithmetic then matches
+ * Python's int/float arithmetic bit for bit (both round correctly once per operation). */
+#define EXACT_LIMIT (9007199254740992LL)
+#define MAX_LEVELS 16
+
+static PyObject *SC_ALGORITHM = NULL;   /* Algorithm.SLIDING_WINDOW_COUNTER */
+static PyTypeObject *DECISION = NULL;   /* decision.Decision (a tuple subclass) */
+static PyTypeObject *VERDICT = NULL;    /* decision.Verdict (a tuple subclass) */
+
+static PyObject *s_algorithm, *s_bucket, *s_code, *s_rate, *s_period_us, *s_limit, *s_name,
+    *s_window, *s_move_to_end;
+
+/* A Python int as a C integer within +-2**53; 0 with no exception set when it is not one
+ * (wrong type or too large), -1 with an exception only for real errors. */
+static int
+exact_int(PyObject *value, long long *out)
+{
+    if (!PyLong_CheckExact(value)) {
+        return 0;
+    }
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (v == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (overflow || v > EXACT_LIMIT || v < -EXACT_LIMIT) {
+        return 0;
+    }
+    *out = v;
+    return 1;
+}
+
+/* getattr(obj, name) as an exact int; same return convention as exact_int. */
+static int
+int_attr(PyObject *obj, PyObject *name, long long *out)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL) {
+        return -1;
+    }
+    int ok = exact_int(value, out);
+    Py_DECREF(value);
+    return ok;
+}
+
+static PyObject *
+configure(PyObject *module, PyObject *args)
+{
+    PyObject *algorithm, *decision, *verdict;
+    if (!PyArg_ParseTuple(args, "OO!O!", &algorithm, &PyType_Type, &decision, &PyType_Type,
+                          &verdict)) {
+        return NULL;
+    }
+    if (!PyType_IsSubtype((PyTypeObject *)decision, &PyTuple_Type) ||
+        !PyType_IsSubtype((PyTypeObject *)verdict, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "Decision and Verdict must be tuple subclasses");
+        return NULL;
+    }
+    Py_INCREF(algorithm);
+    Py_XSETREF(SC_ALGORITHM, algorithm);
+    Py_INCREF(decision);
+    Py_XSETREF(DECISION, (PyTypeObject *)decision);
+    Py_INCREF(verdict);
+    Py_XSETREF(VERDICT, (PyTypeObject *)verdict);
+    Py_RETURN_NONE;
+}
+
+/* A tuple subclass instance from `n` new references (stolen, also on failure). */
+static PyObject *
+new_tuple_of(PyTypeObject *type, Py_ssize_t n, PyObject **items)
+{
+    PyObject *result = type->tp_alloc(type, n);
+    if (result == NULL) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_XDECREF(items[i]);
+        }
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (items[i] == NULL) {
+            /* A failed allocation upstream: drop the rest and fail. */
+            for (Py_ssize_t j = i + 1; j < n; j++) {
+                Py_XDECREF(items[j]);
+            }
+            Py_DECREF(result);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(result, i, items[i]);
+    }
+    return result;
+}
+
+/* One level to decide: what the sliding window counter needs, with the storage key. */
+typedef struct {
+    PyObject *key;          /* new reference */
+    PyObject *scope;        /* borrowed */
+    PyObject *policy_limit; /* new reference: Decision.limit */
+    PyObject *name;         /* new reference: Decision.policy */
+    PyObject *window_s;     /* new reference: Decision.window */
+    long long limit, period, cost;
+    /* Filled in by admit_levels. */
+    PyObject *entry;        /* borrowed (from the dict), may be NULL */
+    long long start, cur, prev, reset_us;
+    double available;
+} Level;
+
+static void
+release_levels(Level *levels, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_CLEAR(levels[i].key);
+        Py_CLEAR(levels[i].policy_limit);
+        Py_CLEAR(levels[i].name);
+        Py_CLEAR(levels[i].window_s);
+    }
+}
+
+/* MemoryBackend._admit_all_py's arithmetic and commit for `n` filled levels. Returns a new
+ * Verdict, Py_None (a new reference) for "don't know" before anything changed, or NULL with
+ * an exception. New entries are appended to `fresh` as (key, [expires, state]). */
+static PyObject *
+admit_levels(Level *levels, Py_ssize_t n, long long now, PyObject *data, long long margin,
+             PyObject *fresh)
+{
+    int ok;
+    long long window = 0, start = 0, elapsed = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Level *level = &levels[i];
+        if (level->period <= 0) {
+            Py_RETURN_NONE;
+        }
+        if (level->period != window) { /* levels mostly share a window: its math once */
+            window = level->period;
+            start = (long long)floor((double)now / (double)window) * window;
+            elapsed = now - start;
+        }
+        /* The stored state, when live and of the expected shape. */
+        PyObject *entry = PyDict_GetItemWithError(data, level->key);
+        long long cur = 0, prev = 0;
+        if (entry == NULL && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (entry != NULL) {
+            long long expires;
+            if (!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 2) {
+                Py_RETURN_NONE;
+            }
+            if ((ok = exact_int(PyList_GET_ITEM(entry, 0), &expires)) <= 0) {
+                return ok < 0 ? NULL : Py_NewRef(Py_None);
+            }
+            if (expires > now) {
+                PyObject *state = PyList_GET_ITEM(entry, 1);
+                long long s0, s1, s2;
+                if (!PyTuple_CheckExact(state) || PyTuple_GET_SIZE(state) != 3) {
+                    Py_RETURN_NONE;
+                }
+                if ((ok = exact_int(PyTuple_GET_ITEM(state, 0), &s0)) <= 0 ||
+                    (ok = exact_int(PyTuple_GET_ITEM(state, 1), &s1)) <= 0 ||
+                    (ok = exact_int(PyTuple_GET_ITEM(state, 2), &s2)) <= 0) {
+                    return ok < 0 ? NULL : Py_NewRef(Py_None);
+                }
+                if (s0 == start) {
+                    cur = s1;
+                    prev = s2;
+                }
+                else if (s0 == start - window) {
+                    prev = s1;
+                }
+            }
+        }
+        /* Python: limit - (prev * ((window - elapsed) / window) + cur), every operand exact. */
+        double available =
+            (double)level->limit -
+            ((double)prev * ((double)(window - elapsed) / (double)window) + (double)cur);
+        if (!((double)level->cost <= available) || cur + level->cost > EXACT_LIMIT) {
+            Py_RETURN_NONE; /* a refusal (or a count C can't hold): the general path */
+        }
+        level->entry = entry;
+        level->start = start;
+        level->cur = cur;
+        level->prev = prev;
+        level->reset_us = 2 * window - elapsed;
+        level->available = available;
+    }
+    /* The same key twice: the general path raises the error for it. */
+    for (Py_ssize_t i = 1; i < n; i++) {
+        for (Py_ssize_t j = 0; j < i; j++) {
+            int same = PyObject_RichCompareBool(levels[i].key, levels[j].key, Py_EQ);
+            if (same < 0) {
+                return NULL;
+            }
+            if (same) {
+                Py_RETURN_NONE;
+            }
+        }
+    }
+    /* Commit: nothing below answers "don't know" any more. */
+    PyObject *decisions = PyTuple_New(n);
+    if (decisions == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Level *level = &levels[i];
+        PyObject *expires = PyLong_FromLongLong(now + level->reset_us + margin);
+        PyObject *fields[3] = {
+            PyLong_FromLongLong(level->start),
+            PyLong_FromLongLong(level->cur + level->cost),
+            PyLong_FromLongLong(level->prev),
+        };
+        PyObject *state = new_tuple_of(&PyTuple_Type, 3, fields);
+        if (expires == NULL || state == NULL) {
+            Py_XDECREF(expires);
+            Py_XDECREF(state);
+            Py_DECREF(decisions);
+            return NULL;
+        }
+        if (level->entry != NULL) {
+            /* Live or expired, the entry is this key's: update it and move it to the recent
+             * end, as a new one would be. PyList_SetItem steals both references. */
+            PyList_SetItem(level->entry, 0, expires);
+            PyList_SetItem(level->entry, 1, state);
+            PyObject *moved = PyObject_CallMethodOneArg(data, s_move_to_end, level->key);
+            if (moved == NULL) {
+                Py_DECREF(decisions);
+                return NULL;
+            }
+            Py_DECREF(moved);
+        }
+        else {
+            PyObject *entry = PyList_New(2);
+            if (entry == NULL) {
+                Py_DECREF(expires);
+                Py_DECREF(state);
+                Py_DECREF(decisions);
+                return NULL;
+            }
+            PyList_SET_ITEM(entry, 0, expires);
+            PyList_SET_ITEM(entry, 1, state);
+            PyObject *pair = PyTuple_Pack(2, level->key, entry);
+            Py_DECREF(entry);
+            if (pair == NULL || PyList_Append(fresh, pair) < 0) {
+                Py_XDECREF(pair);
+                Py_DECREF(decisions);
+                return NULL;
+            }
+            Py_DECREF(pair);
+        }
+        long long remaining = (long long)floor(level->available - (double)level->cost);
+        PyObject *dfields[8] = {
+            Py_NewRef(Py_True),
+            Py_NewRef(level->policy_limit),
+            PyLong_FromLongLong(remaining > 0 ? remaining : 0),
+            PyFloat_FromDouble((double)level->reset_us / 1000000.0),
+            PyFloat_FromDouble(0.0),
+            Py_NewRef(level->name),
+            Py_NewRef(level->scope),
+            Py_NewRef(level->window_s),
+        };
+        PyObject *decision = new_tuple_of(DECISION, 8, dfields);
+        if (decision == NULL) {
+            Py_DECREF(decisions);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(decisions, i, decision);
+    }
+    PyObject *vfields[2] = {decisions, Py_NewRef(Py_True)};
+    return new_tuple_of(VERDICT, 2, vfields);
+}
+
+/* A Level from a Check (policy, scope, identity, cost): 1 done, 0 "don't know", -1 error. */
+static int
+level_from_check(PyObject *check, PyObject *cached, PyObject *key_fn, Level *level)
+{
+    int ok;
+    if (!PyTuple_Check(check) || PyTuple_GET_SIZE(check) != 4) {
+        return 0;
+    }
+    PyObject *policy = PyTuple_GET_ITEM(check, 0);
+    PyObject *scope = PyTuple_GET_ITEM(check, 1);
+    PyObject *identity = PyTuple_GET_ITEM(check, 2);
+    level->scope = scope;
+    if ((ok = exact_int(PyTuple_GET_ITEM(check, 3), &level->cost)) <= 0) {
+        return ok;
+    }
+    PyObject *algorithm = PyObject_GetAttr(policy, s_algorithm);
+    if (algorithm == NULL) {
+        return -1;
+    }
+    Py_DECREF(algorithm); /* only its identity is compared; the policy holds it */
+    if (algorithm != SC_ALGORITHM) {
+        return 0;
+    }
+    /* The key: KeyBuilder.cached first, KeyBuilder.key on a miss (it may raise). */
+    PyObject *cache_key = PyTuple_New(4);
+    if (cache_key == NULL) {
+        return -1;
+    }
+    PyTuple_SET_ITEM(cache_key, 0, Py_NewRef(scope));
+    PyTuple_SET_ITEM(cache_key, 3, Py_NewRef(identity));
+    PyObject *bucket = PyObject_GetAttr(policy, s_bucket);
+    PyTuple_SET_ITEM(cache_key, 1, bucket);
+    PyObject *code = bucket != NULL ? PyObject_GetAttr(policy, s_code) : NULL;
+    PyTuple_SET_ITEM(cache_key, 2, code);
+    if (code == NULL) {
+        Py_DECREF(cache_key);
+        return -1;
+    }
+    PyObject *key = PyDict_GetItemWithError(cached, cache_key);
+    if (key != NULL) {
+        Py_INCREF(key);
+    }
+    else if (!PyErr_Occurred()) {
+        key = PyObject_Call(key_fn, cache_key, NULL);
+    }
+    Py_DECREF(cache_key);
+    if (key == NULL) {
+        return -1;
+    }
+    level->key = key;
+    PyObject *rate = PyObject_GetAttr(policy, s_rate);
+    if (rate == NULL) {
+        return -1;
+    }
+    if ((ok = int_attr(rate, s_period_us, &level->period)) <= 0 ||
+        (ok = int_attr(rate, s_limit, &level->limit)) <= 0) {
+        Py_DECREF(rate);
+        return ok;
+    }
+    Py_DECREF(rate);
+    if ((level->policy_limit = PyObject_GetAttr(policy, s_limit)) == NULL ||
+        (level->name = PyObject_GetAttr(policy, s_name)) == NULL ||
+        (level->window_s = PyObject_GetAttr(policy, s_window)) == NULL) {
+        return -1;
+    }
+    return 1;
+}
+
+/* admit_sc(checks, now, data, cached, key_fn, margin, fresh) -> Verdict | None
+ *
+ * MemoryBackend._admit_all_py in C (see its docstring for the rules): every level a sliding
+ * window counter and every level admitting, or None before anything is changed. New entries
+ * are appended to `fresh` as (key, [expires, state]) for the caller to store.
+ */
+static PyObject *
+admit_sc(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "admit_sc takes 7 arguments");
+        return NULL;
+    }
+    if (SC_ALGORITHM == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_speedups.configure() was not called");
+        return NULL;
+    }
+    PyObject *data = args[2], *cached = args[3], *key_fn = args[4], *fresh = args[6];
+    long long now, margin;
+    int ok;
+    if ((ok = exact_int(args[1], &now)) <= 0 || (ok = exact_int(args[5], &margin)) <= 0) {
+        return ok < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    if (!PyDict_Check(data) || !PyDict_Check(cached) || !PyList_Check(fresh)) {
+        PyErr_SetString(PyExc_TypeError, "admit_sc: data and cached must be dicts, fresh a list");
+        return NULL;
+    }
+    PyObject *checks = PySequence_Fast(args[0], "checks must be a sequence");
+    if (checks == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(checks);
+    PyObject **items = PySequence_Fast_ITEMS(checks);
+    Level levels[MAX_LEVELS];
+    Py_ssize_t filled = 0;
+    PyObject *result = NULL;
+    if (n == 0 || n > MAX_LEVELS) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    for (; filled < n; filled++) {
+        Level *level = &levels[filled];
+        memset(level, 0, sizeof *level);
+        ok = level_from_check(items[filled], cached, key_fn, level);
+        if (ok <= 0) {
+            filled++; /* release what it holds */
+            result = ok < 0 ? NULL : Py_NewRef(Py_None);
+            goto done;
+        }
+    }
+    result = admit_levels(levels, n, now, data, margin, fresh);
+done:
+    release_levels(levels, filled);
+    Py_DECREF(checks);
+    return result;
+}
+
+/* -- the middleware's lanes ------------------------------------------------------------------ */
+
+/* Lane fields, by position (middleware._Lane). */
+enum {
+    L_ROUTES, L_BACKEND, L_DATA, L_NOW_US, L_STORE_NEW, L_MARGIN, L_IP, L_ENDPOINT, L_ROUTE,
+    L_COST, L_CHECKS, L_ROWS, L_SIZE
+};
+/* Row fields (MemoryBackend.lane_rows). */
+enum { R_KEY, R_LIMIT, R_PERIOD, R_POLICY_LIMIT, R_NAME, R_WINDOW, R_SCOPE, R_COST, R_SIZE };
+
+static PyObject *s_type, *s_method, *s_app, *s_routes, *s_root_path, *s_path, *s_client,
+    *s_state, *s_user, *s_headers, *s_query_string, *s_backend, *s_lists, *s_known_empty,
+    *s_decisions, *s_charged, *s_middleware, *s_scope_key, *s_http, *s_options, *s_empty;
+
+/* scope[name] for an exact dict, borrowed; NULL without an exception when absent. */
+#define SCOPE_GET(scope, name) PyDict_GetItemWithError((scope), (name))
+
+/* The API key in `header` (first occurrence), as identity.api_key_from_scope reads it: 1 with
+ * *value set to a new str, 0 when there is none, -1 "don't know" (headers not in the ASGI
+ * shape: the Python path reads them its own way). */
+static int
+header_value(PyObject *scope, PyObject *header, PyObject **value_out)
+{
+    PyObject *headers = SCOPE_GET(scope, s_headers);
+    if (headers == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    if (!PyList_Check(headers) && !PyTuple_Check(headers)) {
+        return -1;
+    }
+    const char *wanted = PyBytes_AS_STRING(header);
+    Py_ssize_t wanted_size = PyBytes_GET_SIZE(header);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(headers);
+    PyObject **items = PySequence_Fast_ITEMS(headers);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = items[i];
+        if ((!PyTuple_Check(pair) && !PyList_Check(pair)) ||
+            PySequence_Fast_GET_SIZE(pair) != 2) {
+            return -1;
+        }
+        PyObject *name = PySequence_Fast_GET_ITEM(pair, 0);
+        PyObject *value = PySequence_Fast_GET_ITEM(pair, 1);
+        if (!PyBytes_CheckExact(name) || !PyBytes_CheckExact(value)) {
+            return -1;
+        }
+        if (PyBytes_GET_SIZE(name) != wanted_size ||
+            memcmp(PyBytes_AS_STRING(name), wanted, wanted_size) != 0) {
+            continue;
+        }
+        /* Latin-1, stripped of optional whitespace (space, tab) at both ends. */
+        const char *text = PyBytes_AS_STRING(value);
+        Py_ssize_t start = 0, end = PyBytes_GET_SIZE(value);
+        while (start < end && (text[start] == ' ' || text[start] == '\t')) {
+            start++;
+        }
+        while (end > start && (text[end - 1] == ' ' || text[end - 1] == '\t')) {
+            end--;
+        }
+        if (start == end) {
+            return 0; /* the first occurrence decides, even when blank */
+        }
+        *value_out = PyUnicode_DecodeLatin1(text + start, end - start, NULL);
+        return *value_out != NULL ? 1 : -1;
+    }
+    return 0;
+}
+
+/* The lane key, as middleware._lane_key builds it; NULL without an exception for a request no
+ * lane can serve. Sets *routes_out to a new reference. */
+static PyObject *
+lane_key(PyObject *scope, PyObject **routes_out)
+{
+    PyObject *type = SCOPE_GET(scope, s_type);
+    if (type == NULL || !PyUnicode_CheckExact(type) ||
+        PyUnicode_Compare(type, s_http) != 0) {
+        return NULL;
+    }
+    PyObject *method = SCOPE_GET(scope, s_method);
+    if (method == NULL || !PyUnicode_CheckExact(method) ||
+        PyUnicode_Compare(method, s_options) == 0) {
+        return NULL; /* a preflight's fate depends on its headers */
+    }
+    PyObject *path = SCOPE_GET(scope, s_path);
+    PyObject *root_path = SCOPE_GET(scope, s_root_path);
+    PyObject *client = SCOPE_GET(scope, s_client);
+    PyObject *app = SCOPE_GET(scope, s_app);
+    if (path == NULL || client == NULL || app == NULL || PyErr_Occurred()) {
+        return NULL;
+    }
+    if (root_path == NULL) {
+        root_path = s_empty;
+    }
+    if ((!PyTuple_Check(client) && !PyList_Check(client)) ||
+        PySequence_Fast_GET_SIZE(client) < 1) {
+        return NULL;
+    }
+    PyObject *host = PySequence_Fast_GET_ITEM(client, 0);
+    if (!PyUnicode_CheckExact(host)) {
+        return NULL;
+    }
+    PyObject *routes = PyObject_GetAttr(app, s_routes);
+    if (routes == NULL) {
+        return NULL; /* the caller clears the error: the Python path meets it again */
+    }
+    if (!PyList_Check(routes)) {
+        Py_DECREF(routes);
+        return NULL;
+    }
+    PyObject *key = Py_BuildValue("(NnOOOOO)", PyLong_FromVoidPtr(routes),
+                                  PyList_GET_SIZE(routes), type, method, root_path, path, host);
+    if (key == NULL) {
+        Py_DECREF(routes);
+        return NULL;
+    }
+    *routes_out = routes;
+    return key;
+}
+
+/* lane_admit(lanes, scope, limiter, api_key_header, api_key_query, api_key_counted,
+ *            context_type) -> RequestContext | None
+ *
+ * The middleware's fast path (see middleware._Lane): for a request it has served before --
+ * same routes, method, path and peer, anonymous, admitted on the memory backend with nothing
+ * but the limiter's own levels -- decide the levels in one call and return the recorded
+ * context (also stored in the scope). None, before anything changed, for anything else; the
+ * Python path then decides as always.
+ */
+static PyObject *
+lane_admit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "lane_admit takes 7 arguments");
+        return NULL;
+    }
+    PyObject *lanes = args[0], *scope = args[1], *limiter = args[2], *header = args[3],
+             *query = args[4], *counted = args[5], *context_type = args[6];
+    if (!PyDict_CheckExact(lanes) || !PyDict_CheckExact(scope) || PyDict_GET_SIZE(lanes) == 0) {
+        Py_RETURN_NONE;
+    }
+    PyObject *routes = NULL;
+    PyObject *key = lane_key(scope, &routes);
+    if (key == NULL) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    PyObject *lane = PyDict_GetItemWithError(lanes, key); /* borrowed */
+    Py_DECREF(key);
+    int same_routes = lane != NULL && PyTuple_Check(lane) && PyTuple_GET_SIZE(lane) == L_SIZE &&
+                      PyTuple_GET_ITEM(lane, L_ROUTES) == routes;
+    Py_DECREF(routes);
+    if (!same_routes) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    /* Anonymous: no user in the state or the scope, no API key. */
+    PyObject *state = SCOPE_GET(scope, s_state);
+    if (state != NULL && PyDict_Check(state)) {
+        PyObject *user = PyDict_GetItemWithError(state, s_user);
+        if (user != NULL && user != Py_None) {
+            Py_RETURN_NONE;
+        }
+    }
+    PyObject *user = SCOPE_GET(scope, s_user);
+    if ((user != NULL && user != Py_None) || PyErr_Occurred()) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    if (PyObject_IsTrue(query) == 1) {
+        PyObject *qs = SCOPE_GET(scope, s_query_string);
+        if (qs != NULL && PyObject_IsTrue(qs) != 0) {
+            PyErr_Clear();
+            Py_RETURN_NONE; /* a key may be in the query: the Python path reads it */
+        }
+    }
+    /* An API key goes into the context (route guards read it); where the limiter has an
+     * API-key level, it would be one more level: not a lane's request. */
+    PyObject *api_key = NULL;
+    if (PyBytes_CheckExact(header)) {
+        int found = header_value(scope, header, &api_key);
+        if (found < 0 || (found > 0 && counted == Py_True)) {
+            Py_XDECREF(api_key);
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+    }
+    Level levels[MAX_LEVELS];
+    Py_ssize_t n = 0;
+    PyObject *result = NULL, *verdict = NULL, *fresh = NULL, *now_obj = NULL;
+    long long now, margin;
+    int ok = 1;
+    /* The limiter as it is now: the same backend, and no allow or block list to consult. */
+    PyObject *backend = PyObject_GetAttr(limiter, s_backend);
+    if (backend == NULL) {
+        goto error;
+    }
+    Py_DECREF(backend); /* identity only */
+    if (backend != PyTuple_GET_ITEM(lane, L_BACKEND)) {
+        goto unknown;
+    }
+    PyObject *lists = PyObject_GetAttr(limiter, s_lists);
+    if (lists == NULL) {
+        goto error;
+    }
+    if (lists != Py_None) {
+        PyObject *empty = PyObject_CallMethodNoArgs(lists, s_known_empty);
+        Py_DECREF(lists);
+        if (empty == NULL) {
+            goto error;
+        }
+        int quiet = empty == Py_True;
+        Py_DECREF(empty);
+        if (!quiet) {
+            goto unknown;
+        }
+    }
+    else {
+        Py_DECREF(lists);
+    }
+    /* The levels. */
+    PyObject *rows = PyTuple_GET_ITEM(lane, L_ROWS);
+    if (!PyTuple_Check(rows) || PyTuple_GET_SIZE(rows) == 0 ||
+        PyTuple_GET_SIZE(rows) > MAX_LEVELS) {
+        goto unknown;
+    }
+    n = PyTuple_GET_SIZE(rows);
+    memset(levels, 0, sizeof(Level) * n);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *row = PyTuple_GET_ITEM(rows, i);
+        Level *level = &levels[i];
+        if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != R_SIZE) {
+            goto unknown;
+        }
+        level->key = Py_NewRef(PyTuple_GET_ITEM(row, R_KEY));
+        level->policy_limit = Py_NewRef(PyTuple_GET_ITEM(row, R_POLICY_LIMIT));
+        level->name = Py_NewRef(PyTuple_GET_ITEM(row, R_NAME));
+        level->window_s = Py_NewRef(PyTuple_GET_ITEM(row, R_WINDOW));
+        level->scope = PyTuple_GET_ITEM(row, R_SCOPE);
+        if ((ok = exact_int(PyTuple_GET_ITEM(row, R_LIMIT), &level->limit)) <= 0 ||
+            (ok = exact_int(PyTuple_GET_ITEM(row, R_PERIOD), &level->period)) <= 0 ||
+            (ok = exact_int(PyTuple_GET_ITEM(row, R_COST), &level->cost)) <= 0) {
+            goto fail_or_unknown;
+        }
+    }
+    if ((ok = exact_int(PyTuple_GET_ITEM(lane, L_MARGIN), &margin)) <= 0) {
+        goto fail_or_unknown;
+    }
+    now_obj = PyObject_CallNoArgs(PyTuple_GET_ITEM(lane, L_NOW_US));
+    if (now_obj == NULL) {
+        goto error;
+    }
+    if ((ok = exact_int(now_obj, &now)) <= 0) {
+        goto fail_or_unknown;
+    }
+    PyObject *data = PyTuple_GET_ITEM(lane, L_DATA);
+    if (!PyDict_Check(data) || (fresh = PyList_New(0)) == NULL) {
+        goto error_or_unknown;
+    }
+    verdict = admit_levels(levels, n, now, data, margin, fresh);
+    if (verdict == NULL) {
+        goto error;
+    }
+    if (verdict == Py_None) {
+        goto unknown;
+    }
+    if (PyList_GET_SIZE(fresh) > 0) {
+        PyObject *stored =
+            PyObject_CallFunctionObjArgs(PyTuple_GET_ITEM(lane, L_STORE_NEW), fresh, now_obj, NULL);
+        if (stored == NULL) {
+            goto error;
+        }
+        Py_DECREF(stored);
+    }
+    /* The context, recorded as RateLimiter._record records an admitted verdict. */
+    PyObject *cargs[8] = {
+        limiter, PyTuple_GET_ITEM(lane, L_IP), api_key != NULL ? api_key : Py_None, Py_None,
+        Py_None,
+        PyTuple_GET_ITEM(lane, L_ENDPOINT), PyTuple_GET_ITEM(lane, L_ROUTE),
+        PyTuple_GET_ITEM(lane, L_COST),
+    };
+    PyObject *context = PyObject_Vectorcall(context_type, cargs, 8, NULL);
+    if (context == NULL) {
+        goto error;
+    }
+    PyObject *decisions = PyObject_GetAttr(context, s_decisions);
+    PyObject *charged = decisions != NULL ? PyObject_GetAttr(context, s_charged) : NULL;
+    int failed = charged == NULL || !PyList_Check(decisions) || !PyList_Check(charged) ||
+                 PyList_SetSlice(decisions, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX,
+                                 PyTuple_GET_ITEM(verdict, 0)) < 0 ||
+                 PyList_SetSlice(charged, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX,
+                                 PyTuple_GET_ITEM(lane, L_CHECKS)) < 0 ||
+                 PyObject_SetAttr(context, s_middleware, Py_True) < 0 ||
+                 PyDict_SetItem(scope, s_scope_key, context) < 0;
+    Py_XDECREF(decisions);
+    Py_XDECREF(charged);
+    if (failed) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "lane_admit: a context without its lists");
+        }
+        Py_DECREF(context);
+        goto error;
+    }
+    result = context;
+    goto done;
+
+error_or_unknown:
+    if (PyErr_Occurred()) {
+        goto error;
+    }
+    goto unknown;
+fail_or_unknown:
+    if (ok < 0) {
+        goto error;
+    }
+unknown:
+    result = Py_NewRef(Py_None);
+    goto done;
+error:
+    result = NULL;
+done:
+    release_levels(levels, n);
+    Py_XDECREF(api_key);
+    Py_XDECREF(verdict);
+    Py_XDECREF(fresh);
+    Py_XDECREF(now_obj);
+    return result;
+}
+
+/* -- response headers ---------------------------------------------------------------------- */
+
+/* Decision fields, by position (decision.Decision). */
+enum { D_ALLOWED, D_LIMIT, D_REMAINING, D_RESET_AFTER, D_RETRY_AFTER, D_POLICY, D_SCOPE, D_WINDOW };
+
+typedef struct {
+    int allowed;
+    long long limit, remaining;
+    double reset_after, retry_after;
+} Figures;
+
+/* An int or float field as a double, exactly as Python would use it; 0 when it is neither. */
+static int
+number(PyObject *value, double *out)
+{
+    if (PyFloat_CheckExact(value)) {
+        *out = PyFloat_AS_DOUBLE(value);
+        return 1;
+    }
+    long long v;
+    int ok = exact_int(value, &v);
+    if (ok > 0) {
+        *out = (double)v;
+    }
+    return ok;
+}
+
+/* One decision's figures; 0 when a field is not what C can mirror exactly. */
+static int
+figures_of(PyObject *decision, Figures *out)
+{
+    if (!PyTuple_Check(decision) || PyTuple_GET_SIZE(decision) != 8) {
+        return 0;
+    }
+    PyObject *allowed = PyTuple_GET_ITEM(decision, D_ALLOWED);
+    if (allowed != Py_True && allowed != Py_False) {
+        return 0;
+    }
+    out->allowed = allowed == Py_True;
+    int ok;
+    if ((ok = exact_int(PyTuple_GET_ITEM(decision, D_LIMIT), &out->limit)) <= 0 ||
+        (ok = exact_int(PyTuple_GET_ITEM(decision, D_REMAINING), &out->remaining)) <= 0 ||
+        (ok = number(PyTuple_GET_ITEM(decision, D_RESET_AFTER), &out->reset_after)) <= 0 ||
+        (ok = number(PyTuple_GET_ITEM(decision, D_RETRY_AFTER), &out->retry_after)) <= 0) {
+        return ok;
+    }
+    /* binding_of divides by the limit: let Python raise for 0. */
+    return out->limit != 0;
+}
+
+/* decision.binding_of_py in C: the index of the most restrictive decision, -1 for "don't
+ * know" (with an exception set only for real errors). */
+static Py_ssize_t
+binding_index(PyObject **decisions, Py_ssize_t n, Figures *binding)
+{
+    Figures first, d, best, denied;
+    int ok = figures_of(decisions[0], &first);
+    if (ok <= 0) {
+        return -1;
+    }
+    if (n == 1) {
+        *binding = first;
+        return 0;
+    }
+    Py_ssize_t best_i = 0, denied_i = -1;
+    best = first;
+    double best_share = (double)first.remaining / (double)first.limit;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if ((ok = figures_of(decisions[i], &d)) <= 0) {
+            return -1;
+        }
+        if (!d.allowed) {
+            if (denied_i < 0 || d.retry_after > denied.retry_after) {
+                denied_i = i;
+                denied = d;
+            }
+        }
+        else if (denied_i < 0) {
+            double share = (double)d.remaining / (double)d.limit;
+            if (share < best_share || (share == best_share && d.remaining < best.remaining)) {
+                best_i = i;
+                best = d;
+                best_share = share;
+            }
+        }
+    }
+    if (denied_i >= 0) {
+        *binding = denied;
+        return denied_i;
+    }
+    *binding = best;
+    return best_i;
+}
+
+/* headers._reset_seconds: t, whole seconds rounded up. */
+static long long
+reset_seconds(const Figures *d)
+{
+    if (d->allowed) {
+        return d->reset_after > 0 ? (long long)ceil(d->reset_after) : 0;
+    }
+    return d->retry_after > 1 ? (long long)ceil(d->retry_after) : 1;
+}
+
+static int
+append_header(PyObject *list, const char *name, PyObject *value)
+{
+    /* Steals `value`. */
+    if (value == NULL) {
+        return -1;
+    }
+    PyObject *pair = Py_BuildValue("(yN)", name, value);
+    if (pair == NULL) {
+        return -1;
+    }
+    int rc = PyList_Append(list, pair);
+    Py_DECREF(pair);
+    return rc;
+}
+
+static PyObject *
+int_bytes(long long value)
+{
+    char text[32];
+    int size = snprintf(text, sizeof text, "%lld", value);
+    return PyBytes_FromStringAndSize(text, size);
+}
+
+/* Styles, by position in headers._STYLE_CODES. */
+enum { STYLE_IETF, STYLE_X, STYLE_BOTH, STYLE_LEGACY };
+
+/* rate_limit_headers(decisions, style, now, policy_header, name_bytes, policy_fields)
+ *     -> list | None
+ *
+ * headers.rate_limit_headers_py for a non-empty decision list and a style code (never
+ * "none"): `policy_header` and `name_bytes` are the Python module's cached formatters,
+ * `policy_fields` its itemgetter for a decision's (policy, limit, window).
+ */
+static PyObject *
+rate_limit_headers(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "rate_limit_headers takes 6 arguments");
+        return NULL;
+    }
+    PyObject *seq = args[0], *policy_header = args[3], *name_bytes = args[4],
+             *policy_fields = args[5];
+    long style = PyLong_AsLong(args[1]);
+    if (style == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    double now;
+    if (number(args[2], &now) <= 0) {
+        Py_RETURN_NONE;
+    }
+    PyObject *decisions = PySequence_Fast(seq, "decisions must be a sequence");
+    if (decisions == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(decisions);
+    PyObject **items = PySequence_Fast_ITEMS(decisions);
+    PyObject *result = NULL;
+    Figures binding;
+    Py_ssize_t index = n > 0 ? binding_index(items, n, &binding) : -1;
+    if (index < 0) {
+        if (!PyErr_Occurred()) {
+            result = Py_NewRef(Py_None);
+        }
+        goto done;
+    }
+    PyObject *bound = items[index];
+    long long t = reset_seconds(&binding);
+    long long remaining = binding.remaining > 0 ? binding.remaining : 0;
+    result = PyList_New(0);
+    if (result == NULL) {
+        goto done;
+    }
+    if (style == STYLE_IETF || style == STYLE_BOTH) {
+        /* The cache key: (policy, limit, window) of each decision, as the Python twin. */
+        PyObject *key = PyTuple_New(n);
+        if (key == NULL) {
+            goto error;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *fields = PyObject_CallOneArg(policy_fields, items[i]);
+            if (fields == NULL) {
+                Py_DECREF(key);
+                goto error;
+            }
+            PyTuple_SET_ITEM(key, i, fields);
+        }
+        PyObject *policy = PyObject_CallOneArg(policy_header, key);
+        Py_DECREF(key);
+        if (append_header(result, "ratelimit-policy", policy) < 0) {
+            goto error;
+        }
+        PyObject *name = PyObject_CallOneArg(name_bytes, PyTuple_GET_ITEM(bound, D_POLICY));
+        if (name == NULL) {
+            goto error;
+        }
+        if (!PyBytes_Check(name)) {
+            Py_DECREF(name);
+            PyErr_SetString(PyExc_TypeError, "name_bytes must return bytes");
+            goto error;
+        }
+        /* Names are short (policy names are validated), numbers at most 20 digits. */
+        char text[320];
+        int size = -1;
+        if (PyBytes_GET_SIZE(name) <= 256) {
+            size = snprintf(text, sizeof text, "\"%s\";r=%lld;t=%lld", PyBytes_AS_STRING(name),
+                            remaining, t);
+        }
+        Py_DECREF(name);
+        PyObject *status = size >= 0 && size < (int)sizeof text
+                               ? PyBytes_FromStringAndSize(text, size)
+                               : NULL;
+        if (status == NULL && !PyErr_Occurred()) {
+            Py_SETREF(result, Py_NewRef(Py_None)); /* a name too long: the Python twin */
+            goto done;
+        }
+        if (append_header(result, "ratelimit", status) < 0) {
+            goto error;
+        }
+    }
+    if (style == STYLE_X || style == STYLE_BOTH) {
+        PyObject *scope = PyTuple_GET_ITEM(bound, D_SCOPE);
+        long long used = binding.limit - remaining;
+        if (append_header(result, "x-ratelimit-limit", int_bytes(binding.limit)) < 0 ||
+            append_header(result, "x-ratelimit-remaining", int_bytes(remaining)) < 0 ||
+            append_header(result, "x-ratelimit-reset",
+                          int_bytes((long long)ceil(now + (double)t))) < 0 ||
+            append_header(result, "x-ratelimit-used", int_bytes(used > 0 ? used : 0)) < 0) {
+            goto error;
+        }
+        PyObject *text = PyObject_Str(scope);
+        if (text == NULL) {
+            goto error;
+        }
+        PyObject *encoded = PyUnicode_AsLatin1String(text);
+        Py_DECREF(text);
+        if (append_header(result, "x-ratelimit-scope", encoded) < 0) {
+            goto error;
+        }
+    }
+    if (style == STYLE_LEGACY) {
+        if (append_header(result, "ratelimit-limit", int_bytes(binding.limit)) < 0 ||
+            append_header(result, "ratelimit-remaining", int_bytes(remaining)) < 0 ||
+            append_header(result, "ratelimit-reset", int_bytes(t)) < 0) {
+            goto error;
+        }
+    }
+    if (style < STYLE_IETF || style > STYLE_LEGACY) {
+        Py_SETREF(result, Py_NewRef(Py_None)); /* "none" or unknown: the Python twin decides */
+    }
+    goto done;
+error:
+    Py_CLEAR(result);
+done:
+    Py_DECREF(decisions);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"configure", configure, METH_VARARGS,
+     "configure(sliding_window_counter, Decision, Verdict): the types admit_sc works with."},
+    {"admit_sc", (PyCFunction)(void (*)(void))admit_sc, METH_FASTCALL,
+     "admit_sc(checks, now, data, cached, key_fn, margin, fresh) -> Verdict | None"},
+    {"lane_admit", (PyCFunction)(void (*)(void))lane_admit, METH_FASTCALL,
+     "lane_admit(lanes, scope, limiter, api_key_header, api_key_query, context_type)"},
+    {"rate_limit_headers", (PyCFunction)(void (*)(void))rate_limit_headers, METH_FASTCALL,
+     "rate_limit_headers(decisions, style, now, policy_header, name_bytes, policy_fields)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "fastapi_ratelimit._speedups",
+    "C versions of the memory backend's and the headers' per-request hot path.", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+#define INTERN(var, text)                                                                      \
+    if ((var = PyUnicode_InternFromString(text)) == NULL) {                                    \
+        return NULL;                                                                           \
+    }
+    INTERN(s_algorithm, "algorithm");
+    INTERN(s_bucket, "bucket");
+    INTERN(s_code, "code");
+    INTERN(s_rate, "rate");
+    INTERN(s_period_us, "period_us");
+    INTERN(s_limit, "limit");
+    INTERN(s_name, "name");
+    INTERN(s_window, "window");
+    INTERN(s_move_to_end, "move_to_end");
+    INTERN(s_type, "type");
+    INTERN(s_method, "method");
+    INTERN(s_app, "app");
+    INTERN(s_routes, "routes");
+    INTERN(s_root_path, "root_path");
+    INTERN(s_path, "path");
+    INTERN(s_client, "client");
+    INTERN(s_state, "state");
+    INTERN(s_user, "user");
+    INTERN(s_headers, "headers");
+    INTERN(s_query_string, "query_string");
+    INTERN(s_backend, "backend");
+    INTERN(s_lists, "lists");
+    INTERN(s_known_empty, "known_empty");
+    INTERN(s_decisions, "decisions");
+    INTERN(s_charged, "charged");
+    INTERN(s_middleware, "middleware");
+    INTERN(s_scope_key, "fastapi_ratelimit");
+    INTERN(s_http, "http");
+    INTERN(s_options, "OPTIONS");
+    INTERN(s_empty, "");
+#undef INTERN
+    return PyModule_Create(&module_def);
+}

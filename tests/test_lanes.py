@@ -1,0 +1,320 @@
+"""The middleware's lanes (``_speedups.lane_admit``): a request seen before is decided in one
+C call. Every test here first makes sure a lane exists, then changes one thing a lane must
+notice, and checks the answer is the one the Python path gives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi import FastAPI, Request
+from http_helpers import client_for, policies, ratelimit, remaining
+
+from fastapi_ratelimit import (
+    FakeClock,
+    MemoryBackend,
+    RateLimiter,
+    RateLimitMiddleware,
+    rate_limit,
+    report_cost,
+)
+from fastapi_ratelimit import middleware as middleware_module
+from fastapi_ratelimit._accel import ACCELERATED
+from fastapi_ratelimit.middleware import _Lane
+
+pytestmark = pytest.mark.skipif(not ACCELERATED, reason="lanes need the C speedups")
+
+
+@pytest.fixture
+def lane_hits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The endpoint of every request a lane decided (the real C function, observed)."""
+    hits: list[str] = []
+    real = middleware_module._lane_admit
+    assert real is not None
+
+    def observed(*args: Any) -> Any:
+        context = real(*args)
+        if context is not None:
+            hits.append(context.endpoint)
+        return context
+
+    monkeypatch.setattr(middleware_module, "_lane_admit", observed)
+    return hits
+
+
+def limiter(**options: Any) -> RateLimiter:
+    defaults: dict[str, Any] = {
+        "backend": MemoryBackend(clock=FakeClock()),
+        "global_limit": "100/minute",
+        "ip_limit": "5/minute",
+        "endpoint_limits": {"GET /hello": "50/minute"},
+    }
+    defaults.update(options)
+    return RateLimiter(**defaults)
+
+
+def make_app(
+    rl: RateLimiter, *, login: bool = False, **middleware: Any
+) -> tuple[FastAPI, RateLimitMiddleware]:
+    app = FastAPI()
+    app.state.calls = 0
+
+    @app.get("/hello")
+    async def hello() -> dict[str, str]:
+        app.state.calls += 1
+        return {"hello": "world"}
+
+    @app.get("/reported")
+    async def reported(request: Request) -> dict[str, str]:
+        report_cost(request, 0)
+        return {"cost": "0"}
+
+    @app.get("/who")
+    async def who(request: Request) -> dict[str, Any]:
+        context = request.scope["fastapi_ratelimit"]
+        return {"key": context.api_key, "user": context.user, "ip": context.ip}
+
+    @app.get("/decorated")
+    @rate_limit("2/minute")
+    async def decorated() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    app.add_middleware(RateLimitMiddleware, limiter=rl, **middleware)
+    if login:
+        # Outside the limiter: ?user=NAME logs in as NAME (request.state.user).
+
+        @app.middleware("http")
+        async def log_in(request: Request, call_next: Any) -> Any:
+            if "user" in request.query_params:
+                request.state.user = request.query_params["user"]
+            return await call_next(request)
+
+    return app, middleware_of(app)
+
+
+def middleware_of(app: FastAPI) -> RateLimitMiddleware:
+    """The app's RateLimitMiddleware instance (the stack is built here, once, as Starlette
+    would on the first request)."""
+    app.middleware_stack = app.build_middleware_stack()
+    layer: Any = app.middleware_stack
+    while not isinstance(layer, RateLimitMiddleware):
+        layer = layer.app
+    return layer
+
+
+async def test_a_lane_serves_repeat_requests_with_the_same_answers(lane_hits: list[str]) -> None:
+    rl = limiter()
+    app, middleware = make_app(rl)
+    async with client_for(app) as client:
+        first = await client.get("/hello")
+        assert len(middleware._lanes) == 1
+        lane = next(iter(middleware._lanes.values()))
+        assert isinstance(lane, _Lane)
+        assert (lane.ip, lane.endpoint, lane.cost) == ("203.0.113.7", "GET /hello", 1)
+        answers = [await client.get("/hello") for _ in range(4)]
+        denied = await client.get("/hello")  # the sixth: the IP level (5/minute) refuses
+    assert first.status_code == 200
+    assert lane_hits == ["GET /hello"] * 4  # the first made the lane; the sixth was refused
+    assert [remaining(r) for r in answers] == ["3", "2", "1", "0"]
+    assert set(policies(answers[0])) == {"global", "ip", "endpoint"}
+    assert denied.status_code == 429
+    assert ratelimit(denied)[0] == "ip"
+    assert app.state.calls == 5
+    # Exactly what the store holds: 5 on each of the three levels.
+    peeked = await rl.backend.peek(lane.checks)
+    assert [d.remaining for d in peeked.decisions] == [95, 0, 45]
+
+
+async def test_each_peer_and_path_has_its_own_lane() -> None:
+    rl = limiter()
+    app, middleware = make_app(rl)
+    for ip in ("198.51.100.1", "198.51.100.2"):
+        async with client_for(app, ip=ip) as client:
+            for _ in range(3):
+                assert (await client.get("/hello")).status_code == 200
+    assert len(middleware._lanes) == 2
+    async with client_for(app, ip="198.51.100.1") as client:
+        response = await client.get("/hello")
+    # Per IP: 4 of 5 used by this peer, not 7 (the other peer's 3 are its own).
+    assert remaining(response) == "1"
+
+
+async def test_a_replaced_backend_is_used_at_once() -> None:
+    rl = limiter()
+    app, middleware = make_app(rl)
+    async with client_for(app) as client:
+        for _ in range(3):
+            await client.get("/hello")
+        assert middleware._lanes
+        rl.backend = MemoryBackend(clock=FakeClock())
+        response = await client.get("/hello")
+    assert remaining(response) == "4"  # a fresh store
+
+
+async def test_block_and_allow_lists_are_consulted() -> None:
+    rl = limiter()
+    app, middleware = make_app(rl)
+    async with client_for(app) as client:
+        await client.get("/hello")
+        await client.get("/hello")
+        assert middleware._lanes
+        await rl.block("ip", "203.0.113.7")
+        assert (await client.get("/hello")).status_code == 403
+        await rl.unblock("ip", "203.0.113.7")
+        await rl.allow("ip", "203.0.113.7")
+        allowed = await client.get("/hello")
+    assert allowed.status_code == 200
+    assert "ratelimit" not in allowed.headers  # allow-listed: not limited, not counted
+    await rl.aclose()
+
+
+async def test_a_user_or_an_api_key_leaves_the_lane(lane_hits: list[str]) -> None:
+    rl = limiter(user_limit="3/minute", api_key_limit="2/minute")
+    app, _ = make_app(rl, login=True)
+    async with client_for(app) as client:
+        await client.get("/hello")
+        await client.get("/hello")
+        user = await client.get("/hello", params={"user": "alice"})
+        keyed = await client.get("/hello", headers={"X-API-Key": "k-123"})
+        blank_key = await client.get("/hello", headers={"X-API-Key": " \t"})
+    assert lane_hits == ["GET /hello", "GET /hello"]  # the second and the blank key
+    assert "user" in policies(user)
+    assert "api_key" in policies(keyed)
+    assert "api_key" not in policies(blank_key)  # a blank key is no key, as in Python
+    assert remaining(blank_key) == "0"  # and the IP level counted all five
+
+
+async def test_an_api_key_without_a_level_of_its_own_stays_in_the_context(
+    lane_hits: list[str],
+) -> None:
+    """No API-key level: a keyed request is served by the lane, and the context still carries
+    the key, as the Python path's does (route guards may key on it)."""
+    rl = limiter()
+    app, _ = make_app(rl)
+    async with client_for(app) as client:
+        first = await client.get("/who", headers={"X-API-Key": "k-1"})
+        again = await client.get("/who", headers={"X-API-Key": "\tk-2 "})
+        blank = await client.get("/who", headers={"X-API-Key": "  "})
+        latin = await client.get("/who", headers={"X-API-Key": "caf\xe9".encode("latin-1")})
+        bare = await client.get("/who")
+    assert lane_hits == ["GET /who"] * 4
+    assert [r.json()["key"] for r in (first, again, blank, latin, bare)] == [
+        "k-1",
+        "k-2",
+        None,
+        "caf\xe9",
+        None,
+    ]
+    assert [remaining(r) for r in (first, again, blank, latin, bare)] == ["4", "3", "2", "1", "0"]
+
+
+async def test_a_denial_on_a_lane_is_the_python_paths_problem_json() -> None:
+    rl = limiter(ip_limit="2/minute")
+    app, _ = make_app(rl)
+    async with client_for(app) as client:
+        await client.get("/hello")
+        await client.get("/hello")
+        denied = await client.get("/hello")
+    assert denied.status_code == 429
+    assert denied.headers["content-type"] == "application/problem+json"
+    assert int(denied.headers["retry-after"]) >= 1
+    assert app.state.calls == 2
+
+
+async def test_reported_cost_is_adjusted_after_a_lane_request() -> None:
+    rl = limiter()
+    app, middleware = make_app(rl)
+    async with client_for(app) as client:
+        for _ in range(6):
+            response = await client.get("/reported")  # reports a cost of 0 each time
+            assert response.status_code == 200
+    assert any(lane.endpoint == "GET /reported" for lane in middleware._lanes.values())
+    # Each request was refunded after its response: the sixth still sees the IP level full
+    # but for itself.
+    assert remaining(response) == "4"
+
+
+async def test_routes_with_their_own_limits_get_no_lane() -> None:
+    rl = limiter()
+    app, middleware = make_app(rl)
+    async with client_for(app) as client:
+        statuses = [(await client.get("/decorated")).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    assert middleware._lanes == {}
+
+
+async def test_exempt_paths_and_preflights_are_never_counted() -> None:
+    rl = limiter(ip_limit="2/minute")
+    app, middleware = make_app(rl)
+    preflight = {"Origin": "http://a.example", "Access-Control-Request-Method": "GET"}
+    async with client_for(app) as client:
+        await client.get("/hello")
+        assert middleware._lanes
+        for _ in range(5):
+            # No CORSMiddleware here: the app answers 405, and the limiter lets it through.
+            assert (await client.options("/hello", headers=preflight)).status_code == 405
+            assert (await client.get("/docs")).status_code == 200
+        last = await client.get("/hello")
+    assert last.status_code == 200
+    assert remaining(last) == "0"
+
+
+async def test_forwarded_headers_from_a_trusted_proxy_never_use_a_lane() -> None:
+    rl = limiter(trusted_proxies=["10.0.0.0/8"], ip_limit="2/minute")
+    app, middleware = make_app(rl)
+    async with client_for(app, ip="10.1.2.3") as client:
+        for n in range(4):
+            # Each request from a different client behind the proxy: its own IP budget.
+            response = await client.get("/hello", headers={"X-Forwarded-For": f"192.0.2.{n}"})
+            assert response.status_code == 200
+            assert remaining(response) == "1"
+    assert middleware._lanes == {}
+
+
+async def test_routes_added_later_are_resolved_afresh() -> None:
+    rl = limiter()
+    app, _ = make_app(rl)
+    async with client_for(app) as client:
+        assert (await client.get("/late")).status_code == 404
+        assert (await client.get("/late")).status_code == 404
+
+        @app.get("/late")
+        async def late() -> dict[str, str]:
+            return {"late": "yes"}
+
+        response = await client.get("/late")
+    assert response.status_code == 200
+    assert response.json() == {"late": "yes"}
+
+
+async def test_hostile_scope_values_fall_back_without_errors() -> None:
+    """Odd values a lane cannot key on (a list as root_path, a non-string host) take the
+    Python path: no exception, no 5xx."""
+    rl = limiter()
+    app, middleware = make_app(rl)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    base = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": "/hello", "raw_path": b"/hello", "query_string": b"",
+        "root_path": "", "headers": [(b"host", b"x")], "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }  # fmt: skip
+    await app({**base}, receive, send)
+    await app({**base}, receive, send)
+    assert middleware._lanes
+    for odd in (
+        {"client": (["127.0.0.1"], 5000)},
+        {"client": None},
+        {"headers": [("x-api-key", "text, not bytes")]},
+        {"state": {"user": "bob"}},
+    ):
+        await app({**base, **odd}, receive, send)
+    statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]
+    assert statuses == [200] * 6
