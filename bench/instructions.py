@@ -3,6 +3,7 @@ shared machine. Each measurement runs twice (N and N + 1000 requests) and report
 difference / 1000.
 
     python bench/instructions.py                  # in-process: bare, 3 memory levels, variants
+    python bench/instructions.py --config '{"pure": true}'   # without the C speedups
     python bench/instructions.py --config '{"headers": "none"}'
     python bench/instructions.py --server         # whole uvicorn servers: the bench_http apps
 
@@ -33,6 +34,7 @@ from typing import Any
 VARIANTS = {
     "bare": None,
     "3 memory levels (default)": {},
+    "3 memory levels, pure Python (FASTAPI_RATELIMIT_PURE=1)": {"pure": True},
     "3 levels, headers='none'": {"headers": "none"},
     "1 level (ip)": {"global_limit": None, "endpoint_limits": None},
     "3 levels, headers='both'": {"headers": "both"},
@@ -66,8 +68,9 @@ async def drive(app: Any, n: int) -> None:
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
         "scheme": "http", "path": "/hello", "raw_path": b"/hello", "query_string": b"",
-        "root_path": "", "headers": [(b"host", b"x")], "client": ("127.0.0.1", 5000),
-        "server": ("127.0.0.1", 8000),
+        "root_path": "", "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
+        # What wrk sends in bench_http.py (the API key and user headers of its Redis apps).
+        "headers": [(b"host", b"x"), (b"x-api-key", b"k1"), (b"x-user", b"u1")],
     }  # fmt: skip
 
     async def receive() -> dict[str, Any]:
@@ -89,6 +92,11 @@ def child_env(base: Mapping[str, str]) -> dict[str, str]:
 
 def count(config: str, n: int) -> int:
     env = child_env(os.environ)
+    options = json.loads(config)
+    if isinstance(options, dict) and options.pop("pure", False):
+        # Not a limiter option: run without the C speedups (see fastapi_ratelimit._accel).
+        env["FASTAPI_RATELIMIT_PURE"] = "1"
+        config = json.dumps(options)
     with tempfile.NamedTemporaryFile() as out:
         result = subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out.name}",
@@ -182,6 +190,14 @@ def servers() -> None:
             ) // 1000
             bare = bare or per_request
             print(f"| {variant.id} | {per_request:,} | {bare / per_request:.2f} |", flush=True)
+            if variant.id == "frl-memory-3":
+                # The same app without the C speedups (their pure-Python twins).
+                pure = {**env, "FASTAPI_RATELIMIT_PURE": "1"}
+                per_request = (
+                    count_server(variant.module, 1300, pure)
+                    - count_server(variant.module, 300, pure)
+                ) // 1000
+                print(f"| {variant.id}, pure Python | {per_request:,} | {bare / per_request:.2f} |")
     finally:
         redis_server.stop()
 

@@ -16,6 +16,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <structmember.h>
 
 /* Integers up to 2**53 convert to double exactly, so C's double arithmetic then matches
  * Python's int/float arithmetic bit for bit (both round correctly once per operation). */
@@ -422,8 +423,8 @@ enum {
 enum { R_KEY, R_LIMIT, R_PERIOD, R_POLICY_LIMIT, R_NAME, R_WINDOW, R_SCOPE, R_COST, R_SIZE };
 
 static PyObject *s_type, *s_method, *s_app, *s_routes, *s_root_path, *s_path, *s_client,
-    *s_state, *s_user, *s_headers, *s_query_string, *s_backend, *s_lists, *s_known_empty,
-    *s_decisions, *s_charged, *s_middleware, *s_scope_key, *s_http, *s_options, *s_empty;
+    *s_state, *s_user, *s_headers, *s_query_string, *s_backend, *s_lists, *s_quiet,
+    *s_decisions, *s_scope_key, *s_http, *s_options, *s_empty;
 
 /* scope[name] for an exact dict, borrowed; NULL without an exception when absent. */
 #define SCOPE_GET(scope, name) PyDict_GetItemWithError((scope), (name))
@@ -519,8 +520,12 @@ lane_key(PyObject *scope, PyObject **routes_out)
         Py_DECREF(routes);
         return NULL;
     }
-    PyObject *key = Py_BuildValue("(NnOOOOO)", PyLong_FromVoidPtr(routes),
-                                  PyList_GET_SIZE(routes), type, method, root_path, path, host);
+    PyObject *parts[7] = {
+        PyLong_FromVoidPtr(routes), PyLong_FromSsize_t(PyList_GET_SIZE(routes)),
+        Py_NewRef(type), Py_NewRef(method), Py_NewRef(root_path), Py_NewRef(path),
+        Py_NewRef(host),
+    };
+    PyObject *key = new_tuple_of(&PyTuple_Type, 7, parts);
     if (key == NULL) {
         Py_DECREF(routes);
         return NULL;
@@ -529,8 +534,96 @@ lane_key(PyObject *scope, PyObject **routes_out)
     return key;
 }
 
-/* lane_admit(lanes, scope, limiter, api_key_header, api_key_query, api_key_counted,
- *            context_type) -> RequestContext | None
+/* RequestContext, built without running its __init__: its fields, in declaration order. */
+enum {
+    C_LIMITER, C_IP, C_API_KEY, C_USER, C_TIER, C_ENDPOINT, C_ROUTE, C_COST, C_KEY_TIER,
+    C_DECISIONS, C_CHARGED, C_HANDLED, C_REFUNDABLE, C_REPORTED_COST, C_MIDDLEWARE, C_DENIAL,
+    C_EXEMPT, C_REDUCED, C_FIELDS
+};
+static PyTypeObject *CONTEXT_TYPE = NULL;
+static Py_ssize_t CONTEXT_OFFSETS[C_FIELDS];
+
+/* configure_context(RequestContext, descriptors): the slot descriptors of its fields, in the
+ * order above (context.py asserts the names). */
+static PyObject *
+configure_context(PyObject *module, PyObject *args)
+{
+    PyObject *type, *descriptors;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyType_Type, &type, &PyTuple_Type, &descriptors)) {
+        return NULL;
+    }
+    if (PyTuple_GET_SIZE(descriptors) != C_FIELDS) {
+        PyErr_SetString(PyExc_ValueError, "configure_context: one descriptor per field");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < C_FIELDS; i++) {
+        PyObject *descriptor = PyTuple_GET_ITEM(descriptors, i);
+        if (!Py_IS_TYPE(descriptor, &PyMemberDescr_Type)) {
+            PyErr_SetString(PyExc_TypeError, "configure_context: slots only");
+            return NULL;
+        }
+        PyMemberDef *member = ((PyMemberDescrObject *)descriptor)->d_member;
+        if (member->type != T_OBJECT_EX ||
+            member->offset + (Py_ssize_t)sizeof(PyObject *) >
+                ((PyTypeObject *)type)->tp_basicsize) {
+            PyErr_SetString(PyExc_TypeError, "configure_context: object slots of this type");
+            return NULL;
+        }
+        CONTEXT_OFFSETS[i] = member->offset;
+    }
+    Py_XSETREF(CONTEXT_TYPE, (PyTypeObject *)Py_NewRef(type));
+    Py_RETURN_NONE;
+}
+
+/* A RequestContext as RequestContext(limiter, ip, api_key, None, None, endpoint, route, cost)
+ * then `middleware = True` and RateLimiter._record of an admitted verdict would leave it. */
+static PyObject *
+new_context(PyObject *limiter, PyObject *ip, PyObject *api_key, PyObject *endpoint,
+            PyObject *route, PyObject *cost, PyObject *decisions, PyObject *checks)
+{
+    PyObject *values[C_FIELDS] = {
+        [C_LIMITER] = Py_NewRef(limiter),
+        [C_IP] = Py_NewRef(ip),
+        [C_API_KEY] = Py_NewRef(api_key),
+        [C_USER] = Py_NewRef(Py_None),
+        [C_TIER] = Py_NewRef(Py_None),
+        [C_ENDPOINT] = Py_NewRef(endpoint),
+        [C_ROUTE] = Py_NewRef(route),
+        [C_COST] = Py_NewRef(cost),
+        [C_KEY_TIER] = Py_NewRef(Py_None),
+        [C_DECISIONS] = PySequence_List(decisions),
+        [C_CHARGED] = PySequence_List(checks),
+        [C_HANDLED] = PySet_New(NULL),
+        [C_REFUNDABLE] = PyList_New(0),
+        [C_REPORTED_COST] = Py_NewRef(Py_None),
+        [C_MIDDLEWARE] = Py_NewRef(Py_True),
+        [C_DENIAL] = Py_NewRef(Py_None),
+        [C_EXEMPT] = Py_NewRef(Py_False),
+        [C_REDUCED] = Py_NewRef(Py_False),
+    };
+    PyObject *context = NULL;
+    for (int i = 0; i < C_FIELDS; i++) {
+        if (values[i] == NULL) {
+            goto fail;
+        }
+    }
+    context = CONTEXT_TYPE->tp_alloc(CONTEXT_TYPE, 0);
+    if (context == NULL) {
+        goto fail;
+    }
+    for (int i = 0; i < C_FIELDS; i++) {
+        *(PyObject **)((char *)context + CONTEXT_OFFSETS[i]) = values[i];
+    }
+    return context;
+fail:
+    for (int i = 0; i < C_FIELDS; i++) {
+        Py_XDECREF(values[i]);
+    }
+    return NULL;
+}
+
+/* lane_admit(lanes, scope, limiter, api_key_header, api_key_query, api_key_counted)
+ *     -> RequestContext | None
  *
  * The middleware's fast path (see middleware._Lane): for a request it has served before --
  * same routes, method, path and peer, anonymous, admitted on the memory backend with nothing
@@ -541,12 +634,16 @@ lane_key(PyObject *scope, PyObject **routes_out)
 static PyObject *
 lane_admit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "lane_admit takes 7 arguments");
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "lane_admit takes 6 arguments");
+        return NULL;
+    }
+    if (CONTEXT_TYPE == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_speedups.configure_context() was not called");
         return NULL;
     }
     PyObject *lanes = args[0], *scope = args[1], *limiter = args[2], *header = args[3],
-             *query = args[4], *counted = args[5], *context_type = args[6];
+             *query = args[4], *counted = args[5];
     if (!PyDict_CheckExact(lanes) || !PyDict_CheckExact(scope) || PyDict_GET_SIZE(lanes) == 0) {
         Py_RETURN_NONE;
     }
@@ -615,7 +712,8 @@ lane_admit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto error;
     }
     if (lists != Py_None) {
-        PyObject *empty = PyObject_CallMethodNoArgs(lists, s_known_empty);
+        /* AccessLists.quiet: what known_empty() answers, as a plain attribute. */
+        PyObject *empty = PyObject_GetAttr(lists, s_quiet);
         Py_DECREF(lists);
         if (empty == NULL) {
             goto error;
@@ -684,31 +782,15 @@ lane_admit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(stored);
     }
     /* The context, recorded as RateLimiter._record records an admitted verdict. */
-    PyObject *cargs[8] = {
-        limiter, PyTuple_GET_ITEM(lane, L_IP), api_key != NULL ? api_key : Py_None, Py_None,
-        Py_None,
+    PyObject *context = new_context(
+        limiter, PyTuple_GET_ITEM(lane, L_IP), api_key != NULL ? api_key : Py_None,
         PyTuple_GET_ITEM(lane, L_ENDPOINT), PyTuple_GET_ITEM(lane, L_ROUTE),
-        PyTuple_GET_ITEM(lane, L_COST),
-    };
-    PyObject *context = PyObject_Vectorcall(context_type, cargs, 8, NULL);
+        PyTuple_GET_ITEM(lane, L_COST), PyTuple_GET_ITEM(verdict, 0),
+        PyTuple_GET_ITEM(lane, L_CHECKS));
     if (context == NULL) {
         goto error;
     }
-    PyObject *decisions = PyObject_GetAttr(context, s_decisions);
-    PyObject *charged = decisions != NULL ? PyObject_GetAttr(context, s_charged) : NULL;
-    int failed = charged == NULL || !PyList_Check(decisions) || !PyList_Check(charged) ||
-                 PyList_SetSlice(decisions, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX,
-                                 PyTuple_GET_ITEM(verdict, 0)) < 0 ||
-                 PyList_SetSlice(charged, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX,
-                                 PyTuple_GET_ITEM(lane, L_CHECKS)) < 0 ||
-                 PyObject_SetAttr(context, s_middleware, Py_True) < 0 ||
-                 PyDict_SetItem(scope, s_scope_key, context) < 0;
-    Py_XDECREF(decisions);
-    Py_XDECREF(charged);
-    if (failed) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "lane_admit: a context without its lists");
-        }
+    if (PyDict_SetItem(scope, s_scope_key, context) < 0) {
         Py_DECREF(context);
         goto error;
     }
@@ -842,55 +924,118 @@ reset_seconds(const Figures *d)
     return d->retry_after > 1 ? (long long)ceil(d->retry_after) : 1;
 }
 
+/* Header names, as bytes objects made once (module init). */
+enum { H_RATELIMIT_POLICY, H_RATELIMIT, H_X_RATELIMIT_LIMIT, H_X_RATELIMIT_REMAINING, H_X_RATELIMIT_RESET, H_X_RATELIMIT_USED, H_X_RATELIMIT_SCOPE, H_RATELIMIT_LIMIT, H_RATELIMIT_REMAINING, H_RATELIMIT_RESET, H_COUNT };
+static const char *const HEADER_TEXT[H_COUNT] = {"ratelimit-policy", "ratelimit", "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "x-ratelimit-used", "x-ratelimit-scope", "ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"};
+static PyObject *HEADER_BYTES[H_COUNT];
+
 static int
-append_header(PyObject *list, const char *name, PyObject *value)
+append_header(PyObject *list, int name, PyObject *value)
 {
     /* Steals `value`. */
     if (value == NULL) {
         return -1;
     }
-    PyObject *pair = Py_BuildValue("(yN)", name, value);
+    PyObject *pair = PyTuple_New(2);
     if (pair == NULL) {
+        Py_DECREF(value);
         return -1;
     }
+    PyTuple_SET_ITEM(pair, 0, Py_NewRef(HEADER_BYTES[name]));
+    PyTuple_SET_ITEM(pair, 1, value);
     int rc = PyList_Append(list, pair);
     Py_DECREF(pair);
     return rc;
 }
 
+/* The decimal digits of `value` at `out` (room for 21 bytes); returns their count. */
+static int
+format_ll(char *out, long long value)
+{
+    char digits[24];
+    int n = 0;
+    unsigned long long v = value < 0 ? 0ULL - (unsigned long long)value : (unsigned long long)value;
+    do {
+        digits[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v > 0);
+    int size = 0;
+    if (value < 0) {
+        out[size++] = '-';
+    }
+    while (n > 0) {
+        out[size++] = digits[--n];
+    }
+    return size;
+}
+
 static PyObject *
 int_bytes(long long value)
 {
-    char text[32];
-    int size = snprintf(text, sizeof text, "%lld", value);
-    return PyBytes_FromStringAndSize(text, size);
+    char text[24];
+    return PyBytes_FromStringAndSize(text, format_ll(text, value));
 }
 
-/* Styles, by position in headers._STYLE_CODES. */
-enum { STYLE_IETF, STYLE_X, STYLE_BOTH, STYLE_LEGACY };
+/* Styles, by position in the tuple given to configure_headers (HeaderStyle members). */
+enum { STYLE_IETF, STYLE_X, STYLE_BOTH, STYLE_LEGACY, STYLE_NONE, STYLE_COUNT };
 
-/* rate_limit_headers(decisions, style, now, policy_header, name_bytes, policy_fields)
- *     -> list | None
- *
- * headers.rate_limit_headers_py for a non-empty decision list and a style code (never
- * "none"): `policy_header` and `name_bytes` are the Python module's cached formatters,
- * `policy_fields` its itemgetter for a decision's (policy, limit, window).
- */
+/* Set by configure_headers (headers.py, at import). */
+static PyObject *POLICY_HEADER = NULL; /* headers._policy_header (cached) */
+static PyObject *NAME_BYTES = NULL;    /* headers._name_bytes (cached) */
+static PyObject *POLICY_FIELDS = NULL; /* headers._POLICY_FIELDS (an itemgetter) */
+static PyObject *TIME_FN = NULL;       /* time.time */
+static PyObject *STYLES[STYLE_COUNT];  /* the HeaderStyle members */
+static PyObject *STYLE_NAMES[STYLE_COUNT]; /* headers.HEADER_NAMES[style], frozensets */
+static PyObject *HEADERS_PY = NULL;    /* headers.rate_limit_headers_py */
+
 static PyObject *
-rate_limit_headers(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+configure_headers(PyObject *module, PyObject *args)
 {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "rate_limit_headers takes 6 arguments");
+    PyObject *policy_header, *name_bytes, *policy_fields, *time_fn, *styles, *names, *python;
+    if (!PyArg_ParseTuple(args, "OOOOO!O!O", &policy_header, &name_bytes, &policy_fields,
+                          &time_fn, &PyTuple_Type, &styles, &PyTuple_Type, &names, &python)) {
         return NULL;
     }
-    PyObject *seq = args[0], *policy_header = args[3], *name_bytes = args[4],
-             *policy_fields = args[5];
-    long style = PyLong_AsLong(args[1]);
-    if (style == -1 && PyErr_Occurred()) {
+    if (PyTuple_GET_SIZE(styles) != STYLE_COUNT || PyTuple_GET_SIZE(names) != STYLE_COUNT) {
+        PyErr_SetString(PyExc_ValueError, "configure_headers: five styles and their names");
         return NULL;
     }
-    double now;
-    if (number(args[2], &now) <= 0) {
+    Py_XSETREF(POLICY_HEADER, Py_NewRef(policy_header));
+    Py_XSETREF(NAME_BYTES, Py_NewRef(name_bytes));
+    Py_XSETREF(POLICY_FIELDS, Py_NewRef(policy_fields));
+    Py_XSETREF(TIME_FN, Py_NewRef(time_fn));
+    Py_XSETREF(HEADERS_PY, Py_NewRef(python));
+    for (int i = 0; i < STYLE_COUNT; i++) {
+        Py_XSETREF(STYLES[i], Py_NewRef(PyTuple_GET_ITEM(styles, i)));
+        Py_XSETREF(STYLE_NAMES[i], Py_NewRef(PyTuple_GET_ITEM(names, i)));
+    }
+    Py_RETURN_NONE;
+}
+
+/* The code of a HeaderStyle member, by identity (hashing an Enum member runs Python code);
+ * -1 for anything else (a plain string: the Python twin compares it with ==). */
+static int
+style_code(PyObject *style)
+{
+    for (int i = 0; i < STYLE_COUNT; i++) {
+        if (style == STYLES[i]) {
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* headers.rate_limit_headers_py in C for a style code other than "none". `now` may be NULL:
+ * time.time() is then read if the style needs it. Returns a new list, Py_None (a new
+ * reference) for what C leaves to Python, or NULL with an exception. */
+static PyObject *
+build_headers(PyObject *seq, int style, PyObject *now_obj)
+{
+    if (POLICY_HEADER == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_speedups.configure_headers() was not called");
+        return NULL;
+    }
+    if (style < STYLE_IETF || style > STYLE_LEGACY) {
         Py_RETURN_NONE;
     }
     PyObject *decisions = PySequence_Fast(seq, "decisions must be a sequence");
@@ -922,19 +1067,19 @@ rate_limit_headers(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto error;
         }
         for (Py_ssize_t i = 0; i < n; i++) {
-            PyObject *fields = PyObject_CallOneArg(policy_fields, items[i]);
+            PyObject *fields = PyObject_CallOneArg(POLICY_FIELDS, items[i]);
             if (fields == NULL) {
                 Py_DECREF(key);
                 goto error;
             }
             PyTuple_SET_ITEM(key, i, fields);
         }
-        PyObject *policy = PyObject_CallOneArg(policy_header, key);
+        PyObject *policy = PyObject_CallOneArg(POLICY_HEADER, key);
         Py_DECREF(key);
-        if (append_header(result, "ratelimit-policy", policy) < 0) {
+        if (append_header(result, H_RATELIMIT_POLICY, policy) < 0) {
             goto error;
         }
-        PyObject *name = PyObject_CallOneArg(name_bytes, PyTuple_GET_ITEM(bound, D_POLICY));
+        PyObject *name = PyObject_CallOneArg(NAME_BYTES, PyTuple_GET_ITEM(bound, D_POLICY));
         if (name == NULL) {
             goto error;
         }
@@ -943,33 +1088,52 @@ rate_limit_headers(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             PyErr_SetString(PyExc_TypeError, "name_bytes must return bytes");
             goto error;
         }
-        /* Names are short (policy names are validated), numbers at most 20 digits. */
+        /* '"<name>";r=<remaining>;t=<t>': names are short (validated), numbers <= 20 digits. */
         char text[320];
-        int size = -1;
-        if (PyBytes_GET_SIZE(name) <= 256) {
-            size = snprintf(text, sizeof text, "\"%s\";r=%lld;t=%lld", PyBytes_AS_STRING(name),
-                            remaining, t);
-        }
-        Py_DECREF(name);
-        PyObject *status = size >= 0 && size < (int)sizeof text
-                               ? PyBytes_FromStringAndSize(text, size)
-                               : NULL;
-        if (status == NULL && !PyErr_Occurred()) {
+        Py_ssize_t length = PyBytes_GET_SIZE(name);
+        if (length > 256) {
+            Py_DECREF(name);
             Py_SETREF(result, Py_NewRef(Py_None)); /* a name too long: the Python twin */
             goto done;
         }
-        if (append_header(result, "ratelimit", status) < 0) {
+        Py_ssize_t size = 0;
+        text[size++] = '"';
+        memcpy(text + size, PyBytes_AS_STRING(name), length);
+        size += length;
+        Py_DECREF(name);
+        memcpy(text + size, "\";r=", 4);
+        size += 4;
+        size += format_ll(text + size, remaining);
+        memcpy(text + size, ";t=", 3);
+        size += 3;
+        size += format_ll(text + size, t);
+        PyObject *status = PyBytes_FromStringAndSize(text, size);
+        if (append_header(result, H_RATELIMIT, status) < 0) {
             goto error;
         }
     }
     if (style == STYLE_X || style == STYLE_BOTH) {
+        double now;
+        PyObject *read = now_obj != NULL ? Py_NewRef(now_obj) : PyObject_CallNoArgs(TIME_FN);
+        if (read == NULL) {
+            goto error;
+        }
+        int ok = number(read, &now);
+        Py_DECREF(read);
+        if (ok <= 0) {
+            if (ok == 0) {
+                Py_SETREF(result, Py_NewRef(Py_None));
+                goto done;
+            }
+            goto error;
+        }
         PyObject *scope = PyTuple_GET_ITEM(bound, D_SCOPE);
         long long used = binding.limit - remaining;
-        if (append_header(result, "x-ratelimit-limit", int_bytes(binding.limit)) < 0 ||
-            append_header(result, "x-ratelimit-remaining", int_bytes(remaining)) < 0 ||
-            append_header(result, "x-ratelimit-reset",
+        if (append_header(result, H_X_RATELIMIT_LIMIT, int_bytes(binding.limit)) < 0 ||
+            append_header(result, H_X_RATELIMIT_REMAINING, int_bytes(remaining)) < 0 ||
+            append_header(result, H_X_RATELIMIT_RESET,
                           int_bytes((long long)ceil(now + (double)t))) < 0 ||
-            append_header(result, "x-ratelimit-used", int_bytes(used > 0 ? used : 0)) < 0) {
+            append_header(result, H_X_RATELIMIT_USED, int_bytes(used > 0 ? used : 0)) < 0) {
             goto error;
         }
         PyObject *text = PyObject_Str(scope);
@@ -978,19 +1142,16 @@ rate_limit_headers(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         PyObject *encoded = PyUnicode_AsLatin1String(text);
         Py_DECREF(text);
-        if (append_header(result, "x-ratelimit-scope", encoded) < 0) {
+        if (append_header(result, H_X_RATELIMIT_SCOPE, encoded) < 0) {
             goto error;
         }
     }
     if (style == STYLE_LEGACY) {
-        if (append_header(result, "ratelimit-limit", int_bytes(binding.limit)) < 0 ||
-            append_header(result, "ratelimit-remaining", int_bytes(remaining)) < 0 ||
-            append_header(result, "ratelimit-reset", int_bytes(t)) < 0) {
+        if (append_header(result, H_RATELIMIT_LIMIT, int_bytes(binding.limit)) < 0 ||
+            append_header(result, H_RATELIMIT_REMAINING, int_bytes(remaining)) < 0 ||
+            append_header(result, H_RATELIMIT_RESET, int_bytes(t)) < 0) {
             goto error;
         }
-    }
-    if (style < STYLE_IETF || style > STYLE_LEGACY) {
-        Py_SETREF(result, Py_NewRef(Py_None)); /* "none" or unknown: the Python twin decides */
     }
     goto done;
 error:
@@ -1000,15 +1161,347 @@ done:
     return result;
 }
 
+/* rate_limit_headers(decisions, style, now) -> list | None
+ *
+ * headers.rate_limit_headers_py for a HeaderStyle member other than NONE and a non-empty
+ * decision list; None where the Python twin must answer.
+ */
+static PyObject *
+rate_limit_headers(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "rate_limit_headers takes 3 arguments");
+        return NULL;
+    }
+    return build_headers(args[0], style_code(args[1]), args[2]);
+}
+
+/* -- the lanes' ASGI send wrapper ------------------------------------------------------------ */
+
+static PyObject *s_status, *s_limiter, *s_header_style, *s_denial, *s_get, *s_lower,
+    *s_start_type, *s_body_type;
+static PyObject *INT_429 = NULL;
+static PyObject *SEND_DENIAL = NULL; /* middleware._send_denial(send, context, denial) */
+static PyObject *NOTHING = NULL;     /* middleware._nothing() */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *send;    /* the next send */
+    PyObject *context; /* the RequestContext */
+    PyObject *status;  /* the response status, once started */
+    int replaced;      /* a guard's denial was sent instead: drop the app's body */
+} Sender;
+
+static int
+sender_traverse(Sender *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->send);
+    Py_VISIT(self->context);
+    Py_VISIT(self->status);
+    return 0;
+}
+
+static int
+sender_clear(Sender *self)
+{
+    Py_CLEAR(self->send);
+    Py_CLEAR(self->context);
+    Py_CLEAR(self->status);
+    return 0;
+}
+
+static void
+sender_dealloc(Sender *self)
+{
+    PyObject_GC_UnTrack(self);
+    sender_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+sender_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *send, *context;
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0) {
+        PyErr_SetString(PyExc_TypeError, "Sender(send, context) takes no keywords");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "Sender", 2, 2, &send, &context)) {
+        return NULL;
+    }
+    Sender *self = (Sender *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->send = Py_NewRef(send);
+    self->context = Py_NewRef(context);
+    self->status = Py_NewRef(Py_None);
+    self->replaced = 0;
+    return (PyObject *)self;
+}
+
+/* The app's header list with ours, each of our names once (the app's own copies dropped):
+ * middleware._Responder.send's merge. */
+static PyObject *
+merged_headers(PyObject *headers, PyObject *ours, PyObject *names)
+{
+    PyObject *app = PySequence_Fast(headers, "headers must be a sequence");
+    if (app == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(app);
+    PyObject **items = PySequence_Fast_ITEMS(app);
+    PyObject *result = PyList_New(0);
+    if (result == NULL) {
+        Py_DECREF(app);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *name = PySequence_GetItem(items[i], 0);
+        if (name == NULL) {
+            goto error;
+        }
+        /* Servers send lower-case bytes: only others need lower(). */
+        int clash;
+        if (PyBytes_CheckExact(name)) {
+            const char *text = PyBytes_AS_STRING(name);
+            Py_ssize_t size = PyBytes_GET_SIZE(name);
+            int upper = 0;
+            for (Py_ssize_t j = 0; j < size && !upper; j++) {
+                upper = text[j] >= 'A' && text[j] <= 'Z';
+            }
+            if (upper) {
+                PyObject *lowered = PyObject_CallMethodNoArgs(name, s_lower);
+                Py_SETREF(name, lowered);
+                if (name == NULL) {
+                    goto error;
+                }
+            }
+            clash = PySet_Contains(names, name);
+        }
+        else {
+            PyObject *lowered = PyObject_CallMethodNoArgs(name, s_lower);
+            Py_SETREF(name, lowered);
+            if (name == NULL) {
+                goto error;
+            }
+            clash = PySet_Contains(names, name);
+        }
+        Py_DECREF(name);
+        if (clash < 0) {
+            goto error;
+        }
+        if (!clash && PyList_Append(result, items[i]) < 0) {
+            goto error;
+        }
+    }
+    Py_DECREF(app);
+    if (PyList_SetSlice(result, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, ours) < 0) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    return result;
+error:
+    Py_DECREF(app);
+    Py_DECREF(result);
+    return NULL;
+}
+
+/* Add our headers to an http.response.start message; 0 done, -1 error. */
+static int
+add_headers(Sender *self, PyObject *message)
+{
+    PyObject *limiter = PyObject_GetAttr(self->context, s_limiter);
+    if (limiter == NULL) {
+        return -1;
+    }
+    PyObject *style = PyObject_GetAttr(limiter, s_header_style);
+    Py_DECREF(limiter);
+    if (style == NULL) {
+        return -1;
+    }
+    PyObject *decisions = PyObject_GetAttr(self->context, s_decisions);
+    int rc = -1;
+    PyObject *ours = NULL, *names = NULL, *merged = NULL;
+    if (decisions == NULL) {
+        goto done;
+    }
+    int has = PyObject_IsTrue(decisions);
+    if (has < 0) {
+        goto done;
+    }
+    int code = style_code(style);
+    if (!has || code == STYLE_NONE) {
+        rc = 0;
+        goto done;
+    }
+    ours = code >= 0 ? build_headers(decisions, code, NULL) : Py_NewRef(Py_None);
+    if (ours == Py_None) {
+        /* The Python twin: a plain-string style, or figures C can't mirror exactly. */
+        PyObject *now = PyObject_CallNoArgs(TIME_FN);
+        Py_SETREF(ours, now == NULL ? NULL : PyObject_CallFunctionObjArgs(HEADERS_PY,
+                                                                            decisions, style,
+                                                                            now, NULL));
+        Py_XDECREF(now);
+    }
+    if (ours == NULL) {
+        goto done;
+    }
+    names = code >= 0 ? Py_NewRef(STYLE_NAMES[code]) : NULL;
+    if (names == NULL) {
+        PyObject *all = PyObject_GetAttrString(PyImport_AddModule("fastapi_ratelimit.headers"),
+                                               "HEADER_NAMES");
+        names = all != NULL ? PyObject_GetItem(all, style) : NULL;
+        Py_XDECREF(all);
+        if (names == NULL) {
+            goto done;
+        }
+    }
+    PyObject *headers = NULL;
+    if (PyDict_CheckExact(message)) {
+        headers = PyDict_GetItemWithError(message, s_headers);
+        if (headers == NULL && PyErr_Occurred()) {
+            goto done;
+        }
+        Py_XINCREF(headers);
+    }
+    else {
+        headers = PyObject_CallMethodOneArg(message, s_get, s_headers);
+        if (headers == NULL) {
+            goto done;
+        }
+        if (headers == Py_None) {
+            Py_CLEAR(headers);
+        }
+    }
+    if (headers == NULL) {
+        headers = PyTuple_New(0);
+        if (headers == NULL) {
+            goto done;
+        }
+    }
+    merged = merged_headers(headers, ours, names);
+    Py_DECREF(headers);
+    if (merged == NULL || PyObject_SetItem(message, s_headers, merged) < 0) {
+        goto done;
+    }
+    rc = 0;
+done:
+    Py_DECREF(style);
+    Py_XDECREF(decisions);
+    Py_XDECREF(ours);
+    Py_XDECREF(names);
+    Py_XDECREF(merged);
+    return rc;
+}
+
+/* sender(message) -> the next send's awaitable (middleware._Responder.send, in C). */
+static PyObject *
+sender_call(Sender *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *message;
+    if ((kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0) ||
+        !PyArg_UnpackTuple(args, "send", 1, 1, &message)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "send(message) takes no keywords");
+        }
+        return NULL;
+    }
+    if (SEND_DENIAL == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_speedups.configure_sender() was not called");
+        return NULL;
+    }
+    PyObject *kind = PyObject_GetItem(message, s_type);
+    if (kind == NULL) {
+        return NULL;
+    }
+    int start = PyUnicode_Check(kind) && PyUnicode_Compare(kind, s_start_type) == 0;
+    int body = !start && PyUnicode_Check(kind) && PyUnicode_Compare(kind, s_body_type) == 0;
+    Py_DECREF(kind);
+    if (start) {
+        PyObject *status = PyObject_GetItem(message, s_status);
+        if (status == NULL) {
+            return NULL;
+        }
+        Py_SETREF(self->status, status);
+        int denied = PyObject_RichCompareBool(status, INT_429, Py_EQ);
+        if (denied < 0) {
+            return NULL;
+        }
+        if (denied) {
+            PyObject *denial = PyObject_GetAttr(self->context, s_denial);
+            if (denial == NULL) {
+                return NULL;
+            }
+            if (denial != Py_None) {
+                /* A route guard denied: its problem+json 429 instead of the app's body. */
+                self->replaced = 1;
+                PyObject *sent = PyObject_CallFunctionObjArgs(SEND_DENIAL, self->send,
+                                                              self->context, denial, NULL);
+                Py_DECREF(denial);
+                return sent;
+            }
+            Py_DECREF(denial);
+        }
+        if (add_headers(self, message) < 0) {
+            return NULL;
+        }
+    }
+    else if (body && self->replaced) {
+        return PyObject_CallNoArgs(NOTHING);
+    }
+    return PyObject_CallOneArg(self->send, message);
+}
+
+static PyMemberDef sender_members[] = {
+    {"status", T_OBJECT, offsetof(Sender, status), READONLY,
+     "The response status, once the response started (None before)."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject SenderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "fastapi_ratelimit._speedups.Sender",
+    .tp_basicsize = sizeof(Sender),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Sender(send, context): middleware._Responder.send in C, for lane requests.",
+    .tp_new = sender_new,
+    .tp_call = (ternaryfunc)sender_call,
+    .tp_traverse = (traverseproc)sender_traverse,
+    .tp_clear = (inquiry)sender_clear,
+    .tp_dealloc = (destructor)sender_dealloc,
+    .tp_members = sender_members,
+};
+
+static PyObject *
+configure_sender(PyObject *module, PyObject *args)
+{
+    PyObject *send_denial, *nothing;
+    if (!PyArg_ParseTuple(args, "OO", &send_denial, &nothing)) {
+        return NULL;
+    }
+    Py_XSETREF(SEND_DENIAL, Py_NewRef(send_denial));
+    Py_XSETREF(NOTHING, Py_NewRef(nothing));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(sliding_window_counter, Decision, Verdict): the types admit_sc works with."},
     {"admit_sc", (PyCFunction)(void (*)(void))admit_sc, METH_FASTCALL,
      "admit_sc(checks, now, data, cached, key_fn, margin, fresh) -> Verdict | None"},
     {"lane_admit", (PyCFunction)(void (*)(void))lane_admit, METH_FASTCALL,
-     "lane_admit(lanes, scope, limiter, api_key_header, api_key_query, context_type)"},
+     "lane_admit(lanes, scope, limiter, api_key_header, api_key_query, api_key_counted) "
+     "-> RequestContext | None"},
+    {"configure_context", configure_context, METH_VARARGS,
+     "configure_context(RequestContext, descriptors): how lane_admit builds contexts."},
     {"rate_limit_headers", (PyCFunction)(void (*)(void))rate_limit_headers, METH_FASTCALL,
-     "rate_limit_headers(decisions, style, now, policy_header, name_bytes, policy_fields)"},
+     "rate_limit_headers(decisions, style, now) -> list | None"},
+    {"configure_headers", configure_headers, METH_VARARGS,
+     "configure_headers(policy_header, name_bytes, policy_fields, time, styles, names, "
+     "python): the helpers and constants of fastapi_ratelimit.headers."},
+    {"configure_sender", configure_sender, METH_VARARGS,
+     "configure_sender(send_denial, nothing): the middleware's helpers for Sender."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1047,14 +1540,36 @@ PyInit__speedups(void)
     INTERN(s_query_string, "query_string");
     INTERN(s_backend, "backend");
     INTERN(s_lists, "lists");
-    INTERN(s_known_empty, "known_empty");
+    INTERN(s_quiet, "quiet");
     INTERN(s_decisions, "decisions");
-    INTERN(s_charged, "charged");
-    INTERN(s_middleware, "middleware");
     INTERN(s_scope_key, "fastapi_ratelimit");
     INTERN(s_http, "http");
     INTERN(s_options, "OPTIONS");
     INTERN(s_empty, "");
+    for (int i = 0; i < H_COUNT; i++) {
+        if ((HEADER_BYTES[i] = PyBytes_FromString(HEADER_TEXT[i])) == NULL) {
+            return NULL;
+        }
+    }
+    INTERN(s_status, "status");
+    INTERN(s_limiter, "limiter");
+    INTERN(s_header_style, "header_style");
+    INTERN(s_denial, "denial");
+    INTERN(s_get, "get");
+    INTERN(s_lower, "lower");
+    INTERN(s_start_type, "http.response.start");
+    INTERN(s_body_type, "http.response.body");
 #undef INTERN
-    return PyModule_Create(&module_def);
+    if ((INT_429 = PyLong_FromLong(429)) == NULL || PyType_Ready(&SenderType) < 0) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&module_def);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(module, "Sender", (PyObject *)&SenderType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }

@@ -20,15 +20,27 @@ def lane_admit(
     api_key_header: bytes | None,
     api_key_query: bool,
     api_key_counted: bool,
-    context_type: type,
     /,
 ) -> Any: ...
+def configure_context(context_type: type, descriptors: tuple[Any, ...], /) -> None: ...
 def rate_limit_headers(
-    decisions: Sequence[Any],
-    style: int,
-    now: float,
+    decisions: Sequence[Any], style: Any, now: float, /
+) -> list[tuple[bytes, bytes]] | None: ...
+def configure_headers(
     policy_header: Callable[[Any], bytes],
     name_bytes: Callable[[str], bytes],
     policy_fields: Callable[[Any], Any],
+    time: Callable[[], float],
+    styles: tuple[Any, ...],
+    names: tuple[frozenset[bytes], ...],
+    python: Callable[[Any, Any, float], Any],
     /,
-) -> list[tuple[bytes, bytes]] | None: ...
+) -> None: ...
+def configure_sender(send_denial: Callable[..., Any], nothing: Callable[[], Any], /) -> None: ...
+
+class Sender:
+    """``middleware._Responder.send`` in C, for lane requests."""
+
+    status: int | None
+    def __init__(self, send: Callable[[Any], Any], context: Any, /) -> None: ...
+    def __call__(self, message: Any, /) -> Any: ...

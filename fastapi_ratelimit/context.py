@@ -3,9 +3,10 @@ data from middleware to endpoints), never on a shared object."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from ._accel import speedups
 from .backends.base import Check
 from .decision import Decision
 
@@ -88,6 +89,19 @@ class RequestContext:
         self.denial = None
         self.exempt = False
         self.reduced = False
+
+
+if speedups is not None:
+    # The lanes (see middleware._Lane) build contexts in C, slot by slot, in this order.
+    _FIELDS = (
+        "limiter", "ip", "api_key", "user", "tier", "endpoint", "route", "cost", "key_tier",
+        "decisions", "charged", "handled", "refundable", "reported_cost", "middleware",
+        "denial", "exempt", "reduced",
+    )  # fmt: skip
+    assert tuple(f.name for f in fields(RequestContext)) == _FIELDS, "update _speedups.c"
+    speedups.configure_context(
+        RequestContext, tuple(RequestContext.__dict__[name] for name in _FIELDS)
+    )
 
 
 def report_cost(request: Any, cost: int) -> None:

@@ -26,10 +26,12 @@ Header names are lower-case bytes and values latin-1 bytes, ready for an ASGI ``
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from enum import StrEnum
 from functools import lru_cache
 from operator import itemgetter
+from typing import Any
 
 from ._accel import speedups
 from .decision import Decision, binding_of
@@ -117,17 +119,9 @@ def rate_limit_headers(
     :attr:`Verdict.binding` picks). No decision, no header.
     """
     if _c_headers is not None and decisions:
-        # Identity tests, not a dict: hashing an Enum member runs Python code.
-        code = (
-            0 if style is _IETF else 1 if style is _X else 2 if style is _BOTH
-            else 3 if style is _LEGACY else -1
-        )  # fmt: skip
-        if code >= 0:
-            headers: list[tuple[bytes, bytes]] | None = _c_headers(
-                decisions, code, now, _policy_header, _name_bytes, _POLICY_FIELDS
-            )
-            if headers is not None:
-                return headers
+        headers: list[tuple[bytes, bytes]] | None = _c_headers(decisions, style, now)
+        if headers is not None:
+            return headers
     return rate_limit_headers_py(decisions, style, now=now)
 
 
@@ -136,7 +130,7 @@ def rate_limit_headers_py(
 ) -> list[tuple[bytes, bytes]]:
     """:func:`rate_limit_headers` in pure Python: the reference for the C twin
     (``_speedups.rate_limit_headers``), which answers ``None`` for what it can't mirror
-    exactly (an integer past 2**53, a limit of 0, a plain-string style)."""
+    exactly (an integer past 2**53, a limit of 0, a plain-string style, ``none``)."""
     if not decisions or style == _NONE:
         return []
     binding = binding_of(decisions)
@@ -246,3 +240,21 @@ def _sf_string(value: str) -> str:
     if not value.isascii() or not value.isprintable():
         raise ValueError(f"not representable as a structured-field string: {value!r}")
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _positional(decisions: Sequence[Decision], style: HeaderStyle, now: float) -> Any:
+    # For the C side, which calls the twin with positional arguments.
+    return rate_limit_headers_py(decisions, style, now=now)
+
+
+if speedups is not None:
+    _STYLES = (_IETF, _X, _BOTH, _LEGACY, _NONE)
+    speedups.configure_headers(
+        _policy_header,
+        _name_bytes,
+        _POLICY_FIELDS,
+        time.time,
+        _STYLES,
+        tuple(HEADER_NAMES[style] for style in _STYLES),
+        _positional,
+    )

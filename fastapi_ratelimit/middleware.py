@@ -87,16 +87,15 @@ class RateLimitMiddleware:
         if self._lanes and _lane_admit is not None:
             limiter = self.limiter
             header, query, counted = limiter.api_key_sources
-            context = _lane_admit(
-                self._lanes, scope, limiter, header, query, counted, RequestContext
-            )
+            context = _lane_admit(self._lanes, scope, limiter, header, query, counted)
             if context is not None:
                 # Decided, recorded and stored in the scope by the lane; the rest of what an
-                # admitted request needs (see the end of this method) is only this much.
-                responder = _Responder(self.app, context, send)
-                await self.app(scope, receive, responder.send)
+                # admitted request needs (see the end of this method) is only this much, with
+                # _Responder.send's C twin.
+                sender = _Sender(send, context)
+                await self.app(scope, receive, sender)
                 if context.reported_cost is not None:
-                    await limiter.after_response(context, responder.status)
+                    await limiter.after_response(context, sender.status)
                 return
         kind = scope["type"]
         if kind != "http" and (kind != "websocket" or not self._websockets):
@@ -273,18 +272,26 @@ class _Responder:
             return _nothing()
         return self._send(message)
 
-    async def _send_denial(self, context: RequestContext, denial: Verdict) -> None:
-        limiter = context.limiter
-        headers = rate_limit_headers(context.decisions, limiter.header_style, now=limiter.now())
-        response = quota_exceeded_response(denial.decisions, headers=headers)
-        await self._send(
-            {"type": "http.response.start", "status": 429, "headers": response.raw_headers}
-        )
-        await self._send({"type": "http.response.body", "body": response.body})
+    def _send_denial(self, context: RequestContext, denial: Verdict) -> Awaitable[None]:
+        return _send_denial(self._send, context, denial)
+
+
+async def _send_denial(send: Send, context: RequestContext, denial: Verdict) -> None:
+    """A route guard's denial, as problem+json with our headers."""
+    limiter = context.limiter
+    headers = rate_limit_headers(context.decisions, limiter.header_style, now=limiter.now())
+    response = quota_exceeded_response(denial.decisions, headers=headers)
+    await send({"type": "http.response.start", "status": 429, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
 
 
 async def _nothing() -> None:
     """An awaitable that does nothing: a dropped message."""
+
+
+if speedups is not None:
+    speedups.configure_sender(_send_denial, _nothing)
+    _Sender = speedups.Sender
 
 
 class _Lane(NamedTuple):

@@ -4,15 +4,18 @@ notice, and checks the answer is the one the Python path gives."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Annotated, Any
 
 import pytest
-from fastapi import FastAPI, Request
-from http_helpers import client_for, policies, ratelimit, remaining
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from http_helpers import client_for, header_counts, policies, ratelimit, remaining
 
 from fastapi_ratelimit import (
     FakeClock,
     MemoryBackend,
+    RateLimit,
     RateLimiter,
     RateLimitMiddleware,
     rate_limit,
@@ -69,6 +72,26 @@ def make_app(
         report_cost(request, 0)
         return {"cost": "0"}
 
+    @app.get(
+        "/me",
+        dependencies=[Depends(RateLimit("2/minute", scope="user", user=current_user))],
+    )
+    async def me(user: Annotated[dict[str, str], Depends(current_user)]) -> dict[str, str]:
+        return user
+
+    @app.get("/own-headers")
+    async def own_headers() -> PlainTextResponse:
+        # An app that sets headers of ours itself (in another case): ours replace them.
+        return PlainTextResponse("x", headers={"RateLimit-Policy": "mine", "X-Other": "kept"})
+
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        async def chunks() -> Any:
+            for chunk in (b"one ", b"two ", b"three"):
+                yield chunk
+
+        return StreamingResponse(chunks(), media_type="text/plain")
+
     @app.get("/who")
     async def who(request: Request) -> dict[str, Any]:
         context = request.scope["fastapi_ratelimit"]
@@ -90,6 +113,10 @@ def make_app(
             return await call_next(request)
 
     return app, middleware_of(app)
+
+
+async def current_user(request: Request) -> dict[str, str]:
+    return {"id": request.headers.get("x-token", "anonymous")}
 
 
 def middleware_of(app: FastAPI) -> RateLimitMiddleware:
@@ -318,3 +345,80 @@ async def test_hostile_scope_values_fall_back_without_errors() -> None:
         await app({**base, **odd}, receive, send)
     statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]
     assert statuses == [200] * 6
+
+
+async def test_a_guard_denial_on_a_lane_request_is_problem_json(lane_hits: list[str]) -> None:
+    """A guard that takes its user from another dependency checks itself, inside the app:
+    its denial reaches the lane's C send wrapper, which answers with problem+json."""
+    rl = limiter()
+    app, _ = make_app(rl)
+    alice = {"x-token": "alice"}
+    async with client_for(app) as client:
+        answers = [await client.get("/me", headers=alice) for _ in range(3)]
+    assert lane_hits == ["GET /me", "GET /me"]
+    assert [r.status_code for r in answers] == [200, 200, 429]
+    denied = answers[2]
+    assert denied.headers["content-type"] == "application/problem+json"
+    assert denied.json()["violated-policies"] == ["route-user-2-60s"]
+    assert header_counts(denied)["ratelimit"] == 1
+    assert int(denied.headers["retry-after"]) >= 1
+    assert answers[1].json() == {"id": "alice"}
+
+
+async def test_the_lane_send_wrapper_replaces_the_apps_own_headers(lane_hits: list[str]) -> None:
+    rl = limiter(headers="both")
+    app, _ = make_app(rl)
+    async with client_for(app) as client:
+        answers = [await client.get("/own-headers") for _ in range(2)]
+    assert lane_hits == ["GET /own-headers"]
+    for response in answers:
+        counts = header_counts(response)
+        assert counts["ratelimit-policy"] == 1
+        assert counts["x-ratelimit-limit"] == 1
+        assert response.headers["x-other"] == "kept"
+        assert set(policies(response)) == {"global", "ip"}
+    assert answers[1].headers["x-ratelimit-remaining"] == "3"
+
+
+async def test_streaming_through_a_lane(lane_hits: list[str]) -> None:
+    rl = limiter()
+    app, _ = make_app(rl)
+    async with client_for(app) as client:
+        answers = [await client.get("/stream") for _ in range(3)]
+    assert lane_hits == ["GET /stream"] * 2
+    assert [r.text for r in answers] == ["one two three"] * 3
+    assert [remaining(r) for r in answers] == ["4", "3", "2"]
+
+
+async def test_a_lane_builds_the_context_the_python_path_builds(lane_hits: list[str]) -> None:
+    """The lane makes its RequestContext slot by slot in C: field for field what
+    RequestContext(...) plus recording the admitted verdict gives."""
+    rl = limiter()
+    app, _ = make_app(rl)
+    seen: list[Any] = []
+
+    @app.get("/capture")
+    async def capture(request: Request) -> dict[str, str]:
+        seen.append(request.scope["fastapi_ratelimit"])
+        return {}
+
+    async with client_for(app) as client:
+        for _ in range(2):
+            await client.get("/capture", headers={"X-API-Key": "k"})
+    assert lane_hits == ["GET /capture"]
+    python, lane = seen
+    assert type(lane) is type(python)
+    for field in dataclasses.fields(python):
+        ours, theirs = getattr(lane, field.name), getattr(python, field.name)
+        if field.name == "decisions":
+            # One more request counted: the same levels, one unit less left.
+            assert [(d.policy, d.remaining - 1) for d in theirs] == [
+                (d.policy, d.remaining) for d in ours
+            ]
+        elif field.name in ("limiter", "route"):
+            assert ours is theirs
+        else:
+            assert ours == theirs, field.name
+            assert type(ours) is type(theirs), field.name
+    lane.handled.add(1)  # fresh containers, not shared with the lane or another request
+    assert python.handled == set()

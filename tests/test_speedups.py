@@ -95,10 +95,15 @@ def test_headers_use_the_c_twin() -> None:
     # Not a tautology of the test above: the C function itself answers, not the fallback.
     assert headers_module._c_headers is not None
     decisions = [Decision(True, 10, 3, 12.5, 0.0, "ip", "ip", 60.0)]
-    assert headers_module._c_headers(
-        decisions, 0, 0.0, headers_module._policy_header, headers_module._name_bytes,
-        headers_module._POLICY_FIELDS,
-    ) == [(b"ratelimit-policy", b'"ip";q=10;w=60'), (b"ratelimit", b'"ip";r=3;t=13')]  # fmt: skip
+    assert headers_module._c_headers(decisions, HeaderStyle.IETF, 0.0) == [
+        (b"ratelimit-policy", b'"ip";q=10;w=60'),
+        (b"ratelimit", b'"ip";r=3;t=13'),
+    ]
+    # What it leaves to Python: "none", plain strings, a limit of 0.
+    assert headers_module._c_headers(decisions, HeaderStyle.NONE, 0.0) is None
+    assert headers_module._c_headers(decisions, "ietf", 0.0) is None
+    zero = [Decision(True, 0, 0, 1.0, 0.0, "ip", "ip", 60.0)]
+    assert headers_module._c_headers(zero, HeaderStyle.IETF, 0.0) is None
 
 
 # -- the memory backend's shortcut -----------------------------------------------------------
