@@ -5,7 +5,7 @@ The same hello-world FastAPI app (``GET /hello`` -> ``{"hello": "world"}``) is s
 behind ``fastapi_ratelimit``, slowapi and fastapi-limiter (memory and Redis), each by its own
 uvicorn (one worker, uvloop, httptools, no access log) pinned to one core, while ``wrk`` runs
 pinned to the other. The apps live in ``bench/apps/``. Every variant is reported as a ratio to
-the bare app measured in the same round. See ``bench/README.md``.
+the bare app measured just before and just after it. See ``bench/README.md``.
 
     python bench/bench_http.py                # 3 interleaved rounds x 5 s per variant
     python bench/bench_http.py --quick        # 1 round x 2 s, a smoke test
@@ -713,7 +713,7 @@ def markdown(outcomes: Sequence[Outcome], meta: dict[str, Any]) -> str:
         f"(limits {v['limits']}); fastapi-limiter {v['fastapi-limiter']} (pyrate-limiter "
         f"{v['pyrate-limiter']}); redis-py {v['redis']} (hiredis {v['hiredis']})",
         "- every limit is ~10^9/minute: nothing is ever denied; `ratio to bare` = the variant's "
-        "req/s over the mean of bare's two runs (first and last) in the same round, median over "
+        "req/s over the mean of the bare runs just before and just after it, median over "
         "rounds",
         "",
         "| Variant | What | req/s (median) | min - max | ratio to bare | target / earlier "
@@ -760,11 +760,14 @@ def markdown(outcomes: Sequence[Outcome], meta: dict[str, Any]) -> str:
     drift = []
     for r in sorted({s.round for s in bare.samples} if bare else ()):
         assert bare is not None
-        ends = [s.requests_per_s for s in bare.samples if s.round == r]
-        drift.append(f"{ends[0]:,.0f} -> {ends[-1]:,.0f} ({100 * (ends[-1] / ends[0] - 1):+.0f}%)")
+        runs = [s.requests_per_s for s in bare.samples if s.round == r]
+        drift.append(
+            f"{min(runs):,.0f} - {max(runs):,.0f} ({100 * (max(runs) / min(runs) - 1):+.0f}%)"
+        )
     lines += [
         "",
-        "bare at the start and the end of each round (the round's baseline is their mean): "
+        "bare runs before and after every variant, and each variant's baseline is the mean of "
+        "those two neighbours. bare's range within each round (the drift that design absorbs): "
         + ("; ".join(drift) or "-")
         + ".",
         "`server CPU`: uvicorn's CPU time / wall time (100% = its core saturated). `Redis scripts "
@@ -885,10 +888,14 @@ def run(args: argparse.Namespace, outcomes: list[Outcome], meta: dict[str, Any])
         running = [o for o in active if o.status == "ok"]
         others = [o for o in running if o is not bare]
         for r in range(args.rounds):
-            # bare opens and closes every round (its mean is the round's baseline: drift during
-            # the round hits both ends alike); the others rotate in between.
+            # bare runs before and after every variant, and each variant is compared with the
+            # mean of its two neighbours: this machine's speed drifts by 30-50% within a
+            # minute, so a baseline from the round's two ends (a minute or more apart) was
+            # noise. The others rotate.
             shift = r % len(others) if others else 0
-            order = [bare, *others[shift:], *others[:shift], bare]
+            order = [bare]
+            for other in [*others[shift:], *others[:shift]]:
+                order += [other, bare]
             log(f"round {r + 1}/{args.rounds}: " + ", ".join(o.variant.id for o in order))
             for position, o in enumerate(order):
                 if o.status != "ok":
@@ -908,11 +915,22 @@ def run(args: argparse.Namespace, outcomes: list[Outcome], meta: dict[str, Any])
                     f"  {o.variant.id:<27} {sample.requests_per_s:>10,.0f} req/s"
                     f"  cpu {_pct(sample.server_cpu):>4}" + (f"  ERRORS {errors}" if errors else "")
                 )
-            base = statistics.mean(s.requests_per_s for s in bare.samples if s.round == r)
+            bare_at = {s.position: s.requests_per_s for s in bare.samples if s.round == r}
+            round_mean = statistics.mean(bare_at.values())
             for o in running:
                 for sample in o.samples:
-                    if sample.round == r:
-                        sample.ratio = sample.requests_per_s / base if base else None
+                    if sample.round != r:
+                        continue
+                    if o is bare:  # its drift within the round
+                        base = round_mean
+                    else:
+                        around = [
+                            bare_at[p]
+                            for p in (sample.position - 1, sample.position + 1)
+                            if p in bare_at
+                        ]
+                        base = statistics.mean(around) if around else round_mean
+                    sample.ratio = sample.requests_per_s / base if base else None
         for o in running:
             server = servers[o.variant.id]
             if server.process is not None and server.process.poll() is not None:

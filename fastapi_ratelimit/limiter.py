@@ -338,7 +338,8 @@ class RateLimiter:
         where keys have a level,
         a peer whose forwarding headers count, tiers, resolvers, a cost function, composites,
         dynamic limits, shadow levels, delays, refunds, an endpoint breaker, or a backend other
-        than the memory one. ``checks`` must be this limiter's levels only.
+        than the memory one; and not while an allow or block list has entries (lanes then
+        decline every request). ``checks`` must be this limiter's levels only.
         """
         backend = self.backend
         if (
@@ -346,6 +347,7 @@ class RateLimiter:
             or type(backend) is not MemoryBackend
             or context.user is not None
             or (context.api_key is not None and self._api_key is not None)
+            or (self.lists is not None and not self.lists.quiet)  # a lane would decline
         ):
             return None
         client = scope.get("client")

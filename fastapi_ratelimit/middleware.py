@@ -131,10 +131,6 @@ class RateLimitMiddleware:
             return
         checks = limiter.level_checks(context)
         limits = _route_limits(context.route)
-        lane = None
-        if _lane_admit is not None and not limits and kind == "http":
-            # Before the route limits are added: a lane holds the limiter's levels only.
-            lane = limiter.lane_for(scope, context, checks)
         for limit in limits:
             if limit.limiter is not None and limit.limiter is not limiter:
                 continue  # bound to another limiter: it checks for itself
@@ -158,8 +154,10 @@ class RateLimitMiddleware:
         if verdict is not None and not verdict.allowed:
             await self._refuse(scope, receive, send, limiter.denial_response(context, verdict))
             return
-        if lane is not None and verdict is not None and verdict.allowed:
-            self._add_lane(scope, lane)
+        if verdict is not None and not limits and kind == "http" and _lane_admit is not None:
+            # Admitted, with the limiter's levels only (no route limits were added to
+            # `checks`): the next request like it may take a lane.
+            self._add_lane(scope, context, checks)
         scope[SCOPE_KEY] = context
         if kind == "websocket":
             await self.app(scope, receive, send)
@@ -173,11 +171,19 @@ class RateLimitMiddleware:
         if limiter.needs_after_response(context):
             await limiter.after_response(context, responder.status)
 
-    def _add_lane(self, scope: Scope, fields: tuple[Any, ...]) -> None:
-        """Remember an admitted request's lane (see :class:`_Lane`)."""
+    def _add_lane(self, scope: Scope, context: RequestContext, checks: list[Check]) -> None:
+        """Remember an admitted request's lane (see :class:`_Lane`), if it can have one and
+        has none yet (a request the lane declined, say for an allow-list entry, comes here
+        again: it must not rebuild it every time)."""
         routes = getattr(scope.get("app"), "routes", None)
         key = _lane_key(scope, routes)
         if key is None or not isinstance(routes, list):
+            return
+        lane = self._lanes.get(key)
+        if lane is not None and lane.routes is routes:
+            return
+        fields = self.limiter.lane_for(scope, context, checks)
+        if fields is None:
             return
         if len(self._lanes) >= _MAX_LANES:
             self._lanes.clear()  # bounded: a flood of peers or paths costs rebuilds, not memory
