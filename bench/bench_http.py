@@ -764,7 +764,18 @@ def markdown(outcomes: Sequence[Outcome], meta: dict[str, Any]) -> str:
         drift.append(
             f"{min(runs):,.0f} - {max(runs):,.0f} ({100 * (max(runs) / min(runs) - 1):+.0f}%)"
         )
+    bare_median = (
+        statistics.median(s.requests_per_s for s in bare.samples) if bare and bare.samples else 0
+    )
+    cross = [
+        f"{o.variant.id} {statistics.median(s.requests_per_s for s in o.samples) / bare_median:.2f}"
+        for o in outcomes
+        if o.samples and bare_median and o is not bare
+    ]
     lines += [
+        "",
+        "Cross-check, less sensitive to one slow neighbour: each variant's median req/s over "
+        "bare's median over all its runs: " + ("; ".join(cross) or "-") + ".",
         "",
         "bare runs before and after every variant, and each variant's baseline is the mean of "
         "those two neighbours. bare's range within each round (the drift that design absorbs): "

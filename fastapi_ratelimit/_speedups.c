@@ -7,11 +7,13 @@
  * operation, on C doubles and 64-bit integers.
  *
  * Every function here has a pure-Python twin that stays the reference (and is used when this
- * module is not built, or when FASTAPI_RATELIMIT_PURE=1): `MemoryBackend._admit_all_py` and
- * `decision.binding_of_py`. Tests hold each pair to the same answers. Where a value falls
- * outside what C can mirror exactly (an integer past 2**53, a state of an unexpected shape),
- * these functions answer "don't know" (None) before changing anything, and the Python path
- * decides.
+ * module is not built, or when FASTAPI_RATELIMIT_PURE=1): admit_sc is
+ * `MemoryBackend._admit_all_py`, rate_limit_headers is `headers.rate_limit_headers_py`, Sender
+ * is `middleware._Responder.send`, and lane_admit is the middleware's own Python path for a
+ * request it has seen before (see `middleware._Lane`). Tests hold each pair to the same
+ * answers. Where a value falls outside what C can mirror exactly (an integer past 2**53, a
+ * state of an unexpected shape, a plain-string header style), these functions answer "don't
+ * know" (None) before changing anything, and the Python path decides.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -119,7 +121,7 @@ typedef struct {
     PyObject *window_s;     /* new reference: Decision.window */
     long long limit, period, cost;
     /* Filled in by admit_levels. */
-    PyObject *entry;        /* borrowed (from the dict), may be NULL */
+    PyObject *entry;        /* new reference (from the dict), may be NULL */
     long long start, cur, prev, reset_us;
     double available;
 } Level;
@@ -132,6 +134,7 @@ release_levels(Level *levels, Py_ssize_t n)
         Py_CLEAR(levels[i].policy_limit);
         Py_CLEAR(levels[i].name);
         Py_CLEAR(levels[i].window_s);
+        Py_CLEAR(levels[i].entry);
     }
 }
 
@@ -195,7 +198,7 @@ admit_levels(Level *levels, Py_ssize_t n, long long now, PyObject *data, long lo
         if (!((double)level->cost <= available) || cur + level->cost > EXACT_LIMIT) {
             Py_RETURN_NONE; /* a refusal (or a count C can't hold): the general path */
         }
-        level->entry = entry;
+        level->entry = Py_XNewRef(entry); /* held: commit calls into Python-visible code */
         level->start = start;
         level->cur = cur;
         level->prev = prev;
@@ -647,30 +650,15 @@ lane_admit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (!PyDict_CheckExact(lanes) || !PyDict_CheckExact(scope) || PyDict_GET_SIZE(lanes) == 0) {
         Py_RETURN_NONE;
     }
-    PyObject *routes = NULL;
-    PyObject *key = lane_key(scope, &routes);
-    if (key == NULL) {
-        PyErr_Clear();
-        Py_RETURN_NONE;
-    }
-    PyObject *lane = PyDict_GetItemWithError(lanes, key); /* borrowed */
-    Py_DECREF(key);
-    int same_routes = lane != NULL && PyTuple_Check(lane) && PyTuple_GET_SIZE(lane) == L_SIZE &&
-                      PyTuple_GET_ITEM(lane, L_ROUTES) == routes;
-    Py_DECREF(routes);
-    if (!same_routes) {
-        PyErr_Clear();
-        Py_RETURN_NONE;
-    }
-    /* Anonymous: no user in the state or the scope, no API key. */
+    /* Anonymous: no user in the state or the scope (limiter._default_user's sources). */
     PyObject *state = SCOPE_GET(scope, s_state);
-    if (state != NULL && PyDict_Check(state)) {
-        PyObject *user = PyDict_GetItemWithError(state, s_user);
-        if (user != NULL && user != Py_None) {
-            Py_RETURN_NONE;
-        }
+    PyObject *user = state != NULL && PyDict_Check(state) ? PyDict_GetItemWithError(state, s_user)
+                                                          : NULL;
+    if ((user != NULL && user != Py_None) || PyErr_Occurred()) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
     }
-    PyObject *user = SCOPE_GET(scope, s_user);
+    user = SCOPE_GET(scope, s_user);
     if ((user != NULL && user != Py_None) || PyErr_Occurred()) {
         PyErr_Clear();
         Py_RETURN_NONE;
@@ -695,9 +683,27 @@ lane_admit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     Level levels[MAX_LEVELS];
     Py_ssize_t n = 0;
-    PyObject *result = NULL, *verdict = NULL, *fresh = NULL, *now_obj = NULL;
+    PyObject *result = NULL, *verdict = NULL, *fresh = NULL, *now_obj = NULL, *lane = NULL;
     long long now, margin;
     int ok = 1;
+    /* The lane: held for the whole call (Python code runs below: the clock, store_new). */
+    PyObject *routes = NULL;
+    PyObject *key = lane_key(scope, &routes);
+    if (key == NULL) {
+        PyErr_Clear();
+        goto unknown;
+    }
+    lane = PyDict_GetItemWithError(lanes, key);
+    Py_DECREF(key);
+    if (lane == NULL || !PyTuple_Check(lane) || PyTuple_GET_SIZE(lane) != L_SIZE ||
+        PyTuple_GET_ITEM(lane, L_ROUTES) != routes) {
+        lane = NULL;
+        Py_DECREF(routes);
+        PyErr_Clear();
+        goto unknown;
+    }
+    Py_INCREF(lane);
+    Py_DECREF(routes);
     /* The limiter as it is now: the same backend, and no allow or block list to consult. */
     PyObject *backend = PyObject_GetAttr(limiter, s_backend);
     if (backend == NULL) {
@@ -813,6 +819,7 @@ error:
     result = NULL;
 done:
     release_levels(levels, n);
+    Py_XDECREF(lane);
     Py_XDECREF(api_key);
     Py_XDECREF(verdict);
     Py_XDECREF(fresh);
