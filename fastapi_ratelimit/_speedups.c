@@ -28,6 +28,7 @@
 static PyObject *SC_ALGORITHM = NULL;   /* Algorithm.SLIDING_WINDOW_COUNTER */
 static PyTypeObject *DECISION = NULL;   /* decision.Decision (a tuple subclass) */
 static PyTypeObject *VERDICT = NULL;    /* decision.Verdict (a tuple subclass) */
+static PyObject *FLOAT_ZERO = NULL;     /* 0.0, every admitted Decision's retry_after */
 
 static PyObject *s_algorithm, *s_bucket, *s_code, *s_rate, *s_period_us, *s_limit, *s_name,
     *s_window, *s_move_to_end;
@@ -124,6 +125,9 @@ typedef struct {
     PyObject *entry;        /* new reference (from the dict), may be NULL */
     long long start, cur, prev, reset_us;
     double available;
+    /* The stored state's own int objects for start and prev, when the new state keeps those
+     * values (borrowed from the held entry's state; NULL: make new ones). */
+    PyObject *start_obj, *prev_obj;
 } Level;
 
 static void
@@ -185,9 +189,12 @@ admit_levels(Level *levels, Py_ssize_t n, long long now, PyObject *data, long lo
                 if (s0 == start) {
                     cur = s1;
                     prev = s2;
+                    level->start_obj = PyTuple_GET_ITEM(state, 0);
+                    level->prev_obj = PyTuple_GET_ITEM(state, 2);
                 }
                 else if (s0 == start - window) {
                     prev = s1;
+                    level->prev_obj = PyTuple_GET_ITEM(state, 1);
                 }
             }
         }
@@ -225,10 +232,14 @@ admit_levels(Level *levels, Py_ssize_t n, long long now, PyObject *data, long lo
     for (Py_ssize_t i = 0; i < n; i++) {
         Level *level = &levels[i];
         PyObject *expires = PyLong_FromLongLong(now + level->reset_us + margin);
+        /* Ints are immutable: the old state's objects serve the new state as well (the
+         * entry, held, keeps the old state alive until it is replaced below). */
         PyObject *fields[3] = {
-            PyLong_FromLongLong(level->start),
+            level->start_obj != NULL ? Py_NewRef(level->start_obj)
+                                     : PyLong_FromLongLong(level->start),
             PyLong_FromLongLong(level->cur + level->cost),
-            PyLong_FromLongLong(level->prev),
+            level->prev_obj != NULL ? Py_NewRef(level->prev_obj)
+                                    : PyLong_FromLongLong(level->prev),
         };
         PyObject *state = new_tuple_of(&PyTuple_Type, 3, fields);
         if (expires == NULL || state == NULL) {
@@ -274,7 +285,7 @@ admit_levels(Level *levels, Py_ssize_t n, long long now, PyObject *data, long lo
             Py_NewRef(level->policy_limit),
             PyLong_FromLongLong(remaining > 0 ? remaining : 0),
             PyFloat_FromDouble((double)level->reset_us / 1000000.0),
-            PyFloat_FromDouble(0.0),
+            Py_NewRef(FLOAT_ZERO),
             Py_NewRef(level->name),
             Py_NewRef(level->scope),
             Py_NewRef(level->window_s),
@@ -419,8 +430,8 @@ done:
 
 /* Lane fields, by position (middleware._Lane). */
 enum {
-    L_ROUTES, L_BACKEND, L_DATA, L_NOW_US, L_STORE_NEW, L_MARGIN, L_IP, L_ENDPOINT, L_ROUTE,
-    L_COST, L_CHECKS, L_ROWS, L_SIZE
+    L_ROUTES, L_BACKEND, L_DATA, L_NOW, L_NOW_DIVISOR, L_STORE_NEW, L_MARGIN, L_IP, L_ENDPOINT,
+    L_ROUTE, L_COST, L_CHECKS, L_ROWS, L_POLICY_HEADER, L_SIZE
 };
 /* Row fields (MemoryBackend.lane_rows). */
 enum { R_KEY, R_LIMIT, R_PERIOD, R_POLICY_LIMIT, R_NAME, R_WINDOW, R_SCOPE, R_COST, R_SIZE };
@@ -625,20 +636,23 @@ fail:
     return NULL;
 }
 
-/* lane_admit(lanes, scope, limiter, api_key_header, api_key_query, api_key_counted)
- *     -> RequestContext | None
+static PyObject *make_sender(PyObject *send, PyObject *context, PyObject *policy,
+                             Py_ssize_t levels); /* below, with the Sender type */
+
+/* lane_admit(lanes, scope, limiter, api_key_header, api_key_query, api_key_counted, send)
+ *     -> Sender | None
  *
  * The middleware's fast path (see middleware._Lane): for a request it has served before --
  * same routes, method, path and peer, anonymous, admitted on the memory backend with nothing
- * but the limiter's own levels -- decide the levels in one call and return the recorded
- * context (also stored in the scope). None, before anything changed, for anything else; the
- * Python path then decides as always.
+ * but the limiter's own levels -- decide the levels in one call, record them in a new
+ * context (stored in the scope), and return the Sender that wraps `send` for it. None, before
+ * anything changed, for anything else; the Python path then decides as always.
  */
 static PyObject *
 lane_admit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "lane_admit takes 6 arguments");
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "lane_admit takes 7 arguments");
         return NULL;
     }
     if (CONTEXT_TYPE == NULL) {
@@ -646,7 +660,7 @@ lane_admit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *lanes = args[0], *scope = args[1], *limiter = args[2], *header = args[3],
-             *query = args[4], *counted = args[5];
+             *query = args[4], *counted = args[5], *send = args[6];
     if (!PyDict_CheckExact(lanes) || !PyDict_CheckExact(scope) || PyDict_GET_SIZE(lanes) == 0) {
         Py_RETURN_NONE;
     }
@@ -761,9 +775,32 @@ lane_admit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if ((ok = exact_int(PyTuple_GET_ITEM(lane, L_MARGIN), &margin)) <= 0) {
         goto fail_or_unknown;
     }
-    now_obj = PyObject_CallNoArgs(PyTuple_GET_ITEM(lane, L_NOW_US));
-    if (now_obj == NULL) {
+    /* The clock: its now_us(), or time.time_ns with a divisor of 1000 for the system clock
+     * (SystemClock.now_us's own arithmetic, without its Python frame). */
+    long long divisor;
+    if ((ok = exact_int(PyTuple_GET_ITEM(lane, L_NOW_DIVISOR), &divisor)) <= 0) {
+        goto fail_or_unknown;
+    }
+    PyObject *read = PyObject_CallNoArgs(PyTuple_GET_ITEM(lane, L_NOW));
+    if (read == NULL) {
         goto error;
+    }
+    if (divisor == 1) {
+        now_obj = read;
+    }
+    else {
+        long long ns = PyLong_AsLongLong(read);
+        Py_DECREF(read);
+        if (ns == -1 && PyErr_Occurred()) {
+            goto error;
+        }
+        if (divisor <= 0 || ns < 0) {
+            goto unknown;
+        }
+        now_obj = PyLong_FromLongLong(ns / divisor);
+        if (now_obj == NULL) {
+            goto error;
+        }
     }
     if ((ok = exact_int(now_obj, &now)) <= 0) {
         goto fail_or_unknown;
@@ -800,7 +837,8 @@ lane_admit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(context);
         goto error;
     }
-    result = context;
+    result = make_sender(send, context, PyTuple_GET_ITEM(lane, L_POLICY_HEADER), n);
+    Py_DECREF(context);
     goto done;
 
 error_or_unknown:
@@ -1036,7 +1074,7 @@ style_code(PyObject *style)
  * time.time() is then read if the style needs it. Returns a new list, Py_None (a new
  * reference) for what C leaves to Python, or NULL with an exception. */
 static PyObject *
-build_headers(PyObject *seq, int style, PyObject *now_obj)
+build_headers(PyObject *seq, int style, PyObject *now_obj, PyObject *policy_header)
 {
     if (POLICY_HEADER == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_speedups.configure_headers() was not called");
@@ -1068,21 +1106,27 @@ build_headers(PyObject *seq, int style, PyObject *now_obj)
         goto done;
     }
     if (style == STYLE_IETF || style == STYLE_BOTH) {
-        /* The cache key: (policy, limit, window) of each decision, as the Python twin. */
-        PyObject *key = PyTuple_New(n);
-        if (key == NULL) {
-            goto error;
+        PyObject *policy = NULL;
+        if (policy_header != NULL) {
+            policy = Py_NewRef(policy_header); /* the caller's, for these very decisions */
         }
-        for (Py_ssize_t i = 0; i < n; i++) {
-            PyObject *fields = PyObject_CallOneArg(POLICY_FIELDS, items[i]);
-            if (fields == NULL) {
-                Py_DECREF(key);
+        else {
+            /* The cache key: (policy, limit, window) of each decision, as the Python twin. */
+            PyObject *key = PyTuple_New(n);
+            if (key == NULL) {
                 goto error;
             }
-            PyTuple_SET_ITEM(key, i, fields);
+            for (Py_ssize_t i = 0; i < n; i++) {
+                PyObject *fields = PyObject_CallOneArg(POLICY_FIELDS, items[i]);
+                if (fields == NULL) {
+                    Py_DECREF(key);
+                    goto error;
+                }
+                PyTuple_SET_ITEM(key, i, fields);
+            }
+            policy = PyObject_CallOneArg(POLICY_HEADER, key);
+            Py_DECREF(key);
         }
-        PyObject *policy = PyObject_CallOneArg(POLICY_HEADER, key);
-        Py_DECREF(key);
         if (append_header(result, H_RATELIMIT_POLICY, policy) < 0) {
             goto error;
         }
@@ -1180,7 +1224,7 @@ rate_limit_headers(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "rate_limit_headers takes 3 arguments");
         return NULL;
     }
-    return build_headers(args[0], style_code(args[1]), args[2]);
+    return build_headers(args[0], style_code(args[1]), args[2], NULL);
 }
 
 /* -- the lanes' ASGI send wrapper ------------------------------------------------------------ */
@@ -1196,6 +1240,8 @@ typedef struct {
     PyObject *send;    /* the next send */
     PyObject *context; /* the RequestContext */
     PyObject *status;  /* the response status, once started */
+    PyObject *policy;  /* RateLimit-Policy for the lane's levels, or None */
+    Py_ssize_t levels; /* how many decisions `policy` describes */
     int replaced;      /* a guard's denial was sent instead: drop the app's body */
 } Sender;
 
@@ -1205,6 +1251,7 @@ sender_traverse(Sender *self, visitproc visit, void *arg)
     Py_VISIT(self->send);
     Py_VISIT(self->context);
     Py_VISIT(self->status);
+    Py_VISIT(self->policy);
     return 0;
 }
 
@@ -1214,6 +1261,7 @@ sender_clear(Sender *self)
     Py_CLEAR(self->send);
     Py_CLEAR(self->context);
     Py_CLEAR(self->status);
+    Py_CLEAR(self->policy);
     return 0;
 }
 
@@ -1223,6 +1271,25 @@ sender_dealloc(Sender *self)
     PyObject_GC_UnTrack(self);
     sender_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject SenderType;
+
+/* A Sender; `policy` (bytes or None) is RateLimit-Policy for the first `levels` decisions. */
+static PyObject *
+make_sender(PyObject *send, PyObject *context, PyObject *policy, Py_ssize_t levels)
+{
+    Sender *self = (Sender *)SenderType.tp_alloc(&SenderType, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->send = Py_NewRef(send);
+    self->context = Py_NewRef(context);
+    self->status = Py_NewRef(Py_None);
+    self->policy = Py_NewRef(PyBytes_CheckExact(policy) ? policy : Py_None);
+    self->levels = levels;
+    self->replaced = 0;
+    return (PyObject *)self;
 }
 
 static PyObject *
@@ -1236,15 +1303,7 @@ sender_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     if (!PyArg_UnpackTuple(args, "Sender", 2, 2, &send, &context)) {
         return NULL;
     }
-    Sender *self = (Sender *)type->tp_alloc(type, 0);
-    if (self == NULL) {
-        return NULL;
-    }
-    self->send = Py_NewRef(send);
-    self->context = Py_NewRef(context);
-    self->status = Py_NewRef(Py_None);
-    self->replaced = 0;
-    return (PyObject *)self;
+    return make_sender(send, context, Py_None, 0);
 }
 
 /* The app's header list with ours, each of our names once (the app's own copies dropped):
@@ -1342,7 +1401,13 @@ add_headers(Sender *self, PyObject *message)
         rc = 0;
         goto done;
     }
-    ours = code >= 0 ? build_headers(decisions, code, NULL) : Py_NewRef(Py_None);
+    /* The lane's RateLimit-Policy holds while the decisions are the lane's own (a guard that
+     * checks itself may have added more). */
+    PyObject *policy = self->policy != Py_None && PyList_Check(decisions) &&
+                               PyList_GET_SIZE(decisions) == self->levels
+                           ? self->policy
+                           : NULL;
+    ours = code >= 0 ? build_headers(decisions, code, NULL, policy) : Py_NewRef(Py_None);
     if (ours == Py_None) {
         /* The Python twin: a plain-string style, or figures C can't mirror exactly. */
         PyObject *now = PyObject_CallNoArgs(TIME_FN);
@@ -1463,6 +1528,7 @@ sender_call(Sender *self, PyObject *args, PyObject *kwargs)
 static PyMemberDef sender_members[] = {
     {"status", T_OBJECT, offsetof(Sender, status), READONLY,
      "The response status, once the response started (None before)."},
+    {"context", T_OBJECT, offsetof(Sender, context), READONLY, "The request's context."},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -1498,8 +1564,8 @@ static PyMethodDef methods[] = {
     {"admit_sc", (PyCFunction)(void (*)(void))admit_sc, METH_FASTCALL,
      "admit_sc(checks, now, data, cached, key_fn, margin, fresh) -> Verdict | None"},
     {"lane_admit", (PyCFunction)(void (*)(void))lane_admit, METH_FASTCALL,
-     "lane_admit(lanes, scope, limiter, api_key_header, api_key_query, api_key_counted) "
-     "-> RequestContext | None"},
+     "lane_admit(lanes, scope, limiter, api_key_header, api_key_query, api_key_counted, send) "
+     "-> Sender | None"},
     {"configure_context", configure_context, METH_VARARGS,
      "configure_context(RequestContext, descriptors): how lane_admit builds contexts."},
     {"rate_limit_headers", (PyCFunction)(void (*)(void))rate_limit_headers, METH_FASTCALL,
@@ -1567,7 +1633,8 @@ PyInit__speedups(void)
     INTERN(s_start_type, "http.response.start");
     INTERN(s_body_type, "http.response.body");
 #undef INTERN
-    if ((INT_429 = PyLong_FromLong(429)) == NULL || PyType_Ready(&SenderType) < 0) {
+    if ((INT_429 = PyLong_FromLong(429)) == NULL || (FLOAT_ZERO = PyFloat_FromDouble(0.0)) == NULL ||
+        PyType_Ready(&SenderType) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&module_def);

@@ -20,8 +20,9 @@ def lane_admit(
     api_key_header: bytes | None,
     api_key_query: bool,
     api_key_counted: bool,
+    send: Callable[[Any], Any],
     /,
-) -> Any: ...
+) -> Sender | None: ...
 def configure_context(context_type: type, descriptors: tuple[Any, ...], /) -> None: ...
 def rate_limit_headers(
     decisions: Sequence[Any], style: Any, now: float, /
@@ -42,5 +43,6 @@ class Sender:
     """``middleware._Responder.send`` in C, for lane requests."""
 
     status: int | None
+    context: Any
     def __init__(self, send: Callable[[Any], Any], context: Any, /) -> None: ...
     def __call__(self, message: Any, /) -> Any: ...

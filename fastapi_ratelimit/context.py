@@ -98,7 +98,8 @@ if speedups is not None:
         "decisions", "charged", "handled", "refundable", "reported_cost", "middleware",
         "denial", "exempt", "reduced",
     )  # fmt: skip
-    assert tuple(f.name for f in fields(RequestContext)) == _FIELDS, "update _speedups.c"
+    if tuple(f.name for f in fields(RequestContext)) != _FIELDS:
+        raise RuntimeError("RequestContext's fields changed: update _FIELDS and _speedups.c")
     speedups.configure_context(
         RequestContext, tuple(RequestContext.__dict__[name] for name in _FIELDS)
     )

@@ -41,6 +41,7 @@ __all__ = [
     "HEADER_NAMES",
     "HeaderStyle",
     "parse_header_style",
+    "policy_header",
     "rate_limit_headers",
     "retry_after_value",
 ]
@@ -180,13 +181,17 @@ def _ceil_seconds(seconds: float) -> int:
     return math.ceil(seconds) if seconds > 0 else 0
 
 
+def policy_header(decisions: Sequence[Decision]) -> bytes:
+    """The ``RateLimit-Policy`` value for ``decisions`` (cached per combination)."""
+    # The cache key is built by C code alone (itemgetter and map): no Python frame per level.
+    return _policy_header(tuple(map(_POLICY_FIELDS, decisions)))
+
+
 def _ietf(
     decisions: Sequence[Decision], binding: Decision, remaining: int, t: int
 ) -> list[tuple[bytes, bytes]]:
-    # The cache key is built by C code alone (itemgetter and map): no Python frame per level.
-    policy_header = _policy_header(tuple(map(_POLICY_FIELDS, decisions)))
     status = b'"%s";r=%d;t=%d' % (_name_bytes(binding.policy), remaining, t)
-    return [(b"ratelimit-policy", policy_header), (b"ratelimit", status)]
+    return [(b"ratelimit-policy", policy_header(decisions)), (b"ratelimit", status)]
 
 
 #: A decision's (policy, limit, window): what its ``RateLimit-Policy`` member is made of.

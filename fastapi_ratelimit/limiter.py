@@ -28,7 +28,13 @@ from .costs import CostTable, check_cost, check_endpoint, endpoint_key
 from .decision import Decision, Verdict
 from .dynamic import DynamicLimits
 from .errors import BackendError, ConfigurationError
-from .headers import HeaderStyle, parse_header_style, rate_limit_headers, retry_after_value
+from .headers import (
+    HeaderStyle,
+    parse_header_style,
+    policy_header,
+    rate_limit_headers,
+    retry_after_value,
+)
 from .identity import ClientIP, api_key_from_scope, ip_identity, parse_ip
 from .keys import KeyBuilder
 from .policy import Algorithm, Policy
@@ -335,11 +341,11 @@ class RateLimiter:
         """What the middleware's lanes (``_speedups.lane_admit``) need to decide requests like
         this one again without this Python path, or ``None`` when the same route, method,
         path and peer would not always give the same context and levels: a user, an API key
-        where keys have a level,
-        a peer whose forwarding headers count, tiers, resolvers, a cost function, composites,
-        dynamic limits, shadow levels, delays, refunds, an endpoint breaker, or a backend other
-        than the memory one; and not while an allow or block list has entries (lanes then
-        decline every request). ``checks`` must be this limiter's levels only.
+        where keys have a level of their own, a peer whose forwarding headers count, tiers,
+        resolvers, a cost function, composites, dynamic limits, shadow levels, delays,
+        refunds, an endpoint breaker, or a backend other than the memory one; and not while an
+        allow or block list has entries (lanes then decline every request). ``checks`` must be
+        this limiter's levels only.
         """
         backend = self.backend
         if (
@@ -357,11 +363,12 @@ class RateLimiter:
         parts = backend.lane_parts(checks)
         if parts is None:
             return None
-        data, now_us, store_new, margin, rows = parts
+        data, now, divisor, store_new, margin, rows = parts
         return (
             backend,
             data,
-            now_us,
+            now,
+            divisor,
             store_new,
             margin,
             context.ip,
@@ -370,6 +377,8 @@ class RateLimiter:
             context.cost,
             tuple(checks),
             rows,
+            # The lane's levels always make the same RateLimit-Policy: made once.
+            policy_header(context.decisions),
         )
 
     def build_context(self, scope: Scope) -> RequestContext:

@@ -87,13 +87,13 @@ class RateLimitMiddleware:
         if self._lanes and _lane_admit is not None:
             limiter = self.limiter
             header, query, counted = limiter.api_key_sources
-            context = _lane_admit(self._lanes, scope, limiter, header, query, counted)
-            if context is not None:
-                # Decided, recorded and stored in the scope by the lane; the rest of what an
-                # admitted request needs (see the end of this method) is only this much, with
-                # _Responder.send's C twin.
-                sender = _Sender(send, context)
+            sender = _lane_admit(self._lanes, scope, limiter, header, query, counted, send)
+            if sender is not None:
+                # Decided, recorded in a context stored in the scope, and `send` wrapped by
+                # _Responder.send's C twin: the rest of what an admitted request needs (see
+                # the end of this method) is only this much.
                 await self.app(scope, receive, sender)
+                context = sender.context
                 if context.reported_cost is not None:
                     await limiter.after_response(context, sender.status)
                 return
@@ -297,7 +297,6 @@ async def _nothing() -> None:
 
 if speedups is not None:
     speedups.configure_sender(_send_denial, _nothing)
-    _Sender = speedups.Sender
 
 
 class _Lane(NamedTuple):
@@ -313,7 +312,9 @@ class _Lane(NamedTuple):
     routes: list[Any]
     backend: Any
     data: Any
-    now_us: Any
+    #: The backend's clock: microseconds are now() // now_divisor.
+    now: Any
+    now_divisor: int
     store_new: Any
     margin: int
     ip: str
@@ -322,6 +323,8 @@ class _Lane(NamedTuple):
     cost: int
     checks: tuple[Check, ...]
     rows: tuple[tuple[Any, ...], ...]
+    #: RateLimit-Policy for these levels (the same for every request of the lane).
+    policy_header: bytes
 
 
 _MAX_LANES = 4096

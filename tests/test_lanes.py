@@ -36,10 +36,10 @@ def lane_hits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     assert real is not None
 
     def observed(*args: Any) -> Any:
-        context = real(*args)
-        if context is not None:
-            hits.append(context.endpoint)
-        return context
+        sender = real(*args)
+        if sender is not None:
+            hits.append(sender.context.endpoint)
+        return sender
 
     monkeypatch.setattr(middleware_module, "_lane_admit", observed)
     return hits
@@ -363,6 +363,10 @@ async def test_a_guard_denial_on_a_lane_request_is_problem_json(lane_hits: list[
     assert header_counts(denied)["ratelimit"] == 1
     assert int(denied.headers["retry-after"]) >= 1
     assert answers[1].json() == {"id": "alice"}
+    # The guard's own decision joins the lane's in RateLimit-Policy (the lane's precomputed
+    # value covers only its own levels), as on the Python path.
+    expected = {"global", "ip", "route-user-2-60s"}
+    assert set(policies(answers[0])) == set(policies(answers[1])) == expected
 
 
 async def test_the_lane_send_wrapper_replaces_the_apps_own_headers(lane_hits: list[str]) -> None:
