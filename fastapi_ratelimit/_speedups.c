@@ -1032,13 +1032,16 @@ static PyObject *TIME_FN = NULL;       /* time.time */
 static PyObject *STYLES[STYLE_COUNT];  /* the HeaderStyle members */
 static PyObject *STYLE_NAMES[STYLE_COUNT]; /* headers.HEADER_NAMES[style], frozensets */
 static PyObject *HEADERS_PY = NULL;    /* headers.rate_limit_headers_py */
+static PyObject *HEADER_NAMES_BY_STYLE = NULL; /* headers.HEADER_NAMES */
 
 static PyObject *
 configure_headers(PyObject *module, PyObject *args)
 {
-    PyObject *policy_header, *name_bytes, *policy_fields, *time_fn, *styles, *names, *python;
-    if (!PyArg_ParseTuple(args, "OOOOO!O!O", &policy_header, &name_bytes, &policy_fields,
-                          &time_fn, &PyTuple_Type, &styles, &PyTuple_Type, &names, &python)) {
+    PyObject *policy_header, *name_bytes, *policy_fields, *time_fn, *styles, *names, *python,
+        *by_style;
+    if (!PyArg_ParseTuple(args, "OOOOO!O!OO", &policy_header, &name_bytes, &policy_fields,
+                          &time_fn, &PyTuple_Type, &styles, &PyTuple_Type, &names, &python,
+                          &by_style)) {
         return NULL;
     }
     if (PyTuple_GET_SIZE(styles) != STYLE_COUNT || PyTuple_GET_SIZE(names) != STYLE_COUNT) {
@@ -1050,6 +1053,7 @@ configure_headers(PyObject *module, PyObject *args)
     Py_XSETREF(POLICY_FIELDS, Py_NewRef(policy_fields));
     Py_XSETREF(TIME_FN, Py_NewRef(time_fn));
     Py_XSETREF(HEADERS_PY, Py_NewRef(python));
+    Py_XSETREF(HEADER_NAMES_BY_STYLE, Py_NewRef(by_style));
     for (int i = 0; i < STYLE_COUNT; i++) {
         Py_XSETREF(STYLES[i], Py_NewRef(PyTuple_GET_ITEM(styles, i)));
         Py_XSETREF(STYLE_NAMES[i], Py_NewRef(PyTuple_GET_ITEM(names, i)));
@@ -1421,10 +1425,8 @@ add_headers(Sender *self, PyObject *message)
     }
     names = code >= 0 ? Py_NewRef(STYLE_NAMES[code]) : NULL;
     if (names == NULL) {
-        PyObject *all = PyObject_GetAttrString(PyImport_AddModule("fastapi_ratelimit.headers"),
-                                               "HEADER_NAMES");
-        names = all != NULL ? PyObject_GetItem(all, style) : NULL;
-        Py_XDECREF(all);
+        /* HEADER_NAMES[style], as the Python twin looks it up (it may raise the same way). */
+        names = PyObject_GetItem(HEADER_NAMES_BY_STYLE, style);
         if (names == NULL) {
             goto done;
         }
@@ -1572,7 +1574,7 @@ static PyMethodDef methods[] = {
      "rate_limit_headers(decisions, style, now) -> list | None"},
     {"configure_headers", configure_headers, METH_VARARGS,
      "configure_headers(policy_header, name_bytes, policy_fields, time, styles, names, "
-     "python): the helpers and constants of fastapi_ratelimit.headers."},
+     "python, names_by_style): the helpers and constants of fastapi_ratelimit.headers."},
     {"configure_sender", configure_sender, METH_VARARGS,
      "configure_sender(send_denial, nothing): the middleware's helpers for Sender."},
     {NULL, NULL, 0, NULL},

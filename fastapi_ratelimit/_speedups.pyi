@@ -35,6 +35,7 @@ def configure_headers(
     styles: tuple[Any, ...],
     names: tuple[frozenset[bytes], ...],
     python: Callable[[Any, Any, float], Any],
+    names_by_style: dict[Any, frozenset[bytes]],
     /,
 ) -> None: ...
 def configure_sender(send_denial: Callable[..., Any], nothing: Callable[[], Any], /) -> None: ...

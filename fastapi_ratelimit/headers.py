@@ -262,4 +262,5 @@ if speedups is not None:
         _STYLES,
         tuple(HEADER_NAMES[style] for style in _STYLES),
         _positional,
+        HEADER_NAMES,
     )
