@@ -25,7 +25,7 @@ from fastapi_ratelimit import middleware as middleware_module
 from fastapi_ratelimit._accel import ACCELERATED
 from fastapi_ratelimit.middleware import _Lane
 
-pytestmark = pytest.mark.skipif(not ACCELERATED, reason="lanes need the C speedups")
+pytestmark = pytest.mark.skipif(not ACCELERATED, reason="lanes need the C speedups (not in use)")
 
 
 @pytest.fixture
