@@ -1296,20 +1296,6 @@ make_sender(PyObject *send, PyObject *context, PyObject *policy, Py_ssize_t leve
     return (PyObject *)self;
 }
 
-static PyObject *
-sender_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
-{
-    PyObject *send, *context;
-    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0) {
-        PyErr_SetString(PyExc_TypeError, "Sender(send, context) takes no keywords");
-        return NULL;
-    }
-    if (!PyArg_UnpackTuple(args, "Sender", 2, 2, &send, &context)) {
-        return NULL;
-    }
-    return make_sender(send, context, Py_None, 0);
-}
-
 /* The app's header list with ours, each of our names once (the app's own copies dropped):
  * middleware._Responder.send's merge. */
 static PyObject *
@@ -1539,8 +1525,7 @@ static PyTypeObject SenderType = {
     .tp_name = "fastapi_ratelimit._speedups.Sender",
     .tp_basicsize = sizeof(Sender),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Sender(send, context): middleware._Responder.send in C, for lane requests.",
-    .tp_new = sender_new,
+    .tp_doc = "middleware._Responder.send in C, for lane requests (made by lane_admit).",
     .tp_call = (ternaryfunc)sender_call,
     .tp_traverse = (traverseproc)sender_traverse,
     .tp_clear = (inquiry)sender_clear,

@@ -41,9 +41,8 @@ def configure_headers(
 def configure_sender(send_denial: Callable[..., Any], nothing: Callable[[], Any], /) -> None: ...
 
 class Sender:
-    """``middleware._Responder.send`` in C, for lane requests."""
+    """``middleware._Responder.send`` in C, for lane requests (made by ``lane_admit``)."""
 
     status: int | None
     context: Any
-    def __init__(self, send: Callable[[Any], Any], context: Any, /) -> None: ...
     def __call__(self, message: Any, /) -> Any: ...

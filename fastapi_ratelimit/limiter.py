@@ -336,7 +336,7 @@ class RateLimiter:
         return time.time()
 
     def lane_for(
-        self, scope: Scope, context: RequestContext, checks: Sequence[Check]
+        self, host: str, context: RequestContext, checks: Sequence[Check]
     ) -> tuple[Any, ...] | None:
         """What the middleware's lanes (``_speedups.lane_admit``) need to decide requests like
         this one again without this Python path, or ``None`` when the same route, method,
@@ -345,7 +345,7 @@ class RateLimiter:
         resolvers, a cost function, composites, dynamic limits, shadow levels, delays,
         refunds, an endpoint breaker, or a backend other than the memory one; and not while an
         allow or block list has entries (lanes then decline every request). ``checks`` must be
-        this limiter's levels only.
+        this limiter's levels only; ``host`` is the ASGI peer address.
         """
         backend = self.backend
         if (
@@ -356,9 +356,7 @@ class RateLimiter:
             or (self.lists is not None and not self.lists.quiet)  # a lane would decline
         ):
             return None
-        client = scope.get("client")
-        host = client[0] if isinstance(client, (tuple, list)) and client else None
-        if not isinstance(host, str) or self._client_ip.direct(host) is None:
+        if self._client_ip.direct(host) is None:
             return None
         parts = backend.lane_parts(checks)
         if parts is None:

@@ -182,7 +182,7 @@ class RateLimitMiddleware:
         lane = self._lanes.get(key)
         if lane is not None and lane.routes is routes:
             return
-        fields = self.limiter.lane_for(scope, context, checks)
+        fields = self.limiter.lane_for(key[-1], context, checks)  # the key ends with the peer
         if fields is None:
             return
         if len(self._lanes) >= _MAX_LANES:
@@ -259,7 +259,7 @@ class _Responder:
                 # A route guard denied: send the problem+json 429 instead of the framework's
                 # rendering of the exception, and drop the app's body.
                 self.replaced = True
-                return self._send_denial(context, context.denial)
+                return _send_denial(self._send, context, context.denial)
             style = context.limiter.header_style
             if context.decisions and style is not _NO_HEADERS:
                 ours = rate_limit_headers(context.decisions, style, now=time.time())
@@ -277,9 +277,6 @@ class _Responder:
         elif self.replaced and kind == "http.response.body":
             return _nothing()
         return self._send(message)
-
-    def _send_denial(self, context: RequestContext, denial: Verdict) -> Awaitable[None]:
-        return _send_denial(self._send, context, denial)
 
 
 async def _send_denial(send: Send, context: RequestContext, denial: Verdict) -> None:
