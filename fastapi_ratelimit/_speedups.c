@@ -142,12 +142,44 @@ release_levels(Level *levels, Py_ssize_t n)
     }
 }
 
+/* A stored state (start, current, previous) for a level, from its new values: the old tuple
+ * itself, rewritten, where nothing else can see it (only its entry holds it: a tuple no one
+ * else references is unobservable, and CPython's own zip() reuses tuples the same way), else
+ * a new one. Returns a new reference, or NULL with an exception. */
+static PyObject *
+next_state(Level *level, PyObject *old)
+{
+    /* Ints are immutable: the old state's objects serve the new state as well (the entry,
+     * held, keeps the old state alive until it is replaced). */
+    PyObject *fields[3] = {
+        level->start_obj != NULL ? Py_NewRef(level->start_obj) : PyLong_FromLongLong(level->start),
+        PyLong_FromLongLong(level->cur + level->cost),
+        level->prev_obj != NULL ? Py_NewRef(level->prev_obj) : PyLong_FromLongLong(level->prev),
+    };
+    if (old != NULL && PyTuple_CheckExact(old) && Py_REFCNT(old) == 1 &&
+        PyTuple_GET_SIZE(old) == 3 && fields[0] != NULL && fields[1] != NULL &&
+        fields[2] != NULL) {
+        PyObject *previous[3];
+        for (int i = 0; i < 3; i++) {
+            previous[i] = PyTuple_GET_ITEM(old, i);
+            PyTuple_SET_ITEM(old, i, fields[i]);
+        }
+        for (int i = 0; i < 3; i++) {
+            Py_DECREF(previous[i]); /* ints: freeing them runs no Python code */
+        }
+        return Py_NewRef(old);
+    }
+    return new_tuple_of(&PyTuple_Type, 3, fields);
+}
+
 /* MemoryBackend._admit_all_py's arithmetic and commit for `n` filled levels. Returns a new
- * Verdict, Py_None (a new reference) for "don't know" before anything changed, or NULL with
- * an exception. New entries are appended to `fresh` as (key, [expires, state]). */
+ * Verdict (or, with `as_list`, just its decisions as a new list), Py_None (a new reference)
+ * for "don't know" before anything changed, or NULL with an exception. New entries are
+ * appended to `fresh` as (key, [expires, state]). `move` is data.move_to_end, bound, or NULL
+ * to look it up. */
 static PyObject *
 admit_levels(Level *levels, Py_ssize_t n, long long now, PyObject *data, long long margin,
-             PyObject *fresh)
+             PyObject *fresh, PyObject *move, int as_list)
 {
     int ok;
     long long window = 0, start = 0, elapsed = 0;
@@ -225,35 +257,36 @@ admit_levels(Level *levels, Py_ssize_t n, long long now, PyObject *data, long lo
         }
     }
     /* Commit: nothing below answers "don't know" any more. */
-    PyObject *decisions = PyTuple_New(n);
+    PyObject *decisions = as_list ? PyList_New(n) : PyTuple_New(n);
     if (decisions == NULL) {
         return NULL;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         Level *level = &levels[i];
         PyObject *expires = PyLong_FromLongLong(now + level->reset_us + margin);
-        /* Ints are immutable: the old state's objects serve the new state as well (the
-         * entry, held, keeps the old state alive until it is replaced below). */
-        PyObject *fields[3] = {
-            level->start_obj != NULL ? Py_NewRef(level->start_obj)
-                                     : PyLong_FromLongLong(level->start),
-            PyLong_FromLongLong(level->cur + level->cost),
-            level->prev_obj != NULL ? Py_NewRef(level->prev_obj)
-                                    : PyLong_FromLongLong(level->prev),
-        };
-        PyObject *state = new_tuple_of(&PyTuple_Type, 3, fields);
-        if (expires == NULL || state == NULL) {
-            Py_XDECREF(expires);
-            Py_XDECREF(state);
+        if (expires == NULL) {
             Py_DECREF(decisions);
             return NULL;
         }
         if (level->entry != NULL) {
             /* Live or expired, the entry is this key's: update it and move it to the recent
              * end, as a new one would be. PyList_SetItem steals both references. */
+            PyObject *old = PyList_GET_ITEM(level->entry, 1);
+            Py_INCREF(old);
             PyList_SetItem(level->entry, 0, expires);
+            /* The entry's own reference goes first, so an unshared state can be rewritten. */
+            PyList_SET_ITEM(level->entry, 1, Py_NewRef(Py_None));
+            Py_DECREF(old);
+            PyObject *state = next_state(level, Py_REFCNT(old) == 1 ? old : NULL);
+            Py_DECREF(old);
+            if (state == NULL) {
+                Py_DECREF(decisions);
+                return NULL;
+            }
             PyList_SetItem(level->entry, 1, state);
-            PyObject *moved = PyObject_CallMethodOneArg(data, s_move_to_end, level->key);
+            PyObject *moved = move != NULL
+                                  ? PyObject_CallOneArg(move, level->key)
+                                  : PyObject_CallMethodOneArg(data, s_move_to_end, level->key);
             if (moved == NULL) {
                 Py_DECREF(decisions);
                 return NULL;
@@ -261,10 +294,11 @@ admit_levels(Level *levels, Py_ssize_t n, long long now, PyObject *data, long lo
             Py_DECREF(moved);
         }
         else {
-            PyObject *entry = PyList_New(2);
+            PyObject *state = next_state(level, NULL);
+            PyObject *entry = state != NULL ? PyList_New(2) : NULL;
             if (entry == NULL) {
                 Py_DECREF(expires);
-                Py_DECREF(state);
+                Py_XDECREF(state);
                 Py_DECREF(decisions);
                 return NULL;
             }
@@ -295,7 +329,15 @@ admit_levels(Level *levels, Py_ssize_t n, long long now, PyObject *data, long lo
             Py_DECREF(decisions);
             return NULL;
         }
-        PyTuple_SET_ITEM(decisions, i, decision);
+        if (as_list) {
+            PyList_SET_ITEM(decisions, i, decision);
+        }
+        else {
+            PyTuple_SET_ITEM(decisions, i, decision);
+        }
+    }
+    if (as_list) {
+        return decisions;
     }
     PyObject *vfields[2] = {decisions, Py_NewRef(Py_True)};
     return new_tuple_of(VERDICT, 2, vfields);
@@ -419,7 +461,7 @@ admit_sc(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto done;
         }
     }
-    result = admit_levels(levels, n, now, data, margin, fresh);
+    result = admit_levels(levels, n, now, data, margin, fresh, NULL, 0);
 done:
     release_levels(levels, filled);
     Py_DECREF(checks);
@@ -428,20 +470,36 @@ done:
 
 /* -- the middleware's lanes ------------------------------------------------------------------ */
 
-/* Lane fields, by position (middleware._Lane). */
-enum {
-    L_ROUTES, L_BACKEND, L_DATA, L_NOW, L_NOW_DIVISOR, L_STORE_NEW, L_MARGIN, L_IP, L_ENDPOINT,
-    L_ROUTE, L_COST, L_CHECKS, L_ROWS, L_POLICY_HEADER, L_SIZE
-};
-/* Row fields (MemoryBackend.lane_rows). */
+/* Row fields (MemoryBackend.lane_parts). */
 enum { R_KEY, R_LIMIT, R_PERIOD, R_POLICY_LIMIT, R_NAME, R_WINDOW, R_SCOPE, R_COST, R_SIZE };
 
-static PyObject *s_type, *s_method, *s_app, *s_routes, *s_root_path, *s_path, *s_client,
-    *s_state, *s_user, *s_headers, *s_query_string, *s_backend, *s_lists, *s_quiet,
-    *s_decisions, *s_scope_key, *s_http, *s_options, *s_empty;
+static PyObject *s_type, *s_method, *s_app, *s_root_path, *s_path, *s_client, *s_state,
+    *s_user, *s_headers, *s_query_string, *s_backend, *s_lists, *s_quiet, *s_scope_key,
+    *s_http, *s_options, *s_empty, *s_decisions;
+static PyObject *TIME_NS = NULL; /* time.time_ns: a lane on the system clock reads it in C */
 
 /* scope[name] for an exact dict, borrowed; NULL without an exception when absent. */
 #define SCOPE_GET(scope, name) PyDict_GetItemWithError((scope), (name))
+
+/* a == b for an exact str `b`: by identity first (ASGI servers and frameworks send interned
+ * constants), then by value; anything but an exact str compares as Python would. 1 equal, 0
+ * not, -1 with an exception. */
+static int
+str_eq(PyObject *a, PyObject *b)
+{
+    if (a == b) {
+        return 1;
+    }
+    if (!PyUnicode_CheckExact(a)) {
+        return PyObject_RichCompareBool(a, b, Py_EQ);
+    }
+    if (PyUnicode_GET_LENGTH(a) != PyUnicode_GET_LENGTH(b) ||
+        PyUnicode_KIND(a) != PyUnicode_KIND(b)) {
+        return 0;
+    }
+    return memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b),
+                  PyUnicode_GET_LENGTH(a) * PyUnicode_KIND(a)) == 0;
+}
 
 /* The API key in `header` (first occurrence), as identity.api_key_from_scope reads it: 1 with
  * *value set to a new str, 0 when there is none, -1 "don't know" (headers not in the ASGI
@@ -493,32 +551,29 @@ header_value(PyObject *scope, PyObject *header, PyObject **value_out)
     return 0;
 }
 
-/* The lane key, as middleware._lane_key builds it; NULL without an exception for a request no
- * lane can serve. Sets *routes_out to a new reference. */
+/* The lane key, as middleware._lane_key builds it: (method, root_path, path, peer host); NULL
+ * without an exception for a request no lane can serve. */
 static PyObject *
-lane_key(PyObject *scope, PyObject **routes_out)
+lane_key(PyObject *scope)
 {
     PyObject *type = SCOPE_GET(scope, s_type);
-    if (type == NULL || !PyUnicode_CheckExact(type) ||
-        PyUnicode_Compare(type, s_http) != 0) {
+    if (type == NULL || str_eq(type, s_http) != 1) {
         return NULL;
     }
     PyObject *method = SCOPE_GET(scope, s_method);
-    if (method == NULL || !PyUnicode_CheckExact(method) ||
-        PyUnicode_Compare(method, s_options) == 0) {
+    if (method == NULL || !PyUnicode_CheckExact(method) || str_eq(method, s_options) != 0) {
         return NULL; /* a preflight's fate depends on its headers */
     }
     PyObject *path = SCOPE_GET(scope, s_path);
     PyObject *root_path = SCOPE_GET(scope, s_root_path);
     PyObject *client = SCOPE_GET(scope, s_client);
-    PyObject *app = SCOPE_GET(scope, s_app);
-    if (path == NULL || client == NULL || app == NULL || PyErr_Occurred()) {
+    if (path == NULL || client == NULL || !PyUnicode_CheckExact(path) || PyErr_Occurred()) {
         return NULL;
     }
     if (root_path == NULL) {
         root_path = s_empty;
     }
-    if ((!PyTuple_Check(client) && !PyList_Check(client)) ||
+    if (!PyUnicode_CheckExact(root_path) || (!PyTuple_Check(client) && !PyList_Check(client)) ||
         PySequence_Fast_GET_SIZE(client) < 1) {
         return NULL;
     }
@@ -526,27 +581,216 @@ lane_key(PyObject *scope, PyObject **routes_out)
     if (!PyUnicode_CheckExact(host)) {
         return NULL;
     }
-    PyObject *routes = PyObject_GetAttr(app, s_routes);
-    if (routes == NULL) {
-        return NULL; /* the caller clears the error: the Python path meets it again */
-    }
-    if (!PyList_Check(routes)) {
-        Py_DECREF(routes);
-        return NULL;
-    }
-    PyObject *parts[7] = {
-        PyLong_FromVoidPtr(routes), PyLong_FromSsize_t(PyList_GET_SIZE(routes)),
-        Py_NewRef(type), Py_NewRef(method), Py_NewRef(root_path), Py_NewRef(path),
-        Py_NewRef(host),
-    };
-    PyObject *key = new_tuple_of(&PyTuple_Type, 7, parts);
-    if (key == NULL) {
-        Py_DECREF(routes);
-        return NULL;
-    }
-    *routes_out = routes;
-    return key;
+    return PyTuple_Pack(4, method, root_path, path, host);
 }
+
+/* One level of a lane: its storage key, figures and Decision fields, converted once. */
+typedef struct {
+    PyObject *key, *scope, *policy_limit, *name, *window_s;
+    long long limit, period, cost;
+} LaneLevel;
+
+/* middleware._Lane: what deciding a lane's request needs, held in C form. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *app;         /* scope["app"] when the lane was made */
+    PyObject *routes;      /* its route list then, and how long it was */
+    Py_ssize_t route_count;
+    PyObject *backend, *data, *move, *now, *store_new, *ip, *endpoint, *route, *cost, *checks,
+        *policy_header;
+    long long divisor, margin;
+    int system_clock;      /* `now` is time.time_ns: read the same clock without a call */
+    Py_ssize_t n;
+    LaneLevel levels[MAX_LEVELS];
+} Lane;
+
+static int
+lane_traverse(Lane *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->app);
+    Py_VISIT(self->routes);
+    Py_VISIT(self->backend);
+    Py_VISIT(self->data);
+    Py_VISIT(self->move);
+    Py_VISIT(self->now);
+    Py_VISIT(self->store_new);
+    Py_VISIT(self->ip);
+    Py_VISIT(self->endpoint);
+    Py_VISIT(self->route);
+    Py_VISIT(self->cost);
+    Py_VISIT(self->checks);
+    Py_VISIT(self->policy_header);
+    for (Py_ssize_t i = 0; i < self->n; i++) {
+        Py_VISIT(self->levels[i].key);
+        Py_VISIT(self->levels[i].scope);
+        Py_VISIT(self->levels[i].policy_limit);
+        Py_VISIT(self->levels[i].name);
+        Py_VISIT(self->levels[i].window_s);
+    }
+    return 0;
+}
+
+static int
+lane_clear(Lane *self)
+{
+    Py_CLEAR(self->app);
+    Py_CLEAR(self->routes);
+    Py_CLEAR(self->backend);
+    Py_CLEAR(self->data);
+    Py_CLEAR(self->move);
+    Py_CLEAR(self->now);
+    Py_CLEAR(self->store_new);
+    Py_CLEAR(self->ip);
+    Py_CLEAR(self->endpoint);
+    Py_CLEAR(self->route);
+    Py_CLEAR(self->cost);
+    Py_CLEAR(self->checks);
+    Py_CLEAR(self->policy_header);
+    for (Py_ssize_t i = 0; i < self->n; i++) {
+        Py_CLEAR(self->levels[i].key);
+        Py_CLEAR(self->levels[i].scope);
+        Py_CLEAR(self->levels[i].policy_limit);
+        Py_CLEAR(self->levels[i].name);
+        Py_CLEAR(self->levels[i].window_s);
+    }
+    self->n = 0;
+    return 0;
+}
+
+static void
+lane_dealloc(Lane *self)
+{
+    PyObject_GC_UnTrack(self);
+    lane_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Lane(app, routes, backend, data, now, divisor, store_new, margin, ip, endpoint, route, cost,
+ *      checks, rows, policy_header)
+ * ValueError where a figure is outside what C mirrors exactly: that request gets no lane. */
+static PyObject *
+lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *app, *routes, *backend, *data, *now, *divisor, *store_new, *margin, *ip, *endpoint,
+        *route, *cost, *checks, *rows, *policy_header;
+    if ((kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0) ||
+        !PyArg_ParseTuple(args, "OO!OO!OOOOO!O!OOO!O!O:Lane", &app, &PyList_Type, &routes,
+                          &backend, &PyDict_Type, &data, &now, &divisor, &store_new, &margin,
+                          &PyUnicode_Type, &ip, &PyUnicode_Type, &endpoint, &route, &cost,
+                          &PyTuple_Type, &checks, &PyTuple_Type, &rows, &policy_header)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "Lane takes no keyword arguments");
+        }
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(rows);
+    if (n == 0 || n > MAX_LEVELS) {
+        PyErr_SetString(PyExc_ValueError, "Lane: 1 to 16 levels");
+        return NULL;
+    }
+    long long divisor_value, margin_value, ignored;
+    int ok;
+    if ((ok = exact_int(divisor, &divisor_value)) <= 0 || divisor_value <= 0 ||
+        (ok = exact_int(margin, &margin_value)) <= 0 || (ok = exact_int(cost, &ignored)) <= 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ValueError, "Lane: divisor, margin and cost must be exact ints");
+        }
+        return NULL;
+    }
+    Lane *self = (Lane *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->app = Py_NewRef(app);
+    self->routes = Py_NewRef(routes);
+    self->route_count = PyList_GET_SIZE(routes);
+    self->backend = Py_NewRef(backend);
+    self->data = Py_NewRef(data);
+    self->now = Py_NewRef(now);
+    self->store_new = Py_NewRef(store_new);
+    self->ip = Py_NewRef(ip);
+    self->endpoint = Py_NewRef(endpoint);
+    self->route = Py_NewRef(route);
+    self->cost = Py_NewRef(cost);
+    self->checks = Py_NewRef(checks);
+    self->policy_header = Py_NewRef(PyBytes_CheckExact(policy_header) ? policy_header : Py_None);
+    self->divisor = divisor_value;
+    self->margin = margin_value;
+    self->system_clock = now == TIME_NS && TIME_NS != NULL;
+    /* Bound once: each level's entry moves to the recent end on every request. */
+    if ((self->move = PyObject_GetAttr(data, s_move_to_end)) == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *row = PyTuple_GET_ITEM(rows, i);
+        if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != R_SIZE) {
+            PyErr_SetString(PyExc_TypeError, "Lane: each row is a tuple of 8");
+            Py_DECREF(self);
+            return NULL;
+        }
+        LaneLevel *level = &self->levels[i];
+        self->n = i + 1; /* from here on, clear() releases this level */
+        level->key = Py_NewRef(PyTuple_GET_ITEM(row, R_KEY));
+        level->scope = Py_NewRef(PyTuple_GET_ITEM(row, R_SCOPE));
+        level->policy_limit = Py_NewRef(PyTuple_GET_ITEM(row, R_POLICY_LIMIT));
+        level->name = Py_NewRef(PyTuple_GET_ITEM(row, R_NAME));
+        level->window_s = Py_NewRef(PyTuple_GET_ITEM(row, R_WINDOW));
+        if ((ok = exact_int(PyTuple_GET_ITEM(row, R_LIMIT), &level->limit)) <= 0 ||
+            (ok = exact_int(PyTuple_GET_ITEM(row, R_PERIOD), &level->period)) <= 0 ||
+            (ok = exact_int(PyTuple_GET_ITEM(row, R_COST), &level->cost)) <= 0 ||
+            level->period <= 0) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_ValueError,
+                                "Lane: limit, period and cost must be exact ints (period > 0)");
+            }
+            Py_DECREF(self);
+            return NULL;
+        }
+    }
+    return (PyObject *)self;
+}
+
+static PyMemberDef lane_members[] = {
+    {"app", T_OBJECT, offsetof(Lane, app), READONLY, "scope['app'] when the lane was made."},
+    {"routes", T_OBJECT, offsetof(Lane, routes), READONLY, "Its routes then."},
+    {"backend", T_OBJECT, offsetof(Lane, backend), READONLY, "The limiter's backend then."},
+    {"ip", T_OBJECT, offsetof(Lane, ip), READONLY, "The context's ip."},
+    {"endpoint", T_OBJECT, offsetof(Lane, endpoint), READONLY, "The context's endpoint."},
+    {"route", T_OBJECT, offsetof(Lane, route), READONLY, "The context's route."},
+    {"cost", T_OBJECT, offsetof(Lane, cost), READONLY, "The context's cost."},
+    {"checks", T_OBJECT, offsetof(Lane, checks), READONLY, "The limiter's checks."},
+    {"policy_header", T_OBJECT, offsetof(Lane, policy_header), READONLY,
+     "RateLimit-Policy for these levels, or None."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+/* Whether `lane` can still serve a request for `app`: the same app, with as many routes. */
+static PyObject *
+lane_current(Lane *self, PyObject *app)
+{
+    return PyBool_FromLong(self->app == app && PyList_GET_SIZE(self->routes) == self->route_count);
+}
+
+static PyMethodDef lane_methods[] = {
+    {"current", (PyCFunction)lane_current, METH_O,
+     "current(app) -> bool: made for this app, whose route list has not grown or shrunk."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject LaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "fastapi_ratelimit._speedups.Lane",
+    .tp_basicsize = sizeof(Lane),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A request's lane (see middleware._Lane): its decision inputs, converted once.",
+    .tp_new = lane_new,
+    .tp_traverse = (traverseproc)lane_traverse,
+    .tp_clear = (inquiry)lane_clear,
+    .tp_dealloc = (destructor)lane_dealloc,
+    .tp_members = lane_members,
+    .tp_methods = lane_methods,
+};
 
 /* RequestContext, built without running its __init__: its fields, in declaration order. */
 enum {
@@ -556,6 +800,10 @@ enum {
 };
 static PyTypeObject *CONTEXT_TYPE = NULL;
 static Py_ssize_t CONTEXT_OFFSETS[C_FIELDS];
+
+/* A RequestContext's field, borrowed; NULL where it was deleted (the caller then asks
+ * getattr, which raises the usual AttributeError). */
+#define CONTEXT_FIELD(context, field) (*(PyObject **)((char *)(context) + CONTEXT_OFFSETS[field]))
 
 /* configure_context(RequestContext, descriptors): the slot descriptors of its fields, in the
  * order above (context.py asserts the names). */
@@ -590,7 +838,8 @@ configure_context(PyObject *module, PyObject *args)
 }
 
 /* A RequestContext as RequestContext(limiter, ip, api_key, None, None, endpoint, route, cost)
- * then `middleware = True` and RateLimiter._record of an admitted verdict would leave it. */
+ * then `middleware = True` and RateLimiter._record of an admitted verdict would leave it.
+ * Steals `decisions` (a new list), also on failure. */
 static PyObject *
 new_context(PyObject *limiter, PyObject *ip, PyObject *api_key, PyObject *endpoint,
             PyObject *route, PyObject *cost, PyObject *decisions, PyObject *checks)
@@ -605,7 +854,7 @@ new_context(PyObject *limiter, PyObject *ip, PyObject *api_key, PyObject *endpoi
         [C_ROUTE] = Py_NewRef(route),
         [C_COST] = Py_NewRef(cost),
         [C_KEY_TIER] = Py_NewRef(Py_None),
-        [C_DECISIONS] = PySequence_List(decisions),
+        [C_DECISIONS] = decisions,
         [C_CHARGED] = PySequence_List(checks),
         [C_HANDLED] = PySet_New(NULL),
         [C_REFUNDABLE] = PyList_New(0),
@@ -639,11 +888,53 @@ fail:
 static PyObject *make_sender(PyObject *send, PyObject *context, PyObject *policy,
                              Py_ssize_t levels); /* below, with the Sender type */
 
+/* The lane's clock in microseconds, as a new int; NULL with an exception, or Py_None (a new
+ * reference) for a reading C can't use. */
+static PyObject *
+lane_now(Lane *lane, long long *now)
+{
+#ifdef CLOCK_REALTIME
+    if (lane->system_clock) {
+        /* time.time_ns() reads this very clock (CPython's _PyTime_GetSystemClock). */
+        struct timespec ts;
+        if (clock_gettime(CLOCK_REALTIME, &ts) == 0 && ts.tv_sec >= 0) {
+            *now = ((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec) / lane->divisor;
+            return PyLong_FromLongLong(*now);
+        }
+    }
+#endif
+    PyObject *read = PyObject_CallNoArgs(lane->now);
+    if (read == NULL) {
+        return NULL;
+    }
+    if (lane->divisor != 1) {
+        int overflow = 0;
+        long long ns = PyLong_AsLongLongAndOverflow(read, &overflow);
+        Py_DECREF(read);
+        if (ns == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (overflow || ns < 0) {
+            Py_RETURN_NONE;
+        }
+        read = PyLong_FromLongLong(ns / lane->divisor);
+        if (read == NULL) {
+            return NULL;
+        }
+    }
+    int ok = exact_int(read, now);
+    if (ok <= 0) {
+        Py_DECREF(read);
+        return ok < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    return read;
+}
+
 /* lane_admit(lanes, scope, limiter, api_key_header, api_key_query, api_key_counted, send)
  *     -> Sender | None
  *
  * The middleware's fast path (see middleware._Lane): for a request it has served before --
- * same routes, method, path and peer, anonymous, admitted on the memory backend with nothing
+ * same app, method, path and peer, anonymous, admitted on the memory backend with nothing
  * but the limiter's own levels -- decide the levels in one call, record them in a new
  * context (stored in the scope), and return the Sender that wraps `send` for it. None, before
  * anything changed, for anything else; the Python path then decides as always.
@@ -677,54 +968,47 @@ lane_admit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Clear();
         Py_RETURN_NONE;
     }
-    if (PyObject_IsTrue(query) == 1) {
+    if (query == Py_True) {
         PyObject *qs = SCOPE_GET(scope, s_query_string);
         if (qs != NULL && PyObject_IsTrue(qs) != 0) {
             PyErr_Clear();
             Py_RETURN_NONE; /* a key may be in the query: the Python path reads it */
         }
     }
+    /* The lane: held for the whole call (Python code may run below: the clock, store_new). */
+    PyObject *key = lane_key(scope);
+    if (key == NULL) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    Lane *lane = (Lane *)PyDict_GetItemWithError(lanes, key);
+    Py_DECREF(key);
+    PyObject *app = SCOPE_GET(scope, s_app);
+    if (lane == NULL || !Py_IS_TYPE(lane, &LaneType) || app != lane->app ||
+        PyList_GET_SIZE(lane->routes) != lane->route_count) {
+        PyErr_Clear();
+        Py_RETURN_NONE; /* none, or made for other routes: the Python path makes a new one */
+    }
+    Py_INCREF(lane);
     /* An API key goes into the context (route guards read it); where the limiter has an
      * API-key level, it would be one more level: not a lane's request. */
-    PyObject *api_key = NULL;
+    Level levels[MAX_LEVELS];
+    Py_ssize_t n = 0;
+    PyObject *result = NULL, *decisions = NULL, *fresh = NULL, *now_obj = NULL, *api_key = NULL;
+    long long now;
     if (PyBytes_CheckExact(header)) {
         int found = header_value(scope, header, &api_key);
         if (found < 0 || (found > 0 && counted == Py_True)) {
-            Py_XDECREF(api_key);
-            PyErr_Clear();
-            Py_RETURN_NONE;
+            goto unknown;
         }
     }
-    Level levels[MAX_LEVELS];
-    Py_ssize_t n = 0;
-    PyObject *result = NULL, *verdict = NULL, *fresh = NULL, *now_obj = NULL, *lane = NULL;
-    long long now, margin;
-    int ok = 1;
-    /* The lane: held for the whole call (Python code runs below: the clock, store_new). */
-    PyObject *routes = NULL;
-    PyObject *key = lane_key(scope, &routes);
-    if (key == NULL) {
-        PyErr_Clear();
-        goto unknown;
-    }
-    lane = PyDict_GetItemWithError(lanes, key);
-    Py_DECREF(key);
-    if (lane == NULL || !PyTuple_Check(lane) || PyTuple_GET_SIZE(lane) != L_SIZE ||
-        PyTuple_GET_ITEM(lane, L_ROUTES) != routes) {
-        lane = NULL;
-        Py_DECREF(routes);
-        PyErr_Clear();
-        goto unknown;
-    }
-    Py_INCREF(lane);
-    Py_DECREF(routes);
     /* The limiter as it is now: the same backend, and no allow or block list to consult. */
     PyObject *backend = PyObject_GetAttr(limiter, s_backend);
     if (backend == NULL) {
         goto error;
     }
     Py_DECREF(backend); /* identity only */
-    if (backend != PyTuple_GET_ITEM(lane, L_BACKEND)) {
+    if (backend != lane->backend) {
         goto unknown;
     }
     PyObject *lists = PyObject_GetAttr(limiter, s_lists);
@@ -748,88 +1032,46 @@ lane_admit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(lists);
     }
     /* The levels. */
-    PyObject *rows = PyTuple_GET_ITEM(lane, L_ROWS);
-    if (!PyTuple_Check(rows) || PyTuple_GET_SIZE(rows) == 0 ||
-        PyTuple_GET_SIZE(rows) > MAX_LEVELS) {
-        goto unknown;
-    }
-    n = PyTuple_GET_SIZE(rows);
+    n = lane->n;
     memset(levels, 0, sizeof(Level) * n);
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *row = PyTuple_GET_ITEM(rows, i);
+        LaneLevel *from = &lane->levels[i];
         Level *level = &levels[i];
-        if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != R_SIZE) {
-            goto unknown;
-        }
-        level->key = Py_NewRef(PyTuple_GET_ITEM(row, R_KEY));
-        level->policy_limit = Py_NewRef(PyTuple_GET_ITEM(row, R_POLICY_LIMIT));
-        level->name = Py_NewRef(PyTuple_GET_ITEM(row, R_NAME));
-        level->window_s = Py_NewRef(PyTuple_GET_ITEM(row, R_WINDOW));
-        level->scope = PyTuple_GET_ITEM(row, R_SCOPE);
-        if ((ok = exact_int(PyTuple_GET_ITEM(row, R_LIMIT), &level->limit)) <= 0 ||
-            (ok = exact_int(PyTuple_GET_ITEM(row, R_PERIOD), &level->period)) <= 0 ||
-            (ok = exact_int(PyTuple_GET_ITEM(row, R_COST), &level->cost)) <= 0) {
-            goto fail_or_unknown;
-        }
+        level->key = Py_NewRef(from->key);
+        level->policy_limit = Py_NewRef(from->policy_limit);
+        level->name = Py_NewRef(from->name);
+        level->window_s = Py_NewRef(from->window_s);
+        level->scope = from->scope;
+        level->limit = from->limit;
+        level->period = from->period;
+        level->cost = from->cost;
     }
-    if ((ok = exact_int(PyTuple_GET_ITEM(lane, L_MARGIN), &margin)) <= 0) {
-        goto fail_or_unknown;
-    }
-    /* The clock: its now_us(), or time.time_ns with a divisor of 1000 for the system clock
-     * (SystemClock.now_us's own arithmetic, without its Python frame). */
-    long long divisor;
-    if ((ok = exact_int(PyTuple_GET_ITEM(lane, L_NOW_DIVISOR), &divisor)) <= 0) {
-        goto fail_or_unknown;
-    }
-    PyObject *read = PyObject_CallNoArgs(PyTuple_GET_ITEM(lane, L_NOW));
-    if (read == NULL) {
+    now_obj = lane_now(lane, &now);
+    if (now_obj == NULL) {
         goto error;
     }
-    if (divisor == 1) {
-        now_obj = read;
-    }
-    else {
-        long long ns = PyLong_AsLongLong(read);
-        Py_DECREF(read);
-        if (ns == -1 && PyErr_Occurred()) {
-            goto error;
-        }
-        if (divisor <= 0 || ns < 0) {
-            goto unknown;
-        }
-        now_obj = PyLong_FromLongLong(ns / divisor);
-        if (now_obj == NULL) {
-            goto error;
-        }
-    }
-    if ((ok = exact_int(now_obj, &now)) <= 0) {
-        goto fail_or_unknown;
-    }
-    PyObject *data = PyTuple_GET_ITEM(lane, L_DATA);
-    if (!PyDict_Check(data) || (fresh = PyList_New(0)) == NULL) {
+    if (now_obj == Py_None || (fresh = PyList_New(0)) == NULL) {
         goto error_or_unknown;
     }
-    verdict = admit_levels(levels, n, now, data, margin, fresh);
-    if (verdict == NULL) {
+    decisions = admit_levels(levels, n, now, lane->data, lane->margin, fresh, lane->move, 1);
+    if (decisions == NULL) {
         goto error;
     }
-    if (verdict == Py_None) {
+    if (decisions == Py_None) {
         goto unknown;
     }
     if (PyList_GET_SIZE(fresh) > 0) {
-        PyObject *stored =
-            PyObject_CallFunctionObjArgs(PyTuple_GET_ITEM(lane, L_STORE_NEW), fresh, now_obj, NULL);
+        PyObject *stored = PyObject_CallFunctionObjArgs(lane->store_new, fresh, now_obj, NULL);
         if (stored == NULL) {
             goto error;
         }
         Py_DECREF(stored);
     }
     /* The context, recorded as RateLimiter._record records an admitted verdict. */
-    PyObject *context = new_context(
-        limiter, PyTuple_GET_ITEM(lane, L_IP), api_key != NULL ? api_key : Py_None,
-        PyTuple_GET_ITEM(lane, L_ENDPOINT), PyTuple_GET_ITEM(lane, L_ROUTE),
-        PyTuple_GET_ITEM(lane, L_COST), PyTuple_GET_ITEM(verdict, 0),
-        PyTuple_GET_ITEM(lane, L_CHECKS));
+    PyObject *context =
+        new_context(limiter, lane->ip, api_key != NULL ? api_key : Py_None, lane->endpoint,
+                    lane->route, lane->cost, decisions, lane->checks);
+    decisions = NULL; /* stolen */
     if (context == NULL) {
         goto error;
     }
@@ -837,7 +1079,7 @@ lane_admit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(context);
         goto error;
     }
-    result = make_sender(send, context, PyTuple_GET_ITEM(lane, L_POLICY_HEADER), n);
+    result = make_sender(send, context, lane->policy_header, n);
     Py_DECREF(context);
     goto done;
 
@@ -845,21 +1087,17 @@ error_or_unknown:
     if (PyErr_Occurred()) {
         goto error;
     }
-    goto unknown;
-fail_or_unknown:
-    if (ok < 0) {
-        goto error;
-    }
 unknown:
+    PyErr_Clear(); /* e.g. a key header that is not Latin-1: the Python path meets it again */
     result = Py_NewRef(Py_None);
     goto done;
 error:
     result = NULL;
 done:
     release_levels(levels, n);
-    Py_XDECREF(lane);
+    Py_DECREF(lane);
     Py_XDECREF(api_key);
-    Py_XDECREF(verdict);
+    Py_XDECREF(decisions);
     Py_XDECREF(fresh);
     Py_XDECREF(now_obj);
     return result;
@@ -1241,6 +1479,7 @@ static PyObject *NOTHING = NULL;     /* middleware._nothing() */
 
 typedef struct {
     PyObject_HEAD
+    vectorcallfunc vectorcall; /* sender_vectorcall: a call costs no argument tuple */
     PyObject *send;    /* the next send */
     PyObject *context; /* the RequestContext */
     PyObject *status;  /* the response status, once started */
@@ -1278,6 +1517,8 @@ sender_dealloc(Sender *self)
 }
 
 static PyTypeObject SenderType;
+static PyObject *sender_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf,
+                                   PyObject *kwnames);
 
 /* A Sender; `policy` (bytes or None) is RateLimit-Policy for the first `levels` decisions. */
 static PyObject *
@@ -1287,6 +1528,7 @@ make_sender(PyObject *send, PyObject *context, PyObject *policy, Py_ssize_t leve
     if (self == NULL) {
         return NULL;
     }
+    self->vectorcall = (vectorcallfunc)sender_vectorcall;
     self->send = Py_NewRef(send);
     self->context = Py_NewRef(context);
     self->status = Py_NewRef(Py_None);
@@ -1363,11 +1605,20 @@ error:
     return NULL;
 }
 
+/* context.<field> as a new reference: the slot itself (lane contexts are RequestContexts),
+ * or getattr where it is empty, which raises the AttributeError Python would. */
+static PyObject *
+context_get(PyObject *context, int field, PyObject *name)
+{
+    PyObject *value = Py_IS_TYPE(context, CONTEXT_TYPE) ? CONTEXT_FIELD(context, field) : NULL;
+    return value != NULL ? Py_NewRef(value) : PyObject_GetAttr(context, name);
+}
+
 /* Add our headers to an http.response.start message; 0 done, -1 error. */
 static int
 add_headers(Sender *self, PyObject *message)
 {
-    PyObject *limiter = PyObject_GetAttr(self->context, s_limiter);
+    PyObject *limiter = context_get(self->context, C_LIMITER, s_limiter);
     if (limiter == NULL) {
         return -1;
     }
@@ -1376,7 +1627,7 @@ add_headers(Sender *self, PyObject *message)
     if (style == NULL) {
         return -1;
     }
-    PyObject *decisions = PyObject_GetAttr(self->context, s_decisions);
+    PyObject *decisions = context_get(self->context, C_DECISIONS, s_decisions);
     int rc = -1;
     PyObject *ours = NULL, *names = NULL, *merged = NULL;
     if (decisions == NULL) {
@@ -1455,41 +1706,54 @@ done:
     return rc;
 }
 
+/* message[name] for a message dict, borrowed; NULL with a KeyError where it is missing, as
+ * the Python twin's message[name] raises. Other mappings: their own __getitem__. */
+static PyObject *
+message_get(PyObject *message, PyObject *name, PyObject **owned)
+{
+    *owned = NULL;
+    if (PyDict_CheckExact(message)) {
+        PyObject *value = PyDict_GetItemWithError(message, name);
+        if (value == NULL && !PyErr_Occurred()) {
+            PyErr_SetObject(PyExc_KeyError, name);
+        }
+        return value;
+    }
+    return *owned = PyObject_GetItem(message, name);
+}
+
 /* sender(message) -> the next send's awaitable (middleware._Responder.send, in C). */
 static PyObject *
-sender_call(Sender *self, PyObject *args, PyObject *kwargs)
+sender_send(Sender *self, PyObject *message)
 {
-    PyObject *message;
-    if ((kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0) ||
-        !PyArg_UnpackTuple(args, "send", 1, 1, &message)) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "send(message) takes no keywords");
-        }
-        return NULL;
-    }
     if (SEND_DENIAL == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_speedups.configure_sender() was not called");
         return NULL;
     }
-    PyObject *kind = PyObject_GetItem(message, s_type);
+    PyObject *owned;
+    PyObject *kind = message_get(message, s_type, &owned);
     if (kind == NULL) {
         return NULL;
     }
-    int start = PyUnicode_Check(kind) && PyUnicode_Compare(kind, s_start_type) == 0;
-    int body = !start && PyUnicode_Check(kind) && PyUnicode_Compare(kind, s_body_type) == 0;
-    Py_DECREF(kind);
+    int start = str_eq(kind, s_start_type);
+    int body = start == 0 ? str_eq(kind, s_body_type) : 0;
+    Py_XDECREF(owned);
+    if (start < 0 || body < 0) {
+        return NULL;
+    }
     if (start) {
-        PyObject *status = PyObject_GetItem(message, s_status);
+        PyObject *status = message_get(message, s_status, &owned);
         if (status == NULL) {
             return NULL;
         }
-        Py_SETREF(self->status, status);
-        int denied = PyObject_RichCompareBool(status, INT_429, Py_EQ);
+        Py_XSETREF(self->status, Py_NewRef(status));
+        Py_XDECREF(owned);
+        int denied = PyObject_RichCompareBool(self->status, INT_429, Py_EQ);
         if (denied < 0) {
             return NULL;
         }
         if (denied) {
-            PyObject *denial = PyObject_GetAttr(self->context, s_denial);
+            PyObject *denial = context_get(self->context, C_DENIAL, s_denial);
             if (denial == NULL) {
                 return NULL;
             }
@@ -1513,6 +1777,16 @@ sender_call(Sender *self, PyObject *args, PyObject *kwargs)
     return PyObject_CallOneArg(self->send, message);
 }
 
+static PyObject *
+sender_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0)) {
+        PyErr_SetString(PyExc_TypeError, "send(message) takes exactly one positional argument");
+        return NULL;
+    }
+    return sender_send((Sender *)self, args[0]);
+}
+
 static PyMemberDef sender_members[] = {
     {"status", T_OBJECT, offsetof(Sender, status), READONLY,
      "The response status, once the response started (None before)."},
@@ -1524,9 +1798,10 @@ static PyTypeObject SenderType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "fastapi_ratelimit._speedups.Sender",
     .tp_basicsize = sizeof(Sender),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_doc = "middleware._Responder.send in C, for lane requests (made by lane_admit).",
-    .tp_call = (ternaryfunc)sender_call,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(Sender, vectorcall),
     .tp_traverse = (traverseproc)sender_traverse,
     .tp_clear = (inquiry)sender_clear,
     .tp_dealloc = (destructor)sender_dealloc,
@@ -1590,7 +1865,6 @@ PyInit__speedups(void)
     INTERN(s_type, "type");
     INTERN(s_method, "method");
     INTERN(s_app, "app");
-    INTERN(s_routes, "routes");
     INTERN(s_root_path, "root_path");
     INTERN(s_path, "path");
     INTERN(s_client, "client");
@@ -1621,14 +1895,24 @@ PyInit__speedups(void)
     INTERN(s_body_type, "http.response.body");
 #undef INTERN
     if ((INT_429 = PyLong_FromLong(429)) == NULL || (FLOAT_ZERO = PyFloat_FromDouble(0.0)) == NULL ||
-        PyType_Ready(&SenderType) < 0) {
+        PyType_Ready(&SenderType) < 0 || PyType_Ready(&LaneType) < 0) {
+        return NULL;
+    }
+    PyObject *time_module = PyImport_ImportModule("time");
+    if (time_module == NULL) {
+        return NULL;
+    }
+    TIME_NS = PyObject_GetAttrString(time_module, "time_ns");
+    Py_DECREF(time_module);
+    if (TIME_NS == NULL) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL) {
         return NULL;
     }
-    if (PyModule_AddObjectRef(module, "Sender", (PyObject *)&SenderType) < 0) {
+    if (PyModule_AddObjectRef(module, "Sender", (PyObject *)&SenderType) < 0 ||
+        PyModule_AddObjectRef(module, "Lane", (PyObject *)&LaneType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Awaitable, Iterable
 from operator import itemgetter, methodcaller
-from typing import Any, NamedTuple
+from typing import Any
 
 from starlette.requests import HTTPConnection
 
@@ -172,22 +172,27 @@ class RateLimitMiddleware:
             await limiter.after_response(context, responder.status)
 
     def _add_lane(self, scope: Scope, context: RequestContext, checks: list[Check]) -> None:
-        """Remember an admitted request's lane (see :class:`_Lane`), if it can have one and
+        """Remember an admitted request's lane (see :data:`_Lane`), if it can have one and
         has none yet (a request the lane declined, say for an allow-list entry, comes here
         again: it must not rebuild it every time)."""
-        routes = getattr(scope.get("app"), "routes", None)
-        key = _lane_key(scope, routes)
-        if key is None or not isinstance(routes, list):
+        app = scope.get("app")
+        routes = getattr(app, "routes", None)
+        key = _lane_key(scope)
+        if key is None or not isinstance(routes, list) or _Lane is None:
             return
         lane = self._lanes.get(key)
-        if lane is not None and lane.routes is routes:
+        if lane is not None and lane.current(app):
             return
         fields = self.limiter.lane_for(key[-1], context, checks)  # the key ends with the peer
         if fields is None:
             return
+        try:
+            lane = _Lane(app, routes, *fields)
+        except ValueError:
+            return  # a figure past what C mirrors exactly (say, a limit over 2**53)
         if len(self._lanes) >= _MAX_LANES:
             self._lanes.clear()  # bounded: a flood of peers or paths costs rebuilds, not memory
-        self._lanes[key] = _Lane(routes, *fields)
+        self._lanes[key] = lane
 
     def _skip(self, scope: Scope) -> bool:
         path: str = scope["path"]
@@ -296,54 +301,34 @@ if speedups is not None:
     speedups.configure_sender(_send_denial, _nothing)
 
 
-class _Lane(NamedTuple):
-    """An admitted HTTP request's decision inputs, for deciding the next request with the same
-    routes, method, root path, path and peer in one C call (``_speedups.lane_admit``, which
-    reads these fields by position). Recorded only where those alone determine the context
-    and the levels (:meth:`RateLimiter.lane_for`) and the route has no limits of its own;
-    the C side checks per request that the request is anonymous, that the limiter still has
-    this backend and no allow or block list, and that every level admits. Anything else
-    takes the Python path, which decides exactly as before.
-    """
-
-    routes: list[Any]
-    backend: Any
-    data: Any
-    #: The backend's clock: microseconds are now() // now_divisor.
-    now: Any
-    now_divisor: int
-    store_new: Any
-    margin: int
-    ip: str
-    endpoint: str
-    route: Any
-    cost: int
-    checks: tuple[Check, ...]
-    rows: tuple[tuple[Any, ...], ...]
-    #: RateLimit-Policy for these levels (the same for every request of the lane).
-    policy_header: bytes
-
+#: An admitted HTTP request's decision inputs (``_speedups.Lane``), for deciding the next
+#: request from the same app with the same method, root path, path and peer in one C call
+#: (``_speedups.lane_admit``). Made only where those alone determine the context and the
+#: levels (:meth:`RateLimiter.lane_for`) and the route has no limits of its own; the C side
+#: checks per request that the request is anonymous, that the app's route list has as many
+#: routes as when the lane was made (routes added later get a new lane), that the limiter
+#: still has this backend and no allow or block list, and that every level admits. Anything
+#: else takes the Python path, which decides exactly as before.
+_Lane: Any = speedups.Lane if speedups is not None else None
 
 _MAX_LANES = 4096
 
 
-def _lane_key(scope: Scope, routes: Any) -> tuple[Any, ...] | None:
+def _lane_key(scope: Scope) -> tuple[str, str, str, str] | None:
     """The key ``_speedups.lane_admit`` builds for a request (the two must agree)."""
     method, client = scope.get("method"), scope.get("client")
     host = client[0] if isinstance(client, (tuple, list)) and client else None
+    root_path, path = scope.get("root_path", ""), scope.get("path")
     if (
         scope["type"] != "http"
         or type(method) is not str
         or method == "OPTIONS"
         or type(host) is not str
-        or type(scope.get("path")) is not str
-        or not isinstance(routes, list)
+        or type(path) is not str
+        or type(root_path) is not str
     ):
         return None
-    root_path = scope.get("root_path", "")
-    if type(root_path) is not str:
-        return None
-    return (id(routes), len(routes), "http", method, root_path, scope["path"], host)
+    return (method, root_path, path, host)
 
 
 def _route_limits(route: Any) -> tuple[RouteLimit, ...]:
