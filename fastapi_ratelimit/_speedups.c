@@ -887,6 +887,8 @@ fail:
 
 static PyObject *make_sender(PyObject *send, PyObject *context, PyObject *policy,
                              Py_ssize_t levels); /* below, with the Sender type */
+static PyObject *make_run(PyObject *app, PyObject *scope, PyObject *receive, PyObject *sender,
+                          PyObject *limiter); /* below, with the LaneRun type */
 
 /* The lane's clock in microseconds, as a new int; NULL with an exception, or Py_None (a new
  * reference) for a reading C can't use. */
@@ -930,20 +932,21 @@ lane_now(Lane *lane, long long *now)
     return read;
 }
 
-/* lane_admit(lanes, scope, limiter, api_key_header, api_key_query, api_key_counted, send)
- *     -> Sender | None
+/* lane_admit(lanes, scope, limiter, api_key_header, api_key_query, api_key_counted, send,
+ *            app, receive) -> LaneRun | None
  *
  * The middleware's fast path (see middleware._Lane): for a request it has served before --
  * same app, method, path and peer, anonymous, admitted on the memory backend with nothing
  * but the limiter's own levels -- decide the levels in one call, record them in a new
- * context (stored in the scope), and return the Sender that wraps `send` for it. None, before
- * anything changed, for anything else; the Python path then decides as always.
+ * context (stored in the scope), wrap `send` in a Sender, call the app with it, and return
+ * the awaitable that runs the rest (LaneRun). None, before anything changed, for anything
+ * else; the Python path then decides as always.
  */
 static PyObject *
 lane_admit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "lane_admit takes 7 arguments");
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "lane_admit takes 9 arguments");
         return NULL;
     }
     if (CONTEXT_TYPE == NULL) {
@@ -951,7 +954,8 @@ lane_admit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *lanes = args[0], *scope = args[1], *limiter = args[2], *header = args[3],
-             *query = args[4], *counted = args[5], *send = args[6];
+             *query = args[4], *counted = args[5], *send = args[6], *app_to_call = args[7],
+             *receive = args[8];
     if (!PyDict_CheckExact(lanes) || !PyDict_CheckExact(scope) || PyDict_GET_SIZE(lanes) == 0) {
         Py_RETURN_NONE;
     }
@@ -1079,8 +1083,13 @@ lane_admit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(context);
         goto error;
     }
-    result = make_sender(send, context, lane->policy_header, n);
+    PyObject *sender = make_sender(send, context, lane->policy_header, n);
     Py_DECREF(context);
+    if (sender == NULL) {
+        goto error;
+    }
+    result = make_run(app_to_call, scope, receive, sender, limiter);
+    Py_DECREF(sender);
     goto done;
 
 error_or_unknown:
@@ -1808,6 +1817,319 @@ static PyTypeObject SenderType = {
     .tp_members = sender_members,
 };
 
+/* -- the lanes' awaitable ---------------------------------------------------------------------- */
+
+/* What `await self.app(scope, receive, sender)` and the after-response step of the
+ * middleware's Python path do for a lane request, as an awaitable of its own: the middleware
+ * hands it straight to the server, so a lane request costs no coroutine of ours. It drives
+ * the app's awaitable, then, where the request needs it (a cost the endpoint reported, or a
+ * guard's refund), limiter.after_response(context, status); its result is None. It has the
+ * coroutine protocol (send, throw, close, __await__), so cancellation and close reach the app
+ * exactly as through a coroutine. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *inner;   /* the iterator being driven: the app's, then after_response's */
+    PyObject *sender;  /* the request's Sender (its context and status) */
+    PyObject *limiter;
+    int after;         /* the app finished: inner, if any, is after_response's */
+} LaneRun;
+
+static PyObject *s_throw, *s_close, *s_after_response, *s_refundable, *s_reported_cost;
+
+static int
+run_traverse(LaneRun *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->inner);
+    Py_VISIT(self->sender);
+    Py_VISIT(self->limiter);
+    return 0;
+}
+
+static int
+run_clear(LaneRun *self)
+{
+    Py_CLEAR(self->inner);
+    Py_CLEAR(self->sender);
+    Py_CLEAR(self->limiter);
+    return 0;
+}
+
+static void
+run_dealloc(LaneRun *self)
+{
+    PyObject_GC_UnTrack(self);
+    run_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The iterator `await awaitable` drives, as CPython's GET_AWAITABLE finds it. */
+static PyObject *
+await_iter(PyObject *awaitable)
+{
+    if (PyCoro_CheckExact(awaitable)) {
+        return Py_NewRef(awaitable);
+    }
+    PyAsyncMethods *am = Py_TYPE(awaitable)->tp_as_async;
+    if (am == NULL || am->am_await == NULL) {
+        PyErr_Format(PyExc_TypeError, "object %.100s can't be used in 'await' expression",
+                     Py_TYPE(awaitable)->tp_name);
+        return NULL;
+    }
+    PyObject *iterator = am->am_await(awaitable);
+    if (iterator != NULL && (PyCoro_CheckExact(iterator) || !PyIter_Check(iterator))) {
+        PyErr_Format(PyExc_TypeError, "__await__() returned %s",
+                     PyCoro_CheckExact(iterator) ? "a coroutine" : "a non-iterator");
+        Py_CLEAR(iterator);
+    }
+    return iterator;
+}
+
+/* limiter.needs_after_response(context) for a lane's context: a lane's limiter has no work
+ * after every response (RateLimiter.lane_for), so refunds and a reported cost decide. */
+static int
+run_needs_after(LaneRun *self)
+{
+    PyObject *context = ((Sender *)self->sender)->context;
+    PyObject *refundable = context_get(context, C_REFUNDABLE, s_refundable);
+    if (refundable == NULL) {
+        return -1;
+    }
+    int some = PyObject_IsTrue(refundable);
+    Py_DECREF(refundable);
+    if (some != 0) {
+        return some;
+    }
+    PyObject *reported = context_get(context, C_REPORTED_COST, s_reported_cost);
+    if (reported == NULL) {
+        return -1;
+    }
+    Py_DECREF(reported);
+    return reported != Py_None;
+}
+
+/* Carry on from what driving `inner` gave: when it returned, move to the next stage. */
+static PySendResult
+run_continue(LaneRun *self, PySendResult status, PyObject **result)
+{
+    while (status == PYGEN_RETURN) {
+        Py_CLEAR(*result); /* the app's return value: `await self.app(...)` discards it */
+        Py_CLEAR(self->inner);
+        if (self->after) {
+            *result = Py_NewRef(Py_None);
+            return PYGEN_RETURN;
+        }
+        self->after = 1;
+        int needed = run_needs_after(self);
+        if (needed <= 0) {
+            *result = needed < 0 ? NULL : Py_NewRef(Py_None);
+            return needed < 0 ? PYGEN_ERROR : PYGEN_RETURN;
+        }
+        Sender *sender = (Sender *)self->sender;
+        PyObject *coroutine = PyObject_CallMethodObjArgs(self->limiter, s_after_response,
+                                                         sender->context, sender->status, NULL);
+        if (coroutine == NULL) {
+            return PYGEN_ERROR;
+        }
+        self->inner = await_iter(coroutine);
+        Py_DECREF(coroutine);
+        if (self->inner == NULL) {
+            return PYGEN_ERROR;
+        }
+        status = PyIter_Send(self->inner, Py_None, result);
+    }
+    if (status == PYGEN_ERROR) {
+        Py_CLEAR(self->inner);
+    }
+    return status;
+}
+
+static PySendResult
+run_am_send(LaneRun *self, PyObject *arg, PyObject **result)
+{
+    if (self->inner == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        *result = NULL;
+        return PYGEN_ERROR;
+    }
+    return run_continue(self, PyIter_Send(self->inner, arg, result), result);
+}
+
+/* The iterator protocol's answer for a send result: the yielded value, or NULL with
+ * StopIteration (result None: no exception needed for tp_iternext, but send() raises). */
+static PyObject *
+run_yield(PySendResult status, PyObject *result, int raise_stop)
+{
+    if (status == PYGEN_NEXT) {
+        return result;
+    }
+    if (status == PYGEN_RETURN) {
+        Py_DECREF(result); /* always None */
+        if (raise_stop) {
+            PyErr_SetNone(PyExc_StopIteration);
+        }
+    }
+    return NULL;
+}
+
+static PyObject *
+run_iternext(LaneRun *self)
+{
+    PyObject *result;
+    PySendResult status = run_am_send(self, Py_None, &result);
+    return run_yield(status, result, 0);
+}
+
+static PyObject *
+run_send(LaneRun *self, PyObject *arg)
+{
+    PyObject *result;
+    PySendResult status = run_am_send(self, arg, &result);
+    return run_yield(status, result, 1);
+}
+
+static PyObject *
+run_throw(LaneRun *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "throw expected 1 to 3 arguments");
+        return NULL;
+    }
+    if (self->inner == NULL) {
+        /* Finished: raise it here, as a finished coroutine's throw() does. */
+        PyObject *exception = args[0];
+        if (PyExceptionInstance_Check(exception)) {
+            PyErr_SetObject((PyObject *)Py_TYPE(exception), exception);
+        }
+        else if (PyExceptionClass_Check(exception)) {
+            PyErr_SetObject(exception, nargs > 1 && args[1] != Py_None ? args[1] : NULL);
+        }
+        else {
+            PyErr_SetString(PyExc_TypeError, "exceptions must derive from BaseException");
+        }
+        return NULL;
+    }
+    PyObject *throw = PyObject_GetAttr(self->inner, s_throw);
+    if (throw == NULL) {
+        return NULL;
+    }
+    PyObject *result = PyObject_Vectorcall(throw, args, nargs, NULL);
+    Py_DECREF(throw);
+    if (result != NULL) {
+        return result; /* the inner awaitable caught it and yielded */
+    }
+    if (!PyErr_ExceptionMatches(PyExc_StopIteration)) {
+        Py_CLEAR(self->inner);
+        return NULL;
+    }
+    /* It caught it and returned: its value is StopIteration.value. */
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    PyObject *returned = value != NULL ? PyObject_GetAttrString(value, "value") : NULL;
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    if (returned == NULL) {
+        Py_CLEAR(self->inner);
+        return NULL;
+    }
+    PySendResult status = run_continue(self, PYGEN_RETURN, &returned);
+    return run_yield(status, returned, 1);
+}
+
+static PyObject *
+run_close(LaneRun *self, PyObject *unused)
+{
+    self->after = 1; /* closed: nothing more runs */
+    PyObject *inner = self->inner;
+    if (inner == NULL) {
+        Py_RETURN_NONE;
+    }
+    self->inner = NULL;
+    PyObject *close = PyObject_GetAttr(inner, s_close);
+    PyObject *result = close != NULL ? PyObject_CallNoArgs(close) : NULL;
+    Py_XDECREF(close);
+    Py_DECREF(inner);
+    if (result == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear(); /* an iterator without close(): nothing to close */
+            Py_RETURN_NONE;
+        }
+        return NULL;
+    }
+    Py_DECREF(result);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+run_await(LaneRun *self)
+{
+    return Py_NewRef(self);
+}
+
+static PyMethodDef run_methods[] = {
+    {"send", (PyCFunction)run_send, METH_O, "send(value): resume the request."},
+    {"throw", (PyCFunction)(void (*)(void))run_throw, METH_FASTCALL,
+     "throw(exception): raise it where the request waits."},
+    {"close", (PyCFunction)run_close, METH_NOARGS, "close(): close the request's awaitable."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef run_members[] = {
+    {"sender", T_OBJECT, offsetof(LaneRun, sender), READONLY,
+     "The request's Sender (its context and status)."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyAsyncMethods run_async = {
+    .am_await = (unaryfunc)run_await,
+    .am_send = (sendfunc)run_am_send,
+};
+
+static PyTypeObject LaneRunType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "fastapi_ratelimit._speedups.LaneRun",
+    .tp_basicsize = sizeof(LaneRun),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A lane request's app call and after-response step, as one awaitable.",
+    .tp_as_async = &run_async,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)run_iternext,
+    .tp_traverse = (traverseproc)run_traverse,
+    .tp_clear = (inquiry)run_clear,
+    .tp_dealloc = (destructor)run_dealloc,
+    .tp_methods = run_methods,
+    .tp_members = run_members,
+};
+
+/* The awaitable for a lane request: app(scope, receive, sender) called now (as `await
+ * self.app(...)` would, first thing), driven when awaited. */
+static PyObject *
+make_run(PyObject *app, PyObject *scope, PyObject *receive, PyObject *sender, PyObject *limiter)
+{
+    PyObject *args[3] = {scope, receive, sender};
+    PyObject *awaitable = PyObject_Vectorcall(app, args, 3, NULL);
+    if (awaitable == NULL) {
+        return NULL;
+    }
+    PyObject *inner = await_iter(awaitable);
+    Py_DECREF(awaitable);
+    if (inner == NULL) {
+        return NULL;
+    }
+    LaneRun *self = PyObject_GC_New(LaneRun, &LaneRunType);
+    if (self == NULL) {
+        Py_DECREF(inner);
+        return NULL;
+    }
+    self->inner = inner;
+    self->sender = Py_NewRef(sender);
+    self->limiter = Py_NewRef(limiter);
+    self->after = 0;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
 static PyObject *
 configure_sender(PyObject *module, PyObject *args)
 {
@@ -1826,8 +2148,8 @@ static PyMethodDef methods[] = {
     {"admit_sc", (PyCFunction)(void (*)(void))admit_sc, METH_FASTCALL,
      "admit_sc(checks, now, data, cached, key_fn, margin, fresh) -> Verdict | None"},
     {"lane_admit", (PyCFunction)(void (*)(void))lane_admit, METH_FASTCALL,
-     "lane_admit(lanes, scope, limiter, api_key_header, api_key_query, api_key_counted, send) "
-     "-> Sender | None"},
+     "lane_admit(lanes, scope, limiter, api_key_header, api_key_query, api_key_counted, send, "
+     "app, receive) -> LaneRun | None"},
     {"configure_context", configure_context, METH_VARARGS,
      "configure_context(RequestContext, descriptors): how lane_admit builds contexts."},
     {"rate_limit_headers", (PyCFunction)(void (*)(void))rate_limit_headers, METH_FASTCALL,
@@ -1893,9 +2215,15 @@ PyInit__speedups(void)
     INTERN(s_lower, "lower");
     INTERN(s_start_type, "http.response.start");
     INTERN(s_body_type, "http.response.body");
+    INTERN(s_throw, "throw");
+    INTERN(s_close, "close");
+    INTERN(s_after_response, "after_response");
+    INTERN(s_refundable, "refundable");
+    INTERN(s_reported_cost, "reported_cost");
 #undef INTERN
     if ((INT_429 = PyLong_FromLong(429)) == NULL || (FLOAT_ZERO = PyFloat_FromDouble(0.0)) == NULL ||
-        PyType_Ready(&SenderType) < 0 || PyType_Ready(&LaneType) < 0) {
+        PyType_Ready(&SenderType) < 0 || PyType_Ready(&LaneType) < 0 ||
+        PyType_Ready(&LaneRunType) < 0) {
         return NULL;
     }
     PyObject *time_module = PyImport_ImportModule("time");
@@ -1912,7 +2240,8 @@ PyInit__speedups(void)
         return NULL;
     }
     if (PyModule_AddObjectRef(module, "Sender", (PyObject *)&SenderType) < 0 ||
-        PyModule_AddObjectRef(module, "Lane", (PyObject *)&LaneType) < 0) {
+        PyModule_AddObjectRef(module, "Lane", (PyObject *)&LaneType) < 0 ||
+        PyModule_AddObjectRef(module, "LaneRun", (PyObject *)&LaneRunType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -80,23 +80,33 @@ class RateLimitMiddleware:
         self._exact = frozenset(p.rstrip("/") or "/" for p in paths)
         self._prefixes = tuple((p.rstrip("/") + "/") for p in paths if p != "/")
         self._websockets = websockets
-        #: Requests served before, by route, method, path and peer: see _Lane.
-        self._lanes: dict[tuple[Any, ...], _Lane] = {}
+        #: Requests served before, by method, root path, path and peer: see _Lane. Without
+        #: the C speedups it stays empty.
+        self._lanes: dict[tuple[str, str, str, str], Any] = {}
+        # Servers and asgiref tell an ASGI 3 app by `inspect.iscoroutinefunction(app.__call__)`
+        # (uvicorn, hypercorn, daphne). The class's __call__ is a plain function returning an
+        # awaitable (see there); what they look up on the instance is the coroutine function
+        # that does the same work.
+        vars(self)["__call__"] = self._call
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._lanes and _lane_admit is not None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine function: a request a lane serves (see _Lane) is decided, recorded
+        # and handed to the app by one C call, which returns the awaitable for the rest, so
+        # it costs no coroutine of ours. Servers that ask whether an app is a coroutine
+        # function look at ``app.__call__``, which __init__ sets to ``_call``.
+        lanes = self._lanes
+        if lanes and _lane_admit is not None:
             limiter = self.limiter
-            header, query, counted = limiter.api_key_sources
-            sender = _lane_admit(self._lanes, scope, limiter, header, query, counted, send)
-            if sender is not None:
-                # Decided, recorded in a context stored in the scope, and `send` wrapped by
-                # _Responder.send's C twin: the rest of what an admitted request needs (see
-                # the end of this method) is only this much.
-                await self.app(scope, receive, sender)
-                context = sender.context
-                if context.reported_cost is not None:
-                    await limiter.after_response(context, sender.status)
-                return
+            key_header, key_query, key_counted = limiter.api_key_sources
+            run = _lane_admit(
+                lanes, scope, limiter, key_header, key_query, key_counted, send, self.app, receive
+            )
+            if run is not None:
+                return run
+        return self._call(scope, receive, send)
+
+    async def _call(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The whole middleware, in Python."""
         kind = scope["type"]
         if kind != "http" and (kind != "websocket" or not self._websockets):
             await self.app(scope, receive, send)
@@ -170,6 +180,10 @@ class RateLimitMiddleware:
             await self.app(scope, receive, responder.send)
         if limiter.needs_after_response(context):
             await limiter.after_response(context, responder.status)
+
+    if _lane_admit is None:
+        # Without the C speedups there are no lanes: the coroutine function itself.
+        __call__ = _call  # type: ignore[assignment]
 
     def _add_lane(self, scope: Scope, context: RequestContext, checks: list[Check]) -> None:
         """Remember an admitted request's lane (see :data:`_Lane`), if it can have one and

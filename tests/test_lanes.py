@@ -4,10 +4,13 @@ notice, and checks the answer is the one the Python path gives."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import inspect
 from typing import Annotated, Any
 
 import pytest
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from http_helpers import client_for, header_counts, policies, ratelimit, remaining
@@ -36,10 +39,10 @@ def lane_hits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     assert real is not None
 
     def observed(*args: Any) -> Any:
-        sender = real(*args)
-        if sender is not None:
-            hits.append(sender.context.endpoint)
-        return sender
+        run = real(*args)
+        if run is not None:
+            hits.append(run.sender.context.endpoint)
+        return run
 
     monkeypatch.setattr(middleware_module, "_lane_admit", observed)
     return hits
@@ -61,6 +64,9 @@ def make_app(
 ) -> tuple[FastAPI, RateLimitMiddleware]:
     app = FastAPI()
     app.state.calls = 0
+    app.state.gate = asyncio.Event()
+    app.state.waiting = asyncio.Event()
+    app.state.finished = 0
 
     @app.get("/hello")
     async def hello() -> dict[str, str]:
@@ -78,6 +84,26 @@ def make_app(
     )
     async def me(user: Annotated[dict[str, str], Depends(current_user)]) -> dict[str, str]:
         return user
+
+    @app.get(
+        "/failing",
+        dependencies=[
+            Depends(RateLimit("2/minute", scope="user", user=current_user, refund_when=failed))
+        ],
+    )
+    async def failing() -> PlainTextResponse:
+        return PlainTextResponse("no", status_code=400)
+
+    @app.get("/wait")
+    async def wait(request: Request) -> dict[str, str]:
+        app.state.waiting.set()
+        try:
+            await app.state.gate.wait()
+        except ValueError:
+            report_cost(request, 0)  # thrown in and handled: give it all back afterwards
+        finally:
+            app.state.finished += 1
+        return {"waited": "yes"}
 
     @app.get("/own-headers")
     async def own_headers() -> PlainTextResponse:
@@ -113,6 +139,10 @@ def make_app(
             return await call_next(request)
 
     return app, middleware_of(app)
+
+
+def failed(status: int) -> bool:
+    return status >= 400
 
 
 async def current_user(request: Request) -> dict[str, str]:
@@ -369,6 +399,27 @@ async def test_a_guard_denial_on_a_lane_request_is_problem_json(lane_hits: list[
     assert set(policies(answers[0])) == set(policies(answers[1])) == expected
 
 
+async def test_a_guard_refund_on_a_lane_request_is_made(lane_hits: list[str]) -> None:
+    """A guard that checks itself inside a lane request and refunds failures: its refund
+    runs after the response, as on the Python path (its 2/minute never runs out)."""
+    rl = limiter()
+    app, _ = make_app(rl)
+    alice = {"x-token": "alice"}
+    async with client_for(app) as client:
+        answers = [await client.get("/failing", headers=alice) for _ in range(4)]
+    assert lane_hits == ["GET /failing"] * 3
+    # Without the refunds the guard's 2/minute would answer the third with a 429.
+    assert [r.status_code for r in answers] == [400] * 4
+    # The guard is back at 1 of 2 each time (refunded after each response) while the IP
+    # level's 5 run down; the header names the tighter of the two by share left.
+    assert [r.headers["ratelimit"] for r in answers] == [
+        '"route-user-2-60s";r=1;t=100',
+        '"route-user-2-60s";r=1;t=100',
+        '"ip";r=2;t=100',
+        '"ip";r=1;t=100',
+    ]
+
+
 async def test_the_lane_send_wrapper_replaces_the_apps_own_headers(lane_hits: list[str]) -> None:
     rl = limiter(headers="both")
     app, _ = make_app(rl)
@@ -426,3 +477,80 @@ async def test_a_lane_builds_the_context_the_python_path_builds(lane_hits: list[
             assert type(ours) is type(theirs), field.name
     lane.handled.add(1)  # fresh containers, not shared with the lane or another request
     assert python.handled == set()
+
+
+def test_servers_see_a_coroutine_function() -> None:
+    """The class's __call__ returns an awaitable without being a coroutine function (a lane
+    request costs no coroutine of ours); what servers inspect must still say ASGI 3."""
+    _, middleware = make_app(limiter())
+    assert inspect.iscoroutinefunction(middleware.__call__)
+    assert asyncio.iscoroutinefunction(middleware.__call__)
+    config = uvicorn.Config(middleware, log_config=None)
+    config.load()
+    assert config.interface == "asgi3"
+
+
+def wait_scope(app: FastAPI) -> dict[str, Any]:
+    """GET /wait as the middleware sees it inside the app (Starlette has set scope["app"])."""
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": "/wait", "raw_path": b"/wait", "query_string": b"",
+        "root_path": "", "headers": [(b"host", b"testserver")], "app": app,
+        "client": ("203.0.113.7", 40000), "server": ("testserver", 80),
+    }  # fmt: skip
+
+
+async def test_a_lane_request_is_cancelled_closed_and_thrown_into_like_a_coroutine(
+    lane_hits: list[str],
+) -> None:
+    rl = limiter()
+    app, middleware = make_app(rl)
+    app.state.gate.set()
+    async with client_for(app) as client:
+        assert (await client.get("/wait")).status_code == 200  # the lane is made
+    app.state.gate.clear()
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    # Cancelled while the endpoint waits: CancelledError reaches it and comes back out.
+    app.state.waiting.clear()
+    task = asyncio.ensure_future(middleware(wait_scope(app), receive, send))
+    await app.state.waiting.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert app.state.finished == 2
+    # Closed: the endpoint's finally runs, nothing is sent.
+    run = middleware(wait_scope(app), receive, send)
+    assert type(run).__name__ == "LaneRun"
+    run.send(None)  # up to the endpoint's wait
+    run.close()
+    assert app.state.finished == 3
+    with pytest.raises(RuntimeError, match="already awaited"):
+        run.send(None)
+    # Thrown into and not handled: the exception comes out.
+    run = middleware(wait_scope(app), receive, send)
+    run.send(None)
+    with pytest.raises(KeyError):
+        run.throw(KeyError("boom"))
+    assert app.state.finished == 4
+    assert sent == []
+    # Thrown into and handled: the endpoint answers and reports a cost of 0, so the
+    # after-response step runs and refunds it. The IP level's 5/minute has then counted four
+    # requests (the first, the cancelled, the closed, the failed), so a sixth still passes.
+    run = middleware(wait_scope(app), receive, send)
+    run.send(None)
+    with pytest.raises(StopIteration):
+        run.throw(ValueError("handled"))
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [200]
+    app.state.gate.set()
+    async with client_for(app) as client:
+        response = await client.get("/wait")
+    assert lane_hits == ["GET /wait"] * 5
+    assert response.status_code == 200
+    assert remaining(response) == "0"
