@@ -176,10 +176,10 @@ next_state(Level *level, PyObject *old)
  * Verdict (or, with `as_list`, just its decisions as a new list), Py_None (a new reference)
  * for "don't know" before anything changed, or NULL with an exception. New entries are
  * appended to `fresh` as (key, [expires, state]). `move` is data.move_to_end, bound, or NULL
- * to look it up. */
+ * to look it up; `keys_distinct`: the caller knows no two levels share a key. */
 static PyObject *
 admit_levels(Level *levels, Py_ssize_t n, long long now, PyObject *data, long long margin,
-             PyObject *fresh, PyObject *move, int as_list)
+             PyObject *fresh, PyObject *move, int as_list, int keys_distinct)
 {
     int ok;
     long long window = 0, start = 0, elapsed = 0;
@@ -244,8 +244,9 @@ admit_levels(Level *levels, Py_ssize_t n, long long now, PyObject *data, long lo
         level->reset_us = 2 * window - elapsed;
         level->available = available;
     }
-    /* The same key twice: the general path raises the error for it. */
-    for (Py_ssize_t i = 1; i < n; i++) {
+    /* The same key twice: the general path raises the error for it (lanes checked theirs
+     * when made). */
+    for (Py_ssize_t i = 1; i < n && !keys_distinct; i++) {
         for (Py_ssize_t j = 0; j < i; j++) {
             int same = PyObject_RichCompareBool(levels[i].key, levels[j].key, Py_EQ);
             if (same < 0) {
@@ -271,6 +272,14 @@ admit_levels(Level *levels, Py_ssize_t n, long long now, PyObject *data, long lo
         if (level->entry != NULL) {
             /* Live or expired, the entry is this key's: update it and move it to the recent
              * end, as a new one would be. PyList_SetItem steals both references. */
+            if (PyList_GET_SIZE(level->entry) != 2) {
+                /* Changed under us (only a finalizer run by the collector could): refuse
+                 * rather than write past its end. */
+                Py_DECREF(expires);
+                Py_DECREF(decisions);
+                PyErr_SetString(PyExc_RuntimeError, "a rate-limit entry changed shape");
+                return NULL;
+            }
             PyObject *old = PyList_GET_ITEM(level->entry, 1);
             Py_INCREF(old);
             PyList_SetItem(level->entry, 0, expires);
@@ -461,7 +470,7 @@ admit_sc(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto done;
         }
     }
-    result = admit_levels(levels, n, now, data, margin, fresh, NULL, 0);
+    result = admit_levels(levels, n, now, data, margin, fresh, NULL, 0, 0);
 done:
     release_levels(levels, filled);
     Py_DECREF(checks);
@@ -598,6 +607,7 @@ typedef struct {
     Py_ssize_t route_count;
     PyObject *backend, *data, *move, *now, *store_new, *ip, *endpoint, *route, *cost, *checks,
         *policy_header;
+    PyObject *names;       /* ((policy name, its RateLimit spelling as bytes), ...) or None */
     long long divisor, margin;
     int system_clock;      /* `now` is time.time_ns: read the same clock without a call */
     Py_ssize_t n;
@@ -620,6 +630,7 @@ lane_traverse(Lane *self, visitproc visit, void *arg)
     Py_VISIT(self->cost);
     Py_VISIT(self->checks);
     Py_VISIT(self->policy_header);
+    Py_VISIT(self->names);
     for (Py_ssize_t i = 0; i < self->n; i++) {
         Py_VISIT(self->levels[i].key);
         Py_VISIT(self->levels[i].scope);
@@ -646,6 +657,7 @@ lane_clear(Lane *self)
     Py_CLEAR(self->cost);
     Py_CLEAR(self->checks);
     Py_CLEAR(self->policy_header);
+    Py_CLEAR(self->names);
     for (Py_ssize_t i = 0; i < self->n; i++) {
         Py_CLEAR(self->levels[i].key);
         Py_CLEAR(self->levels[i].scope);
@@ -663,6 +675,41 @@ lane_dealloc(Lane *self)
     PyObject_GC_UnTrack(self);
     lane_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *NAME_BYTES; /* headers._name_bytes (defined with the headers, below) */
+
+/* ((name, name_bytes(name)), ...) for the lane's levels, made once: the RateLimit header
+ * names the binding policy, and the lane's are always these. None where a name has no such
+ * spelling (the headers' own path then raises or falls back, as for any request). */
+static PyObject *
+lane_names(Lane *self)
+{
+    if (NAME_BYTES == NULL) {
+        Py_RETURN_NONE;
+    }
+    PyObject *names = PyTuple_New(self->n);
+    if (names == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < self->n; i++) {
+        PyObject *name = self->levels[i].name;
+        PyObject *spelled = PyObject_CallOneArg(NAME_BYTES, name);
+        if (spelled == NULL || !PyBytes_CheckExact(spelled)) {
+            Py_XDECREF(spelled);
+            Py_DECREF(names);
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+        PyObject *pair = PyTuple_Pack(2, name, spelled);
+        Py_DECREF(spelled);
+        if (pair == NULL) {
+            Py_DECREF(names);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(names, i, pair);
+    }
+    return names;
 }
 
 /* Lane(app, routes, backend, data, now, divisor, store_new, margin, ip, endpoint, route, cost,
@@ -747,6 +794,24 @@ lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
             Py_DECREF(self);
             return NULL;
         }
+    }
+    /* Two levels with one storage key: the Python path raises the error for it. */
+    for (Py_ssize_t i = 1; i < n; i++) {
+        for (Py_ssize_t j = 0; j < i; j++) {
+            int same = PyObject_RichCompareBool(self->levels[i].key, self->levels[j].key, Py_EQ);
+            if (same != 0) {
+                if (same > 0) {
+                    PyErr_SetString(PyExc_ValueError, "Lane: two levels share a storage key");
+                }
+                Py_DECREF(self);
+                return NULL;
+            }
+        }
+    }
+    self->names = lane_names(self);
+    if (self->names == NULL) {
+        Py_DECREF(self);
+        return NULL;
     }
     return (PyObject *)self;
 }
@@ -885,8 +950,8 @@ fail:
     return NULL;
 }
 
-static PyObject *make_sender(PyObject *send, PyObject *context, PyObject *policy,
-                             Py_ssize_t levels); /* below, with the Sender type */
+static PyObject *make_sender(PyObject *send, PyObject *context, Lane *lane);
+/* (below, with the Sender type) */
 static PyObject *make_run(PyObject *app, PyObject *scope, PyObject *receive, PyObject *sender,
                           PyObject *limiter); /* below, with the LaneRun type */
 
@@ -1057,7 +1122,7 @@ lane_admit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (now_obj == Py_None || (fresh = PyList_New(0)) == NULL) {
         goto error_or_unknown;
     }
-    decisions = admit_levels(levels, n, now, lane->data, lane->margin, fresh, lane->move, 1);
+    decisions = admit_levels(levels, n, now, lane->data, lane->margin, fresh, lane->move, 1, 1);
     if (decisions == NULL) {
         goto error;
     }
@@ -1083,7 +1148,7 @@ lane_admit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(context);
         goto error;
     }
-    PyObject *sender = make_sender(send, context, lane->policy_header, n);
+    PyObject *sender = make_sender(send, context, lane);
     Py_DECREF(context);
     if (sender == NULL) {
         goto error;
@@ -1325,7 +1390,8 @@ style_code(PyObject *style)
  * time.time() is then read if the style needs it. Returns a new list, Py_None (a new
  * reference) for what C leaves to Python, or NULL with an exception. */
 static PyObject *
-build_headers(PyObject *seq, int style, PyObject *now_obj, PyObject *policy_header)
+build_headers(PyObject *seq, int style, PyObject *now_obj, PyObject *policy_header,
+              PyObject *names)
 {
     if (POLICY_HEADER == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_speedups.configure_headers() was not called");
@@ -1381,7 +1447,14 @@ build_headers(PyObject *seq, int style, PyObject *now_obj, PyObject *policy_head
         if (append_header(result, H_RATELIMIT_POLICY, policy) < 0) {
             goto error;
         }
-        PyObject *name = PyObject_CallOneArg(NAME_BYTES, PyTuple_GET_ITEM(bound, D_POLICY));
+        /* The binding policy's name as bytes: a lane's, made once, where it is that name. */
+        PyObject *policy_name = PyTuple_GET_ITEM(bound, D_POLICY);
+        PyObject *pair = names != NULL && index < PyTuple_GET_SIZE(names)
+                             ? PyTuple_GET_ITEM(names, index)
+                             : NULL;
+        PyObject *name = pair != NULL && PyTuple_GET_ITEM(pair, 0) == policy_name
+                             ? Py_NewRef(PyTuple_GET_ITEM(pair, 1))
+                             : PyObject_CallOneArg(NAME_BYTES, policy_name);
         if (name == NULL) {
             goto error;
         }
@@ -1475,7 +1548,7 @@ rate_limit_headers(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "rate_limit_headers takes 3 arguments");
         return NULL;
     }
-    return build_headers(args[0], style_code(args[1]), args[2], NULL);
+    return build_headers(args[0], style_code(args[1]), args[2], NULL, NULL);
 }
 
 /* -- the lanes' ASGI send wrapper ------------------------------------------------------------ */
@@ -1493,6 +1566,7 @@ typedef struct {
     PyObject *context; /* the RequestContext */
     PyObject *status;  /* the response status, once started */
     PyObject *policy;  /* RateLimit-Policy for the lane's levels, or None */
+    PyObject *names;   /* the lane's (name, name bytes) pairs, or None */
     Py_ssize_t levels; /* how many decisions `policy` describes */
     int replaced;      /* a guard's denial was sent instead: drop the app's body */
 } Sender;
@@ -1504,6 +1578,7 @@ sender_traverse(Sender *self, visitproc visit, void *arg)
     Py_VISIT(self->context);
     Py_VISIT(self->status);
     Py_VISIT(self->policy);
+    Py_VISIT(self->names);
     return 0;
 }
 
@@ -1514,6 +1589,7 @@ sender_clear(Sender *self)
     Py_CLEAR(self->context);
     Py_CLEAR(self->status);
     Py_CLEAR(self->policy);
+    Py_CLEAR(self->names);
     return 0;
 }
 
@@ -1529,9 +1605,10 @@ static PyTypeObject SenderType;
 static PyObject *sender_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf,
                                    PyObject *kwnames);
 
-/* A Sender; `policy` (bytes or None) is RateLimit-Policy for the first `levels` decisions. */
+/* A lane request's Sender: the lane's RateLimit-Policy (bytes or None) and names describe
+ * the first lane->n decisions. */
 static PyObject *
-make_sender(PyObject *send, PyObject *context, PyObject *policy, Py_ssize_t levels)
+make_sender(PyObject *send, PyObject *context, Lane *lane)
 {
     Sender *self = (Sender *)SenderType.tp_alloc(&SenderType, 0);
     if (self == NULL) {
@@ -1541,8 +1618,9 @@ make_sender(PyObject *send, PyObject *context, PyObject *policy, Py_ssize_t leve
     self->send = Py_NewRef(send);
     self->context = Py_NewRef(context);
     self->status = Py_NewRef(Py_None);
-    self->policy = Py_NewRef(PyBytes_CheckExact(policy) ? policy : Py_None);
-    self->levels = levels;
+    self->policy = Py_NewRef(lane->policy_header);
+    self->names = Py_NewRef(lane->names);
+    self->levels = lane->n;
     self->replaced = 0;
     return (PyObject *)self;
 }
@@ -1653,11 +1731,10 @@ add_headers(Sender *self, PyObject *message)
     }
     /* The lane's RateLimit-Policy holds while the decisions are the lane's own (a guard that
      * checks itself may have added more). */
-    PyObject *policy = self->policy != Py_None && PyList_Check(decisions) &&
-                               PyList_GET_SIZE(decisions) == self->levels
-                           ? self->policy
-                           : NULL;
-    ours = code >= 0 ? build_headers(decisions, code, NULL, policy) : Py_NewRef(Py_None);
+    int own = PyList_Check(decisions) && PyList_GET_SIZE(decisions) == self->levels;
+    PyObject *policy = own && self->policy != Py_None ? self->policy : NULL;
+    PyObject *spelled = own && self->names != Py_None ? self->names : NULL;
+    ours = code >= 0 ? build_headers(decisions, code, NULL, policy, spelled) : Py_NewRef(Py_None);
     if (ours == Py_None) {
         /* The Python twin: a plain-string style, or figures C can't mirror exactly. */
         PyObject *now = PyObject_CallNoArgs(TIME_FN);

@@ -98,7 +98,7 @@ class RateLimitMiddleware:
         if lanes and _lane_admit is not None:
             limiter = self.limiter
             key_header, key_query, key_counted = limiter.api_key_sources
-            run = _lane_admit(
+            run: Awaitable[None] | None = _lane_admit(
                 lanes, scope, limiter, key_header, key_query, key_counted, send, self.app, receive
             )
             if run is not None:
@@ -183,7 +183,7 @@ class RateLimitMiddleware:
 
     if _lane_admit is None:
         # Without the C speedups there are no lanes: the coroutine function itself.
-        __call__ = _call  # type: ignore[assignment]
+        __call__ = _call
 
     def _add_lane(self, scope: Scope, context: RequestContext, checks: list[Check]) -> None:
         """Remember an admitted request's lane (see :data:`_Lane`), if it can have one and
