@@ -6,6 +6,7 @@ difference / 1000.
     python bench/instructions.py --config '{"pure": true}'   # without the C speedups
     python bench/instructions.py --config '{"headers": "none"}'
     python bench/instructions.py --server         # whole uvicorn servers: the bench_http apps
+    python bench/instructions.py --server --cache # ... with simulated L1 cache misses
 
 In-process mode drives a FastAPI app with raw ASGI calls. ``--server`` runs the apps of
 ``bench/bench_http.py`` under uvicorn (uvloop, httptools) inside callgrind and sends them
@@ -85,9 +86,10 @@ async def drive(app: Any, n: int) -> None:
 
 def child_env(base: Mapping[str, str]) -> dict[str, str]:
     """valgrind needs the real binary, not the venv's symlink; the venv's packages (and this
-    checkout) then come in through PYTHONPATH."""
+    checkout) then come in through PYTHONPATH. A fixed hash seed: with a random one, dict
+    layouts and so the counts move by a thousand instructions or so from run to run."""
     paths = [sysconfig.get_paths()["purelib"], os.path.dirname(os.path.dirname(__file__))]
-    return {**base, "PYTHONPATH": os.pathsep.join(paths)}
+    return {**base, "PYTHONPATH": os.pathsep.join(paths), "PYTHONHASHSEED": "0"}
 
 
 def count(config: str, n: int) -> int:
@@ -112,8 +114,10 @@ def count(config: str, n: int) -> int:
 SERVER_VARIANTS = ("bare", "floor", "frl-memory-3", "frl-redis-5", "frl-redis-1")
 
 
-def count_server(module: str, n: int, env: dict[str, str]) -> int:
-    """Instructions of one uvicorn process serving ``n`` requests (start-up included)."""
+def count_server(module: str, n: int, env: dict[str, str], cache: bool = False) -> dict[str, int]:
+    """callgrind's totals for one uvicorn process serving ``n`` requests (start-up included):
+    ``Ir`` (instructions), and with ``cache`` the simulated cache misses (``I1mr``, ``D1mr``,
+    ``D1mw``, ...)."""
     import http.client
     import signal
     import socket
@@ -125,6 +129,7 @@ def count_server(module: str, n: int, env: dict[str, str]) -> int:
     # fmt: off
     argv = [
         "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+        *(["--cache-sim=yes"] if cache else []),
         os.path.realpath(sys.executable), "-m", "uvicorn", f"{module}:app", "--app-dir", str(APPS),
         "--host", HOST, "--port", str(port), "--loop", "uvloop", "--http", "httptools",
         "--no-access-log", "--log-level", "warning",
@@ -162,13 +167,20 @@ def count_server(module: str, n: int, env: dict[str, str]) -> int:
         if process.poll() is None:
             process.kill()
             process.wait()
-    match = re.search(r"Collected : (\d+)", stderr)
-    if match is None:
-        raise SystemExit(f"no instruction count from valgrind:\n{stderr[-2000:]}")
-    return int(match.group(1))
+    events = re.search(r"Events\s*:\s*(.+)", stderr)
+    collected = re.search(r"Collected\s*:\s*(.+)", stderr)
+    if events is None or collected is None:
+        raise SystemExit(f"no counts from valgrind:\n{stderr[-2000:]}")
+    return dict(zip(events.group(1).split(), map(int, collected.group(1).split()), strict=True))
 
 
-def servers() -> None:
+def per_request(module: str, env: dict[str, str], cache: bool) -> dict[str, int]:
+    """Each count per request: (1,300 requests - 300 requests) / 1,000."""
+    more, fewer = count_server(module, 1300, env, cache), count_server(module, 300, env, cache)
+    return {name: (more[name] - fewer[name]) // 1000 for name in more}
+
+
+def servers(cache: bool) -> None:
     import shutil
 
     from bench_http import VARIANTS as HTTP_VARIANTS
@@ -180,24 +192,25 @@ def servers() -> None:
         # Under valgrind the server runs ~50x slower: the default 50 ms timeout could expire
         # and fail requests open (no Redis work counted). Every answer is checked below.
         env = {**os.environ, "BENCH_REDIS_URL": redis_server.url, "BENCH_REDIS_TIMEOUT": "10"}
-        print("| variant | instructions per request | ratio to bare |\n|---|--:|--:|")
+        misses = " | L1 instruction misses | L1 data misses" if cache else ""
+        print(f"| variant | instructions per request | ratio to bare{misses} |")
+        print("|---|--:|--:|" + ("--:|--:|" if cache else ""))
         bare = None
         for variant in HTTP_VARIANTS:
             if variant.id not in SERVER_VARIANTS:
                 continue
-            per_request = (
-                count_server(variant.module, 1300, env) - count_server(variant.module, 300, env)
-            ) // 1000
-            bare = bare or per_request
-            print(f"| {variant.id} | {per_request:,} | {bare / per_request:.2f} |", flush=True)
+            rows = [(variant.id, env)]
             if variant.id == "frl-memory-3":
                 # The same app without the C speedups (their pure-Python twins).
-                pure = {**env, "FASTAPI_RATELIMIT_PURE": "1"}
-                per_request = (
-                    count_server(variant.module, 1300, pure)
-                    - count_server(variant.module, 300, pure)
-                ) // 1000
-                print(f"| {variant.id}, pure Python | {per_request:,} | {bare / per_request:.2f} |")
+                rows.append((f"{variant.id}, pure Python", {**env, "FASTAPI_RATELIMIT_PURE": "1"}))
+            for name, row_env in rows:
+                counts = per_request(variant.module, row_env, cache)
+                bare = bare or counts["Ir"]
+                line = f"| {name} | {counts['Ir']:,} | {bare / counts['Ir']:.2f} |"
+                if cache:
+                    data = counts["D1mr"] + counts["D1mw"]
+                    line += f" {counts['I1mr']:,} | {data:,} |"
+                print(line, flush=True)
     finally:
         redis_server.stop()
 
@@ -207,9 +220,14 @@ def main() -> None:
     parser.add_argument("--child", nargs=2)
     parser.add_argument("--config", help="one RateLimiter configuration as JSON")
     parser.add_argument("--server", action="store_true", help="whole uvicorn servers")
+    parser.add_argument(
+        "--cache",
+        action="store_true",
+        help="with --server: also simulated L1 cache misses per request (about 4x slower)",
+    )
     args = parser.parse_args()
     if args.server:
-        servers()
+        servers(args.cache)
         return
     if args.child:
         config, n = args.child

@@ -1946,6 +1946,17 @@ await_iter(PyObject *awaitable)
     if (PyCoro_CheckExact(awaitable)) {
         return Py_NewRef(awaitable);
     }
+    if (PyGen_CheckExact(awaitable)) {
+        /* A generator-based coroutine (@types.coroutine) is awaitable as itself. */
+        PyObject *code = PyObject_GetAttrString(awaitable, "gi_code");
+        int iterable = code != NULL && PyCode_Check(code) &&
+                       (((PyCodeObject *)code)->co_flags & CO_ITERABLE_COROUTINE);
+        Py_XDECREF(code);
+        if (iterable) {
+            return Py_NewRef(awaitable);
+        }
+        PyErr_Clear();
+    }
     PyAsyncMethods *am = Py_TYPE(awaitable)->tp_as_async;
     if (am == NULL || am->am_await == NULL) {
         PyErr_Format(PyExc_TypeError, "object %.100s can't be used in 'await' expression",

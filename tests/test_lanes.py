@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import types
 from typing import Annotated, Any
 
 import pytest
@@ -554,3 +555,35 @@ async def test_a_lane_request_is_cancelled_closed_and_thrown_into_like_a_corouti
     assert lane_hits == ["GET /wait"] * 5
     assert response.status_code == 200
     assert remaining(response) == "0"
+
+
+async def test_an_inner_app_answering_with_a_generator_based_coroutine(
+    lane_hits: list[str],
+) -> None:
+    """What the app returns is awaited as `await` would: a @types.coroutine generator too."""
+
+    class Legacy:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        def __call__(self, scope: Any, receive: Any, send: Any) -> Any:
+            @types.coroutine
+            def run() -> Any:
+                return (yield from self.app(scope, receive, send).__await__())
+
+            return run()
+
+    rl = limiter()
+    app = FastAPI()
+
+    @app.get("/hello")
+    async def hello() -> dict[str, str]:
+        return {"hello": "world"}
+
+    app.add_middleware(Legacy)
+    app.add_middleware(RateLimitMiddleware, limiter=rl)
+    async with client_for(app) as client:
+        answers = [await client.get("/hello") for _ in range(3)]
+    assert lane_hits == ["GET /hello"] * 2
+    assert [r.status_code for r in answers] == [200] * 3
+    assert [remaining(r) for r in answers] == ["4", "3", "2"]
