@@ -9,11 +9,12 @@
  * Every function here has a pure-Python twin that stays the reference (and is used when this
  * module is not built, or when FASTAPI_RATELIMIT_PURE=1): admit_sc is
  * `MemoryBackend._admit_all_py`, rate_limit_headers is `headers.rate_limit_headers_py`, Sender
- * is `middleware._Responder.send`, and lane_admit is the middleware's own Python path for a
- * request it has seen before (see `middleware._Lane`). Tests hold each pair to the same
- * answers. Where a value falls outside what C can mirror exactly (an integer past 2**53, a
- * state of an unexpected shape, a plain-string header style), these functions answer "don't
- * know" (None) before changing anything, and the Python path decides.
+ * is `middleware._Responder.send`, and lane_admit (with Lane and its awaitable, LaneRun) is the
+ * middleware's own Python path for a request it has seen before (see `middleware._Lane`).
+ * Tests hold each pair to the same answers. Where a value falls outside what C can mirror
+ * exactly (an integer past 2**53, a state of an unexpected shape, a plain-string header
+ * style), these functions answer "don't know" (None) before changing anything, and the
+ * Python path decides.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -203,7 +203,7 @@ class RateLimitMiddleware:
         try:
             lane = _Lane(app, routes, *fields)
         except ValueError:
-            return  # a figure past what C mirrors exactly (say, a limit over 2**53)
+            return  # a figure past what C mirrors exactly: the Python path keeps deciding
         if len(self._lanes) >= _MAX_LANES:
             self._lanes.clear()  # bounded: a flood of peers or paths costs rebuilds, not memory
         self._lanes[key] = lane
