@@ -140,6 +140,9 @@ def count_server(module: str, n: int, env: dict[str, str], cache: bool = False) 
         stderr=subprocess.PIPE,
         text=True,
         env=child_env(env),
+        # `python -m` puts the working directory first on sys.path: from a checkout's root,
+        # that checkout's package would be counted whatever PYTHONPATH says.
+        cwd=APPS,
     )
     try:
         deadline = time.monotonic() + 120
