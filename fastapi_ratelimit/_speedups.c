@@ -150,8 +150,8 @@ release_levels(Level *levels, Py_ssize_t n)
 static PyObject *
 next_state(Level *level, PyObject *old)
 {
-    /* Ints are immutable: the old state's objects serve the new state as well (the entry,
-     * held, keeps the old state alive until it is replaced). */
+    /* Ints are immutable: the old state's objects serve the new state as well (the caller
+     * holds the old state until the new one is in place). */
     PyObject *fields[3] = {
         level->start_obj != NULL ? Py_NewRef(level->start_obj) : PyLong_FromLongLong(level->start),
         PyLong_FromLongLong(level->cur + level->cost),
@@ -288,12 +288,13 @@ admit_levels(Level *levels, Py_ssize_t n, long long now, PyObject *data, long lo
             PyList_SET_ITEM(level->entry, 1, Py_NewRef(Py_None));
             Py_DECREF(old);
             PyObject *state = next_state(level, Py_REFCNT(old) == 1 ? old : NULL);
-            Py_DECREF(old);
             if (state == NULL) {
+                PyList_SetItem(level->entry, 1, old); /* unchanged: back where it was */
                 Py_DECREF(decisions);
                 return NULL;
             }
             PyList_SetItem(level->entry, 1, state);
+            Py_DECREF(old);
             PyObject *moved = move != NULL
                                   ? PyObject_CallOneArg(move, level->key)
                                   : PyObject_CallMethodOneArg(data, s_move_to_end, level->key);
