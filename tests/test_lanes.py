@@ -409,7 +409,7 @@ async def test_a_guard_refund_on_a_lane_request_is_made(lane_hits: list[str]) ->
     async with client_for(app) as client:
         answers = [await client.get("/failing", headers=alice) for _ in range(4)]
     assert lane_hits == ["GET /failing"] * 3
-    # Without the refunds the guard's 2/minute would answer the third with a 429.
+    # Without the lane's refunds the guard's 2/minute ran out: the fourth was a 429.
     assert [r.status_code for r in answers] == [400] * 4
     # The guard is back at 1 of 2 each time (refunded after each response) while the IP
     # level's 5 run down; the header names the tighter of the two by share left.
