@@ -92,8 +92,10 @@ class RateLimitMiddleware:
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         # Not a coroutine function: a request a lane serves (see _Lane) is decided, recorded
         # and handed to the app by one C call, which returns the awaitable for the rest, so
-        # it costs no coroutine of ours. Servers that ask whether an app is a coroutine
-        # function look at ``app.__call__``, which __init__ sets to ``_call``.
+        # it costs no coroutine of ours. (So that request is counted when this is called,
+        # not when it is first awaited; ASGI servers and Starlette await it at once.) Servers
+        # that ask whether an app is a coroutine function look at ``app.__call__``, which
+        # __init__ sets to ``_call``.
         lanes = self._lanes
         if lanes and _lane_admit is not None:
             limiter = self.limiter
