@@ -1567,9 +1567,7 @@ typedef struct {
     PyObject *send;    /* the next send */
     PyObject *context; /* the RequestContext */
     PyObject *status;  /* the response status, once started */
-    PyObject *policy;  /* RateLimit-Policy for the lane's levels, or None */
-    PyObject *names;   /* the lane's (name, name bytes) pairs, or None */
-    Py_ssize_t levels; /* how many decisions `policy` describes */
+    Lane *lane;        /* the lane: RateLimit-Policy and names for its own decisions */
     int replaced;      /* a guard's denial was sent instead: drop the app's body */
 } Sender;
 
@@ -1579,8 +1577,7 @@ sender_traverse(Sender *self, visitproc visit, void *arg)
     Py_VISIT(self->send);
     Py_VISIT(self->context);
     Py_VISIT(self->status);
-    Py_VISIT(self->policy);
-    Py_VISIT(self->names);
+    Py_VISIT(self->lane);
     return 0;
 }
 
@@ -1590,8 +1587,7 @@ sender_clear(Sender *self)
     Py_CLEAR(self->send);
     Py_CLEAR(self->context);
     Py_CLEAR(self->status);
-    Py_CLEAR(self->policy);
-    Py_CLEAR(self->names);
+    Py_CLEAR(self->lane);
     return 0;
 }
 
@@ -1608,7 +1604,7 @@ static PyObject *sender_vectorcall(PyObject *self, PyObject *const *args, size_t
                                    PyObject *kwnames);
 
 /* A lane request's Sender: the lane's RateLimit-Policy (bytes or None) and names describe
- * the first lane->n decisions. */
+ * the context's first lane->n decisions. */
 static PyObject *
 make_sender(PyObject *send, PyObject *context, Lane *lane)
 {
@@ -1620,9 +1616,7 @@ make_sender(PyObject *send, PyObject *context, Lane *lane)
     self->send = Py_NewRef(send);
     self->context = Py_NewRef(context);
     self->status = Py_NewRef(Py_None);
-    self->policy = Py_NewRef(lane->policy_header);
-    self->names = Py_NewRef(lane->names);
-    self->levels = lane->n;
+    self->lane = (Lane *)Py_NewRef(lane);
     self->replaced = 0;
     return (PyObject *)self;
 }
@@ -1733,9 +1727,10 @@ add_headers(Sender *self, PyObject *message)
     }
     /* The lane's RateLimit-Policy holds while the decisions are the lane's own (a guard that
      * checks itself may have added more). */
-    int own = PyList_Check(decisions) && PyList_GET_SIZE(decisions) == self->levels;
-    PyObject *policy = own && self->policy != Py_None ? self->policy : NULL;
-    PyObject *spelled = own && self->names != Py_None ? self->names : NULL;
+    Lane *lane = self->lane;
+    int own = PyList_Check(decisions) && PyList_GET_SIZE(decisions) == lane->n;
+    PyObject *policy = own && lane->policy_header != Py_None ? lane->policy_header : NULL;
+    PyObject *spelled = own && lane->names != Py_None ? lane->names : NULL;
     ours = code >= 0 ? build_headers(decisions, code, NULL, policy, spelled) : Py_NewRef(Py_None);
     if (ours == Py_None) {
         /* The Python twin: a plain-string style, or figures C can't mirror exactly. */

@@ -194,7 +194,7 @@ class RateLimitMiddleware:
         app = scope.get("app")
         routes = getattr(app, "routes", None)
         key = _lane_key(scope)
-        if key is None or not isinstance(routes, list) or _Lane is None:
+        if key is None or not isinstance(routes, list):
             return
         lane = self._lanes.get(key)
         if lane is not None and lane.current(app):
