@@ -1,10 +1,25 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs, then runs ruff, mypy (strict) and pytest.
+#
+#   bash scripts/test.sh            the locked toolchain (uv.lock): what CI runs
+#   bash scripts/test.sh --latest   the newest release of every dependency, on the newest Python
+#                                   found; reports what broke (not in CI)
+#   bash scripts/test.sh --lowest   the lowest versions pyproject.toml allows for the library's
+#                                   own dependencies (uv's lowest-direct resolution), on Python
+#                                   3.11, with the locked test toolchain (not in CI)
+#
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not redis"`.
 # The suite starts its own redis-server processes (standalone, Cluster, Sentinel) on free
 # loopback ports; it only needs the redis-server and redis-cli binaries on PATH.
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not redis"`.
+# Refresh the lock with `.tools/bin/uv lock --upgrade` (then run this script and commit uv.lock).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+MODE=locked
+case "${1:-}" in
+  --latest) MODE=latest; shift ;;
+  --lowest) MODE=lowest; shift ;;
+esac
 
 if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
   echo "redis-server not found: installing Debian's redis-server package" >&2
@@ -15,20 +30,91 @@ if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; th
 fi
 command -v redis-server >/dev/null || { echo "redis-server is still missing" >&2; exit 1; }
 
+# uv itself, at a pinned version, in a virtualenv of its own (.tools/), so that nothing but the
+# lock decides what the test environment holds.
+UV_VERSION=0.13.9
 PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
+if [ ! -x .tools/bin/uv ] || [ "$(.tools/bin/uv --version | cut -d' ' -f2)" != "$UV_VERSION" ]; then
+  rm -rf .tools
+  "$PYTHON" -m venv .tools
+  .tools/bin/python -m pip install -q --disable-pip-version-check "uv==$UV_VERSION"
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+UV=.tools/bin/uv
+export UV_PYTHON_DOWNLOADS=never  # use this machine's Pythons; never fetch one
 
-.venv/bin/ruff check fastapi_ratelimit tests examples bench
-.venv/bin/ruff format --check fastapi_ratelimit tests examples bench
-.venv/bin/mypy
-.venv/bin/python -m pytest "$@"
+# Run each check; in the --latest and --lowest modes carry on past a failure and list them all.
+FAILED=()
+check() {
+  local name="$1"
+  shift
+  echo "--- $name" >&2
+  if "$@"; then return 0; fi
+  FAILED+=("$name")
+  [ "$MODE" = locked ] && { echo "FAILED: $name" >&2; exit 1; }
+  return 0
+}
+
+lint_and_type() {
+  check "ruff check" "$VENV/bin/ruff" check fastapi_ratelimit tests examples bench scripts
+  check "ruff format" "$VENV/bin/ruff" format --check fastapi_ratelimit tests examples bench scripts
+  check "mypy" "$VENV/bin/mypy"
+}
+
+case "$MODE" in
+  locked)
+    VENV=.venv
+    # --locked: fail when uv.lock no longer matches pyproject.toml, rather than re-resolving.
+    "$UV" sync -q --locked --extra dev --python "$PYTHON"
+    ;;
+  latest)
+    VENV=.venv-latest
+    # The newest Python that runs (a pyenv shim may exist for a version it won't run);
+    # LATEST_PYTHON chooses one.
+    NEWEST="${LATEST_PYTHON:-}"
+    for candidate in python3.14 python3.13 python3.12 "$PYTHON"; do
+      [ -n "$NEWEST" ] && break
+      "$candidate" -c '' 2>/dev/null && NEWEST="$candidate"
+    done
+    "$UV" venv -q --clear --python "$NEWEST" "$VENV"
+    # No lock: the newest release of everything (pre-releases excluded), built fresh.
+    "$UV" pip install -q --python "$VENV/bin/python" --upgrade --refresh --no-cache -e '.[dev]'
+    ;;
+  lowest)
+    VENV=.venv-lowest
+    "$UV" venv -q --clear --python "${LOWEST_PYTHON:-python3.11}" "$VENV"
+    # The library's own ranges at their lowest; the test toolchain at its locked versions.
+    python3 scripts/lowest_requirements.py > "$VENV/requirements.txt"
+    "$UV" pip install -q --python "$VENV/bin/python" --resolution lowest-direct \
+      -r "$VENV/requirements.txt"
+    ;;
+esac
+if [ "$MODE" != locked ]; then
+  echo "$MODE: installed versions" >&2
+  "$UV" pip list --python "$VENV/bin/python" 2>/dev/null \
+    | grep -iE '^(starlette|fastapi|loguru|redis|uvicorn|prometheus.client|psutil|httpx|pytest|pytest-asyncio|hypothesis|mypy|ruff|schemathesis|fakeredis) ' >&2 || true
+fi
+
+if [ "$MODE" = lowest ]; then
+  # The linters' own lowest releases reach no user: lint and type-check with the locked
+  # toolchain (a separate environment), and test the library on the lowest versions.
+  "$UV" sync -q --locked --extra dev --python "$PYTHON"
+  VENV=.venv lint_and_type
+  VENV=.venv-lowest
+else
+  lint_and_type
+fi
+check "pytest" "$VENV/bin/python" -m pytest "$@"
 
 # The whole run above used the C speedups (tests/test_speedups.py fails under CI=true when
 # they were not built). Their pure-Python twins run wherever no compiler was found: run every
 # test that needs no Redis again on them (about 25 s).
 if [ "$#" -eq 0 ]; then
-  FASTAPI_RATELIMIT_PURE=1 .venv/bin/python -m pytest -q -m "not redis and not cluster and not sentinel"
+  check "pytest (pure Python)" env FASTAPI_RATELIMIT_PURE=1 "$VENV/bin/python" -m pytest -q \
+    -m "not redis and not cluster and not sentinel and not wheel"
 fi
+
+if [ "${#FAILED[@]}" -gt 0 ]; then
+  echo "$MODE: FAILED: ${FAILED[*]}" >&2
+  exit 1
+fi
+echo "$MODE: all checks passed" >&2
