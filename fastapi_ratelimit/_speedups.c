@@ -8,9 +8,7 @@
  *
  * Every function here has a pure-Python twin that stays the reference (and is used when this
  * module is not built, or when FASTAPI_RATELIMIT_PURE=1): admit_sc is
- * `MemoryBackend._admit_all_py`, rate_limit_headers is `headers.rate_limit_headers_py`, Sender
- * is `middleware._Responder.send`, and lane_admit (with Lane and its awaitable, LaneRun) is the
- * middleware's own Python path for a request it has seen before (see `middleware._Lane`).
+ * `MemoryBackend._admit_all_py` and rate_limit_headers is `headers.rate_limit_headers_py`.
  * Tests hold each pair to the same answers. Where a value falls outside what C can mirror
  * exactly (an integer past 2**53, a state of an unexpected shape, a plain-string header
  * style), these functions answer "don't know" (None) before changing anything, and the
@@ -19,7 +17,6 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
-#include <structmember.h>
 
 /* Integers up to 2**53 convert to double exactly, so C's double arithmetic then matches
  * Python's int/float arithmetic bit for bit (both round correctly once per operation). */
@@ -174,13 +171,11 @@ next_state(Level *level, PyObject *old)
 }
 
 /* MemoryBackend._admit_all_py's arithmetic and commit for `n` filled levels. Returns a new
- * Verdict (or, with `as_list`, just its decisions as a new list), Py_None (a new reference)
- * for "don't know" before anything changed, or NULL with an exception. New entries are
- * appended to `fresh` as (key, [expires, state]). `move` is data.move_to_end, bound, or NULL
- * to look it up; `keys_distinct`: the caller knows no two levels share a key. */
+ * Verdict, Py_None (a new reference) for "don't know" before anything changed, or NULL with
+ * an exception. New entries are appended to `fresh` as (key, [expires, state]). */
 static PyObject *
 admit_levels(Level *levels, Py_ssize_t n, long long now, PyObject *data, long long margin,
-             PyObject *fresh, PyObject *move, int as_list, int keys_distinct)
+             PyObject *fresh)
 {
     int ok;
     long long window = 0, start = 0, elapsed = 0;
@@ -245,9 +240,8 @@ admit_levels(Level *levels, Py_ssize_t n, long long now, PyObject *data, long lo
         level->reset_us = 2 * window - elapsed;
         level->available = available;
     }
-    /* The same key twice: the general path raises the error for it (lanes checked theirs
-     * when made). */
-    for (Py_ssize_t i = 1; i < n && !keys_distinct; i++) {
+    /* The same key twice: the general path raises the error for it. */
+    for (Py_ssize_t i = 1; i < n; i++) {
         for (Py_ssize_t j = 0; j < i; j++) {
             int same = PyObject_RichCompareBool(levels[i].key, levels[j].key, Py_EQ);
             if (same < 0) {
@@ -259,7 +253,7 @@ admit_levels(Level *levels, Py_ssize_t n, long long now, PyObject *data, long lo
         }
     }
     /* Commit: nothing below answers "don't know" any more. */
-    PyObject *decisions = as_list ? PyList_New(n) : PyTuple_New(n);
+    PyObject *decisions = PyTuple_New(n);
     if (decisions == NULL) {
         return NULL;
     }
@@ -295,9 +289,7 @@ admit_levels(Level *levels, Py_ssize_t n, long long now, PyObject *data, long lo
             }
             PyList_SetItem(level->entry, 1, state);
             Py_DECREF(old);
-            PyObject *moved = move != NULL
-                                  ? PyObject_CallOneArg(move, level->key)
-                                  : PyObject_CallMethodOneArg(data, s_move_to_end, level->key);
+            PyObject *moved = PyObject_CallMethodOneArg(data, s_move_to_end, level->key);
             if (moved == NULL) {
                 Py_DECREF(decisions);
                 return NULL;
@@ -340,15 +332,7 @@ admit_levels(Level *levels, Py_ssize_t n, long long now, PyObject *data, long lo
             Py_DECREF(decisions);
             return NULL;
         }
-        if (as_list) {
-            PyList_SET_ITEM(decisions, i, decision);
-        }
-        else {
-            PyTuple_SET_ITEM(decisions, i, decision);
-        }
-    }
-    if (as_list) {
-        return decisions;
+        PyTuple_SET_ITEM(decisions, i, decision);
     }
     PyObject *vfields[2] = {decisions, Py_NewRef(Py_True)};
     return new_tuple_of(VERDICT, 2, vfields);
@@ -472,710 +456,10 @@ admit_sc(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto done;
         }
     }
-    result = admit_levels(levels, n, now, data, margin, fresh, NULL, 0, 0);
+    result = admit_levels(levels, n, now, data, margin, fresh);
 done:
     release_levels(levels, filled);
     Py_DECREF(checks);
-    return result;
-}
-
-/* -- the middleware's lanes ------------------------------------------------------------------ */
-
-/* Row fields (MemoryBackend.lane_parts). */
-enum { R_KEY, R_LIMIT, R_PERIOD, R_POLICY_LIMIT, R_NAME, R_WINDOW, R_SCOPE, R_COST, R_SIZE };
-
-static PyObject *s_type, *s_method, *s_app, *s_root_path, *s_path, *s_client, *s_state,
-    *s_user, *s_headers, *s_query_string, *s_backend, *s_lists, *s_quiet, *s_scope_key,
-    *s_http, *s_options, *s_empty, *s_decisions;
-static PyObject *TIME_NS = NULL; /* time.time_ns: a lane on the system clock reads it in C */
-
-/* scope[name] for an exact dict, borrowed; NULL without an exception when absent. */
-#define SCOPE_GET(scope, name) PyDict_GetItemWithError((scope), (name))
-
-/* a == b for an exact str `b`: by identity first (ASGI servers and frameworks send interned
- * constants), then by value; anything but an exact str compares as Python would. 1 equal, 0
- * not, -1 with an exception. */
-static int
-str_eq(PyObject *a, PyObject *b)
-{
-    if (a == b) {
-        return 1;
-    }
-    if (!PyUnicode_CheckExact(a)) {
-        return PyObject_RichCompareBool(a, b, Py_EQ);
-    }
-    if (PyUnicode_GET_LENGTH(a) != PyUnicode_GET_LENGTH(b) ||
-        PyUnicode_KIND(a) != PyUnicode_KIND(b)) {
-        return 0;
-    }
-    return memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b),
-                  PyUnicode_GET_LENGTH(a) * PyUnicode_KIND(a)) == 0;
-}
-
-/* The API key in `header` (first occurrence), as identity.api_key_from_scope reads it: 1 with
- * *value set to a new str, 0 when there is none, -1 "don't know" (headers not in the ASGI
- * shape: the Python path reads them its own way). */
-static int
-header_value(PyObject *scope, PyObject *header, PyObject **value_out)
-{
-    PyObject *headers = SCOPE_GET(scope, s_headers);
-    if (headers == NULL) {
-        return PyErr_Occurred() ? -1 : 0;
-    }
-    if (!PyList_Check(headers) && !PyTuple_Check(headers)) {
-        return -1;
-    }
-    const char *wanted = PyBytes_AS_STRING(header);
-    Py_ssize_t wanted_size = PyBytes_GET_SIZE(header);
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(headers);
-    PyObject **items = PySequence_Fast_ITEMS(headers);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *pair = items[i];
-        if ((!PyTuple_Check(pair) && !PyList_Check(pair)) ||
-            PySequence_Fast_GET_SIZE(pair) != 2) {
-            return -1;
-        }
-        PyObject *name = PySequence_Fast_GET_ITEM(pair, 0);
-        PyObject *value = PySequence_Fast_GET_ITEM(pair, 1);
-        if (!PyBytes_CheckExact(name) || !PyBytes_CheckExact(value)) {
-            return -1;
-        }
-        if (PyBytes_GET_SIZE(name) != wanted_size ||
-            memcmp(PyBytes_AS_STRING(name), wanted, wanted_size) != 0) {
-            continue;
-        }
-        /* Latin-1, stripped of optional whitespace (space, tab) at both ends. */
-        const char *text = PyBytes_AS_STRING(value);
-        Py_ssize_t start = 0, end = PyBytes_GET_SIZE(value);
-        while (start < end && (text[start] == ' ' || text[start] == '\t')) {
-            start++;
-        }
-        while (end > start && (text[end - 1] == ' ' || text[end - 1] == '\t')) {
-            end--;
-        }
-        if (start == end) {
-            return 0; /* the first occurrence decides, even when blank */
-        }
-        *value_out = PyUnicode_DecodeLatin1(text + start, end - start, NULL);
-        return *value_out != NULL ? 1 : -1;
-    }
-    return 0;
-}
-
-/* The lane key, as middleware._lane_key builds it: (method, root_path, path, peer host); NULL
- * without an exception for a request no lane can serve. */
-static PyObject *
-lane_key(PyObject *scope)
-{
-    PyObject *type = SCOPE_GET(scope, s_type);
-    if (type == NULL || str_eq(type, s_http) != 1) {
-        return NULL;
-    }
-    PyObject *method = SCOPE_GET(scope, s_method);
-    if (method == NULL || !PyUnicode_CheckExact(method) || str_eq(method, s_options) != 0) {
-        return NULL; /* a preflight's fate depends on its headers */
-    }
-    PyObject *path = SCOPE_GET(scope, s_path);
-    PyObject *root_path = SCOPE_GET(scope, s_root_path);
-    PyObject *client = SCOPE_GET(scope, s_client);
-    if (path == NULL || client == NULL || !PyUnicode_CheckExact(path) || PyErr_Occurred()) {
-        return NULL;
-    }
-    if (root_path == NULL) {
-        root_path = s_empty;
-    }
-    if (!PyUnicode_CheckExact(root_path) || (!PyTuple_Check(client) && !PyList_Check(client)) ||
-        PySequence_Fast_GET_SIZE(client) < 1) {
-        return NULL;
-    }
-    PyObject *host = PySequence_Fast_GET_ITEM(client, 0);
-    if (!PyUnicode_CheckExact(host)) {
-        return NULL;
-    }
-    return PyTuple_Pack(4, method, root_path, path, host);
-}
-
-/* One level of a lane: its storage key, figures and Decision fields, converted once. */
-typedef struct {
-    PyObject *key, *scope, *policy_limit, *name, *window_s;
-    long long limit, period, cost;
-} LaneLevel;
-
-/* middleware._Lane: what deciding a lane's request needs, held in C form. */
-typedef struct {
-    PyObject_HEAD
-    PyObject *app;         /* scope["app"] when the lane was made */
-    PyObject *routes;      /* its route list then, and how long it was */
-    Py_ssize_t route_count;
-    PyObject *backend, *data, *move, *now, *store_new, *ip, *endpoint, *route, *cost, *checks,
-        *policy_header;
-    PyObject *names;       /* ((policy name, its RateLimit spelling as bytes), ...) or None */
-    long long divisor, margin;
-    int system_clock;      /* `now` is time.time_ns: read the same clock without a call */
-    Py_ssize_t n;
-    LaneLevel levels[MAX_LEVELS];
-} Lane;
-
-static int
-lane_traverse(Lane *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->app);
-    Py_VISIT(self->routes);
-    Py_VISIT(self->backend);
-    Py_VISIT(self->data);
-    Py_VISIT(self->move);
-    Py_VISIT(self->now);
-    Py_VISIT(self->store_new);
-    Py_VISIT(self->ip);
-    Py_VISIT(self->endpoint);
-    Py_VISIT(self->route);
-    Py_VISIT(self->cost);
-    Py_VISIT(self->checks);
-    Py_VISIT(self->policy_header);
-    Py_VISIT(self->names);
-    for (Py_ssize_t i = 0; i < self->n; i++) {
-        Py_VISIT(self->levels[i].key);
-        Py_VISIT(self->levels[i].scope);
-        Py_VISIT(self->levels[i].policy_limit);
-        Py_VISIT(self->levels[i].name);
-        Py_VISIT(self->levels[i].window_s);
-    }
-    return 0;
-}
-
-static int
-lane_clear(Lane *self)
-{
-    Py_CLEAR(self->app);
-    Py_CLEAR(self->routes);
-    Py_CLEAR(self->backend);
-    Py_CLEAR(self->data);
-    Py_CLEAR(self->move);
-    Py_CLEAR(self->now);
-    Py_CLEAR(self->store_new);
-    Py_CLEAR(self->ip);
-    Py_CLEAR(self->endpoint);
-    Py_CLEAR(self->route);
-    Py_CLEAR(self->cost);
-    Py_CLEAR(self->checks);
-    Py_CLEAR(self->policy_header);
-    Py_CLEAR(self->names);
-    for (Py_ssize_t i = 0; i < self->n; i++) {
-        Py_CLEAR(self->levels[i].key);
-        Py_CLEAR(self->levels[i].scope);
-        Py_CLEAR(self->levels[i].policy_limit);
-        Py_CLEAR(self->levels[i].name);
-        Py_CLEAR(self->levels[i].window_s);
-    }
-    self->n = 0;
-    return 0;
-}
-
-static void
-lane_dealloc(Lane *self)
-{
-    PyObject_GC_UnTrack(self);
-    lane_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static PyObject *NAME_BYTES; /* headers._name_bytes (defined with the headers, below) */
-
-/* ((name, name_bytes(name)), ...) for the lane's levels, made once: the RateLimit header
- * names the binding policy, and the lane's are always these. None where a name has no such
- * spelling (the headers' own path then raises or falls back, as for any request). */
-static PyObject *
-lane_names(Lane *self)
-{
-    if (NAME_BYTES == NULL) {
-        Py_RETURN_NONE;
-    }
-    PyObject *names = PyTuple_New(self->n);
-    if (names == NULL) {
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < self->n; i++) {
-        PyObject *name = self->levels[i].name;
-        PyObject *spelled = PyObject_CallOneArg(NAME_BYTES, name);
-        if (spelled == NULL || !PyBytes_CheckExact(spelled)) {
-            Py_XDECREF(spelled);
-            Py_DECREF(names);
-            PyErr_Clear();
-            Py_RETURN_NONE;
-        }
-        PyObject *pair = PyTuple_Pack(2, name, spelled);
-        Py_DECREF(spelled);
-        if (pair == NULL) {
-            Py_DECREF(names);
-            return NULL;
-        }
-        PyTuple_SET_ITEM(names, i, pair);
-    }
-    return names;
-}
-
-/* Lane(app, routes, backend, data, now, divisor, store_new, margin, ip, endpoint, route, cost,
- *      checks, rows, policy_header)
- * ValueError where a figure is outside what C mirrors exactly: that request gets no lane. */
-static PyObject *
-lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
-{
-    PyObject *app, *routes, *backend, *data, *now, *divisor, *store_new, *margin, *ip, *endpoint,
-        *route, *cost, *checks, *rows, *policy_header;
-    if ((kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0) ||
-        !PyArg_ParseTuple(args, "OO!OO!OOOOO!O!OOO!O!O:Lane", &app, &PyList_Type, &routes,
-                          &backend, &PyDict_Type, &data, &now, &divisor, &store_new, &margin,
-                          &PyUnicode_Type, &ip, &PyUnicode_Type, &endpoint, &route, &cost,
-                          &PyTuple_Type, &checks, &PyTuple_Type, &rows, &policy_header)) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "Lane takes no keyword arguments");
-        }
-        return NULL;
-    }
-    Py_ssize_t n = PyTuple_GET_SIZE(rows);
-    if (n == 0 || n > MAX_LEVELS) {
-        PyErr_SetString(PyExc_ValueError, "Lane: 1 to 16 levels");
-        return NULL;
-    }
-    long long divisor_value, margin_value, ignored;
-    int ok;
-    if ((ok = exact_int(divisor, &divisor_value)) <= 0 || divisor_value <= 0 ||
-        (ok = exact_int(margin, &margin_value)) <= 0 || (ok = exact_int(cost, &ignored)) <= 0) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_ValueError, "Lane: divisor, margin and cost must be exact ints");
-        }
-        return NULL;
-    }
-    Lane *self = (Lane *)type->tp_alloc(type, 0);
-    if (self == NULL) {
-        return NULL;
-    }
-    self->app = Py_NewRef(app);
-    self->routes = Py_NewRef(routes);
-    self->route_count = PyList_GET_SIZE(routes);
-    self->backend = Py_NewRef(backend);
-    self->data = Py_NewRef(data);
-    self->now = Py_NewRef(now);
-    self->store_new = Py_NewRef(store_new);
-    self->ip = Py_NewRef(ip);
-    self->endpoint = Py_NewRef(endpoint);
-    self->route = Py_NewRef(route);
-    self->cost = Py_NewRef(cost);
-    self->checks = Py_NewRef(checks);
-    self->policy_header = Py_NewRef(PyBytes_CheckExact(policy_header) ? policy_header : Py_None);
-    self->divisor = divisor_value;
-    self->margin = margin_value;
-    self->system_clock = now == TIME_NS && TIME_NS != NULL;
-    /* Bound once: each level's entry moves to the recent end on every request. */
-    if ((self->move = PyObject_GetAttr(data, s_move_to_end)) == NULL) {
-        Py_DECREF(self);
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *row = PyTuple_GET_ITEM(rows, i);
-        if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != R_SIZE) {
-            PyErr_SetString(PyExc_TypeError, "Lane: each row is a tuple of 8");
-            Py_DECREF(self);
-            return NULL;
-        }
-        LaneLevel *level = &self->levels[i];
-        self->n = i + 1; /* from here on, clear() releases this level */
-        level->key = Py_NewRef(PyTuple_GET_ITEM(row, R_KEY));
-        level->scope = Py_NewRef(PyTuple_GET_ITEM(row, R_SCOPE));
-        level->policy_limit = Py_NewRef(PyTuple_GET_ITEM(row, R_POLICY_LIMIT));
-        level->name = Py_NewRef(PyTuple_GET_ITEM(row, R_NAME));
-        level->window_s = Py_NewRef(PyTuple_GET_ITEM(row, R_WINDOW));
-        if ((ok = exact_int(PyTuple_GET_ITEM(row, R_LIMIT), &level->limit)) <= 0 ||
-            (ok = exact_int(PyTuple_GET_ITEM(row, R_PERIOD), &level->period)) <= 0 ||
-            (ok = exact_int(PyTuple_GET_ITEM(row, R_COST), &level->cost)) <= 0 ||
-            level->period <= 0) {
-            if (!PyErr_Occurred()) {
-                PyErr_SetString(PyExc_ValueError,
-                                "Lane: limit, period and cost must be exact ints (period > 0)");
-            }
-            Py_DECREF(self);
-            return NULL;
-        }
-    }
-    /* Two levels with one storage key: the Python path raises the error for it. */
-    for (Py_ssize_t i = 1; i < n; i++) {
-        for (Py_ssize_t j = 0; j < i; j++) {
-            int same = PyObject_RichCompareBool(self->levels[i].key, self->levels[j].key, Py_EQ);
-            if (same != 0) {
-                if (same > 0) {
-                    PyErr_SetString(PyExc_ValueError, "Lane: two levels share a storage key");
-                }
-                Py_DECREF(self);
-                return NULL;
-            }
-        }
-    }
-    self->names = lane_names(self);
-    if (self->names == NULL) {
-        Py_DECREF(self);
-        return NULL;
-    }
-    return (PyObject *)self;
-}
-
-static PyMemberDef lane_members[] = {
-    {"app", T_OBJECT, offsetof(Lane, app), READONLY, "scope['app'] when the lane was made."},
-    {"routes", T_OBJECT, offsetof(Lane, routes), READONLY, "Its routes then."},
-    {"backend", T_OBJECT, offsetof(Lane, backend), READONLY, "The limiter's backend then."},
-    {"ip", T_OBJECT, offsetof(Lane, ip), READONLY, "The context's ip."},
-    {"endpoint", T_OBJECT, offsetof(Lane, endpoint), READONLY, "The context's endpoint."},
-    {"route", T_OBJECT, offsetof(Lane, route), READONLY, "The context's route."},
-    {"cost", T_OBJECT, offsetof(Lane, cost), READONLY, "The context's cost."},
-    {"checks", T_OBJECT, offsetof(Lane, checks), READONLY, "The limiter's checks."},
-    {"policy_header", T_OBJECT, offsetof(Lane, policy_header), READONLY,
-     "RateLimit-Policy for these levels, or None."},
-    {NULL, 0, 0, 0, NULL},
-};
-
-/* Whether `lane` can still serve a request for `app`: the same app, with as many routes. */
-static PyObject *
-lane_current(Lane *self, PyObject *app)
-{
-    return PyBool_FromLong(self->app == app && PyList_GET_SIZE(self->routes) == self->route_count);
-}
-
-static PyMethodDef lane_methods[] = {
-    {"current", (PyCFunction)lane_current, METH_O,
-     "current(app) -> bool: made for this app, whose route list has not grown or shrunk."},
-    {NULL, NULL, 0, NULL},
-};
-
-static PyTypeObject LaneType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "fastapi_ratelimit._speedups.Lane",
-    .tp_basicsize = sizeof(Lane),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "A request's lane (see middleware._Lane): its decision inputs, converted once.",
-    .tp_new = lane_new,
-    .tp_traverse = (traverseproc)lane_traverse,
-    .tp_clear = (inquiry)lane_clear,
-    .tp_dealloc = (destructor)lane_dealloc,
-    .tp_members = lane_members,
-    .tp_methods = lane_methods,
-};
-
-/* RequestContext, built without running its __init__: its fields, in declaration order. */
-enum {
-    C_LIMITER, C_IP, C_API_KEY, C_USER, C_TIER, C_ENDPOINT, C_ROUTE, C_COST, C_KEY_TIER,
-    C_DECISIONS, C_CHARGED, C_HANDLED, C_REFUNDABLE, C_REPORTED_COST, C_MIDDLEWARE, C_DENIAL,
-    C_EXEMPT, C_REDUCED, C_FIELDS
-};
-static PyTypeObject *CONTEXT_TYPE = NULL;
-static Py_ssize_t CONTEXT_OFFSETS[C_FIELDS];
-
-/* A RequestContext's field, borrowed; NULL where it was deleted (the caller then asks
- * getattr, which raises the usual AttributeError). */
-#define CONTEXT_FIELD(context, field) (*(PyObject **)((char *)(context) + CONTEXT_OFFSETS[field]))
-
-/* configure_context(RequestContext, descriptors): the slot descriptors of its fields, in the
- * order above (context.py asserts the names). */
-static PyObject *
-configure_context(PyObject *module, PyObject *args)
-{
-    PyObject *type, *descriptors;
-    if (!PyArg_ParseTuple(args, "O!O!", &PyType_Type, &type, &PyTuple_Type, &descriptors)) {
-        return NULL;
-    }
-    if (PyTuple_GET_SIZE(descriptors) != C_FIELDS) {
-        PyErr_SetString(PyExc_ValueError, "configure_context: one descriptor per field");
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < C_FIELDS; i++) {
-        PyObject *descriptor = PyTuple_GET_ITEM(descriptors, i);
-        if (!Py_IS_TYPE(descriptor, &PyMemberDescr_Type)) {
-            PyErr_SetString(PyExc_TypeError, "configure_context: slots only");
-            return NULL;
-        }
-        PyMemberDef *member = ((PyMemberDescrObject *)descriptor)->d_member;
-        if (member->type != T_OBJECT_EX ||
-            member->offset + (Py_ssize_t)sizeof(PyObject *) >
-                ((PyTypeObject *)type)->tp_basicsize) {
-            PyErr_SetString(PyExc_TypeError, "configure_context: object slots of this type");
-            return NULL;
-        }
-        CONTEXT_OFFSETS[i] = member->offset;
-    }
-    Py_XSETREF(CONTEXT_TYPE, (PyTypeObject *)Py_NewRef(type));
-    Py_RETURN_NONE;
-}
-
-/* A RequestContext as RequestContext(limiter, ip, api_key, None, None, endpoint, route, cost)
- * then `middleware = True` and RateLimiter._record of an admitted verdict would leave it.
- * Steals `decisions` (a new list), also on failure. */
-static PyObject *
-new_context(PyObject *limiter, PyObject *ip, PyObject *api_key, PyObject *endpoint,
-            PyObject *route, PyObject *cost, PyObject *decisions, PyObject *checks)
-{
-    PyObject *values[C_FIELDS] = {
-        [C_LIMITER] = Py_NewRef(limiter),
-        [C_IP] = Py_NewRef(ip),
-        [C_API_KEY] = Py_NewRef(api_key),
-        [C_USER] = Py_NewRef(Py_None),
-        [C_TIER] = Py_NewRef(Py_None),
-        [C_ENDPOINT] = Py_NewRef(endpoint),
-        [C_ROUTE] = Py_NewRef(route),
-        [C_COST] = Py_NewRef(cost),
-        [C_KEY_TIER] = Py_NewRef(Py_None),
-        [C_DECISIONS] = decisions,
-        [C_CHARGED] = PySequence_List(checks),
-        [C_HANDLED] = PySet_New(NULL),
-        [C_REFUNDABLE] = PyList_New(0),
-        [C_REPORTED_COST] = Py_NewRef(Py_None),
-        [C_MIDDLEWARE] = Py_NewRef(Py_True),
-        [C_DENIAL] = Py_NewRef(Py_None),
-        [C_EXEMPT] = Py_NewRef(Py_False),
-        [C_REDUCED] = Py_NewRef(Py_False),
-    };
-    PyObject *context = NULL;
-    for (int i = 0; i < C_FIELDS; i++) {
-        if (values[i] == NULL) {
-            goto fail;
-        }
-    }
-    context = CONTEXT_TYPE->tp_alloc(CONTEXT_TYPE, 0);
-    if (context == NULL) {
-        goto fail;
-    }
-    for (int i = 0; i < C_FIELDS; i++) {
-        *(PyObject **)((char *)context + CONTEXT_OFFSETS[i]) = values[i];
-    }
-    return context;
-fail:
-    for (int i = 0; i < C_FIELDS; i++) {
-        Py_XDECREF(values[i]);
-    }
-    return NULL;
-}
-
-static PyObject *make_sender(PyObject *send, PyObject *context, Lane *lane);
-/* (below, with the Sender type) */
-static PyObject *make_run(PyObject *app, PyObject *scope, PyObject *receive, PyObject *sender,
-                          PyObject *limiter); /* below, with the LaneRun type */
-
-/* The lane's clock in microseconds, as a new int; NULL with an exception, or Py_None (a new
- * reference) for a reading C can't use. */
-static PyObject *
-lane_now(Lane *lane, long long *now)
-{
-#ifdef CLOCK_REALTIME
-    if (lane->system_clock) {
-        /* time.time_ns() reads this very clock (CPython's _PyTime_GetSystemClock). */
-        struct timespec ts;
-        if (clock_gettime(CLOCK_REALTIME, &ts) == 0 && ts.tv_sec >= 0) {
-            *now = ((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec) / lane->divisor;
-            return PyLong_FromLongLong(*now);
-        }
-    }
-#endif
-    PyObject *read = PyObject_CallNoArgs(lane->now);
-    if (read == NULL) {
-        return NULL;
-    }
-    if (lane->divisor != 1) {
-        int overflow = 0;
-        long long ns = PyLong_AsLongLongAndOverflow(read, &overflow);
-        Py_DECREF(read);
-        if (ns == -1 && PyErr_Occurred()) {
-            return NULL;
-        }
-        if (overflow || ns < 0) {
-            Py_RETURN_NONE;
-        }
-        read = PyLong_FromLongLong(ns / lane->divisor);
-        if (read == NULL) {
-            return NULL;
-        }
-    }
-    int ok = exact_int(read, now);
-    if (ok <= 0) {
-        Py_DECREF(read);
-        return ok < 0 ? NULL : Py_NewRef(Py_None);
-    }
-    return read;
-}
-
-/* lane_admit(lanes, scope, limiter, api_key_header, api_key_query, api_key_counted, send,
- *            app, receive) -> LaneRun | None
- *
- * The middleware's fast path (see middleware._Lane): for a request it has served before --
- * same app, method, path and peer, anonymous, admitted on the memory backend with nothing
- * but the limiter's own levels -- decide the levels in one call, record them in a new
- * context (stored in the scope), wrap `send` in a Sender, call the app with it, and return
- * the awaitable that runs the rest (LaneRun). None, before anything changed, for anything
- * else; the Python path then decides as always.
- */
-static PyObject *
-lane_admit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "lane_admit takes 9 arguments");
-        return NULL;
-    }
-    if (CONTEXT_TYPE == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "_speedups.configure_context() was not called");
-        return NULL;
-    }
-    PyObject *lanes = args[0], *scope = args[1], *limiter = args[2], *header = args[3],
-             *query = args[4], *counted = args[5], *send = args[6], *app_to_call = args[7],
-             *receive = args[8];
-    if (!PyDict_CheckExact(lanes) || !PyDict_CheckExact(scope) || PyDict_GET_SIZE(lanes) == 0) {
-        Py_RETURN_NONE;
-    }
-    /* Anonymous: no user in the state or the scope (limiter._default_user's sources). */
-    PyObject *state = SCOPE_GET(scope, s_state);
-    PyObject *user = state != NULL && PyDict_Check(state) ? PyDict_GetItemWithError(state, s_user)
-                                                          : NULL;
-    if ((user != NULL && user != Py_None) || PyErr_Occurred()) {
-        PyErr_Clear();
-        Py_RETURN_NONE;
-    }
-    user = SCOPE_GET(scope, s_user);
-    if ((user != NULL && user != Py_None) || PyErr_Occurred()) {
-        PyErr_Clear();
-        Py_RETURN_NONE;
-    }
-    if (query == Py_True) {
-        PyObject *qs = SCOPE_GET(scope, s_query_string);
-        if (qs != NULL && PyObject_IsTrue(qs) != 0) {
-            PyErr_Clear();
-            Py_RETURN_NONE; /* a key may be in the query: the Python path reads it */
-        }
-    }
-    /* The lane: held for the whole call (Python code may run below: the clock, store_new). */
-    PyObject *key = lane_key(scope);
-    if (key == NULL) {
-        PyErr_Clear();
-        Py_RETURN_NONE;
-    }
-    Lane *lane = (Lane *)PyDict_GetItemWithError(lanes, key);
-    Py_DECREF(key);
-    PyObject *app = SCOPE_GET(scope, s_app);
-    if (lane == NULL || !Py_IS_TYPE(lane, &LaneType) || app != lane->app ||
-        PyList_GET_SIZE(lane->routes) != lane->route_count) {
-        PyErr_Clear();
-        Py_RETURN_NONE; /* none, or made for other routes: the Python path makes a new one */
-    }
-    Py_INCREF(lane);
-    /* An API key goes into the context (route guards read it); where the limiter has an
-     * API-key level, it would be one more level: not a lane's request. */
-    Level levels[MAX_LEVELS];
-    Py_ssize_t n = 0;
-    PyObject *result = NULL, *decisions = NULL, *fresh = NULL, *now_obj = NULL, *api_key = NULL;
-    long long now;
-    if (PyBytes_CheckExact(header)) {
-        int found = header_value(scope, header, &api_key);
-        if (found < 0 || (found > 0 && counted == Py_True)) {
-            goto unknown;
-        }
-    }
-    /* The limiter as it is now: the same backend, and no allow or block list to consult. */
-    PyObject *backend = PyObject_GetAttr(limiter, s_backend);
-    if (backend == NULL) {
-        goto error;
-    }
-    Py_DECREF(backend); /* identity only */
-    if (backend != lane->backend) {
-        goto unknown;
-    }
-    PyObject *lists = PyObject_GetAttr(limiter, s_lists);
-    if (lists == NULL) {
-        goto error;
-    }
-    if (lists != Py_None) {
-        /* AccessLists.quiet: what known_empty() answers, as a plain attribute. */
-        PyObject *empty = PyObject_GetAttr(lists, s_quiet);
-        Py_DECREF(lists);
-        if (empty == NULL) {
-            goto error;
-        }
-        int quiet = empty == Py_True;
-        Py_DECREF(empty);
-        if (!quiet) {
-            goto unknown;
-        }
-    }
-    else {
-        Py_DECREF(lists);
-    }
-    /* The levels. */
-    n = lane->n;
-    memset(levels, 0, sizeof(Level) * n);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        LaneLevel *from = &lane->levels[i];
-        Level *level = &levels[i];
-        level->key = Py_NewRef(from->key);
-        level->policy_limit = Py_NewRef(from->policy_limit);
-        level->name = Py_NewRef(from->name);
-        level->window_s = Py_NewRef(from->window_s);
-        level->scope = from->scope;
-        level->limit = from->limit;
-        level->period = from->period;
-        level->cost = from->cost;
-    }
-    now_obj = lane_now(lane, &now);
-    if (now_obj == NULL) {
-        goto error;
-    }
-    if (now_obj == Py_None || (fresh = PyList_New(0)) == NULL) {
-        goto error_or_unknown;
-    }
-    decisions = admit_levels(levels, n, now, lane->data, lane->margin, fresh, lane->move, 1, 1);
-    if (decisions == NULL) {
-        goto error;
-    }
-    if (decisions == Py_None) {
-        goto unknown;
-    }
-    if (PyList_GET_SIZE(fresh) > 0) {
-        PyObject *stored = PyObject_CallFunctionObjArgs(lane->store_new, fresh, now_obj, NULL);
-        if (stored == NULL) {
-            goto error;
-        }
-        Py_DECREF(stored);
-    }
-    /* The context, recorded as RateLimiter._record records an admitted verdict. */
-    PyObject *context =
-        new_context(limiter, lane->ip, api_key != NULL ? api_key : Py_None, lane->endpoint,
-                    lane->route, lane->cost, decisions, lane->checks);
-    decisions = NULL; /* stolen */
-    if (context == NULL) {
-        goto error;
-    }
-    if (PyDict_SetItem(scope, s_scope_key, context) < 0) {
-        Py_DECREF(context);
-        goto error;
-    }
-    PyObject *sender = make_sender(send, context, lane);
-    Py_DECREF(context);
-    if (sender == NULL) {
-        goto error;
-    }
-    result = make_run(app_to_call, scope, receive, sender, limiter);
-    Py_DECREF(sender);
-    goto done;
-
-error_or_unknown:
-    if (PyErr_Occurred()) {
-        goto error;
-    }
-unknown:
-    PyErr_Clear(); /* e.g. a key header that is not Latin-1: the Python path meets it again */
-    result = Py_NewRef(Py_None);
-    goto done;
-error:
-    result = NULL;
-done:
-    release_levels(levels, n);
-    Py_DECREF(lane);
-    Py_XDECREF(api_key);
-    Py_XDECREF(decisions);
-    Py_XDECREF(fresh);
-    Py_XDECREF(now_obj);
     return result;
 }
 
@@ -1342,35 +626,25 @@ enum { STYLE_IETF, STYLE_X, STYLE_BOTH, STYLE_LEGACY, STYLE_NONE, STYLE_COUNT };
 static PyObject *POLICY_HEADER = NULL; /* headers._policy_header (cached) */
 static PyObject *NAME_BYTES = NULL;    /* headers._name_bytes (cached) */
 static PyObject *POLICY_FIELDS = NULL; /* headers._POLICY_FIELDS (an itemgetter) */
-static PyObject *TIME_FN = NULL;       /* time.time */
 static PyObject *STYLES[STYLE_COUNT];  /* the HeaderStyle members */
-static PyObject *STYLE_NAMES[STYLE_COUNT]; /* headers.HEADER_NAMES[style], frozensets */
-static PyObject *HEADERS_PY = NULL;    /* headers.rate_limit_headers_py */
-static PyObject *HEADER_NAMES_BY_STYLE = NULL; /* headers.HEADER_NAMES */
 
 static PyObject *
 configure_headers(PyObject *module, PyObject *args)
 {
-    PyObject *policy_header, *name_bytes, *policy_fields, *time_fn, *styles, *names, *python,
-        *by_style;
-    if (!PyArg_ParseTuple(args, "OOOOO!O!OO", &policy_header, &name_bytes, &policy_fields,
-                          &time_fn, &PyTuple_Type, &styles, &PyTuple_Type, &names, &python,
-                          &by_style)) {
+    PyObject *policy_header, *name_bytes, *policy_fields, *styles;
+    if (!PyArg_ParseTuple(args, "OOOO!", &policy_header, &name_bytes, &policy_fields,
+                          &PyTuple_Type, &styles)) {
         return NULL;
     }
-    if (PyTuple_GET_SIZE(styles) != STYLE_COUNT || PyTuple_GET_SIZE(names) != STYLE_COUNT) {
-        PyErr_SetString(PyExc_ValueError, "configure_headers: five styles and their names");
+    if (PyTuple_GET_SIZE(styles) != STYLE_COUNT) {
+        PyErr_SetString(PyExc_ValueError, "configure_headers: five styles");
         return NULL;
     }
     Py_XSETREF(POLICY_HEADER, Py_NewRef(policy_header));
     Py_XSETREF(NAME_BYTES, Py_NewRef(name_bytes));
     Py_XSETREF(POLICY_FIELDS, Py_NewRef(policy_fields));
-    Py_XSETREF(TIME_FN, Py_NewRef(time_fn));
-    Py_XSETREF(HEADERS_PY, Py_NewRef(python));
-    Py_XSETREF(HEADER_NAMES_BY_STYLE, Py_NewRef(by_style));
     for (int i = 0; i < STYLE_COUNT; i++) {
         Py_XSETREF(STYLES[i], Py_NewRef(PyTuple_GET_ITEM(styles, i)));
-        Py_XSETREF(STYLE_NAMES[i], Py_NewRef(PyTuple_GET_ITEM(names, i)));
     }
     Py_RETURN_NONE;
 }
@@ -1388,12 +662,10 @@ style_code(PyObject *style)
     return -1;
 }
 
-/* headers.rate_limit_headers_py in C for a style code other than "none". `now` may be NULL:
- * time.time() is then read if the style needs it. Returns a new list, Py_None (a new
- * reference) for what C leaves to Python, or NULL with an exception. */
+/* headers.rate_limit_headers_py in C for a style code other than "none". Returns a new list,
+ * Py_None (a new reference) for what C leaves to Python, or NULL with an exception. */
 static PyObject *
-build_headers(PyObject *seq, int style, PyObject *now_obj, PyObject *policy_header,
-              PyObject *names)
+build_headers(PyObject *seq, int style, PyObject *now_obj)
 {
     if (POLICY_HEADER == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_speedups.configure_headers() was not called");
@@ -1425,38 +697,26 @@ build_headers(PyObject *seq, int style, PyObject *now_obj, PyObject *policy_head
         goto done;
     }
     if (style == STYLE_IETF || style == STYLE_BOTH) {
-        PyObject *policy = NULL;
-        if (policy_header != NULL) {
-            policy = Py_NewRef(policy_header); /* the caller's, for these very decisions */
+        /* The cache key: (policy, limit, window) of each decision, as the Python twin. */
+        PyObject *key = PyTuple_New(n);
+        if (key == NULL) {
+            goto error;
         }
-        else {
-            /* The cache key: (policy, limit, window) of each decision, as the Python twin. */
-            PyObject *key = PyTuple_New(n);
-            if (key == NULL) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *fields = PyObject_CallOneArg(POLICY_FIELDS, items[i]);
+            if (fields == NULL) {
+                Py_DECREF(key);
                 goto error;
             }
-            for (Py_ssize_t i = 0; i < n; i++) {
-                PyObject *fields = PyObject_CallOneArg(POLICY_FIELDS, items[i]);
-                if (fields == NULL) {
-                    Py_DECREF(key);
-                    goto error;
-                }
-                PyTuple_SET_ITEM(key, i, fields);
-            }
-            policy = PyObject_CallOneArg(POLICY_HEADER, key);
-            Py_DECREF(key);
+            PyTuple_SET_ITEM(key, i, fields);
         }
+        PyObject *policy = PyObject_CallOneArg(POLICY_HEADER, key);
+        Py_DECREF(key);
         if (append_header(result, H_RATELIMIT_POLICY, policy) < 0) {
             goto error;
         }
-        /* The binding policy's name as bytes: a lane's, made once, where it is that name. */
-        PyObject *policy_name = PyTuple_GET_ITEM(bound, D_POLICY);
-        PyObject *pair = names != NULL && index < PyTuple_GET_SIZE(names)
-                             ? PyTuple_GET_ITEM(names, index)
-                             : NULL;
-        PyObject *name = pair != NULL && PyTuple_GET_ITEM(pair, 0) == policy_name
-                             ? Py_NewRef(PyTuple_GET_ITEM(pair, 1))
-                             : PyObject_CallOneArg(NAME_BYTES, policy_name);
+        /* The binding policy's name as bytes. */
+        PyObject *name = PyObject_CallOneArg(NAME_BYTES, PyTuple_GET_ITEM(bound, D_POLICY));
         if (name == NULL) {
             goto error;
         }
@@ -1491,12 +751,7 @@ build_headers(PyObject *seq, int style, PyObject *now_obj, PyObject *policy_head
     }
     if (style == STYLE_X || style == STYLE_BOTH) {
         double now;
-        PyObject *read = now_obj != NULL ? Py_NewRef(now_obj) : PyObject_CallNoArgs(TIME_FN);
-        if (read == NULL) {
-            goto error;
-        }
-        int ok = number(read, &now);
-        Py_DECREF(read);
+        int ok = number(now_obj, &now);
         if (ok <= 0) {
             if (ok == 0) {
                 Py_SETREF(result, Py_NewRef(Py_None));
@@ -1550,681 +805,7 @@ rate_limit_headers(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "rate_limit_headers takes 3 arguments");
         return NULL;
     }
-    return build_headers(args[0], style_code(args[1]), args[2], NULL, NULL);
-}
-
-/* -- the lanes' ASGI send wrapper ------------------------------------------------------------ */
-
-static PyObject *s_status, *s_limiter, *s_header_style, *s_denial, *s_get, *s_lower,
-    *s_start_type, *s_body_type;
-static PyObject *INT_429 = NULL;
-static PyObject *SEND_DENIAL = NULL; /* middleware._send_denial(send, context, denial) */
-static PyObject *NOTHING = NULL;     /* middleware._nothing() */
-
-typedef struct {
-    PyObject_HEAD
-    vectorcallfunc vectorcall; /* sender_vectorcall: a call costs no argument tuple */
-    PyObject *send;    /* the next send */
-    PyObject *context; /* the RequestContext */
-    PyObject *status;  /* the response status, once started */
-    Lane *lane;        /* the lane: RateLimit-Policy and names for its own decisions */
-    int replaced;      /* a guard's denial was sent instead: drop the app's body */
-} Sender;
-
-static int
-sender_traverse(Sender *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->send);
-    Py_VISIT(self->context);
-    Py_VISIT(self->status);
-    Py_VISIT(self->lane);
-    return 0;
-}
-
-static int
-sender_clear(Sender *self)
-{
-    Py_CLEAR(self->send);
-    Py_CLEAR(self->context);
-    Py_CLEAR(self->status);
-    Py_CLEAR(self->lane);
-    return 0;
-}
-
-static void
-sender_dealloc(Sender *self)
-{
-    PyObject_GC_UnTrack(self);
-    sender_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static PyTypeObject SenderType;
-static PyObject *sender_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf,
-                                   PyObject *kwnames);
-
-/* A lane request's Sender: the lane's RateLimit-Policy (bytes or None) and names describe
- * the context's first lane->n decisions. */
-static PyObject *
-make_sender(PyObject *send, PyObject *context, Lane *lane)
-{
-    Sender *self = (Sender *)SenderType.tp_alloc(&SenderType, 0);
-    if (self == NULL) {
-        return NULL;
-    }
-    self->vectorcall = (vectorcallfunc)sender_vectorcall;
-    self->send = Py_NewRef(send);
-    self->context = Py_NewRef(context);
-    self->status = Py_NewRef(Py_None);
-    self->lane = (Lane *)Py_NewRef(lane);
-    self->replaced = 0;
-    return (PyObject *)self;
-}
-
-/* The app's header list with ours, each of our names once (the app's own copies dropped):
- * middleware._Responder.send's merge. */
-static PyObject *
-merged_headers(PyObject *headers, PyObject *ours, PyObject *names)
-{
-    PyObject *app = PySequence_Fast(headers, "headers must be a sequence");
-    if (app == NULL) {
-        return NULL;
-    }
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(app);
-    PyObject **items = PySequence_Fast_ITEMS(app);
-    PyObject *result = PyList_New(0);
-    if (result == NULL) {
-        Py_DECREF(app);
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *name = PySequence_GetItem(items[i], 0);
-        if (name == NULL) {
-            goto error;
-        }
-        /* Servers send lower-case bytes: only others need lower(). */
-        int clash;
-        if (PyBytes_CheckExact(name)) {
-            const char *text = PyBytes_AS_STRING(name);
-            Py_ssize_t size = PyBytes_GET_SIZE(name);
-            int upper = 0;
-            for (Py_ssize_t j = 0; j < size && !upper; j++) {
-                upper = text[j] >= 'A' && text[j] <= 'Z';
-            }
-            if (upper) {
-                PyObject *lowered = PyObject_CallMethodNoArgs(name, s_lower);
-                Py_SETREF(name, lowered);
-                if (name == NULL) {
-                    goto error;
-                }
-            }
-            clash = PySet_Contains(names, name);
-        }
-        else {
-            PyObject *lowered = PyObject_CallMethodNoArgs(name, s_lower);
-            Py_SETREF(name, lowered);
-            if (name == NULL) {
-                goto error;
-            }
-            clash = PySet_Contains(names, name);
-        }
-        Py_DECREF(name);
-        if (clash < 0) {
-            goto error;
-        }
-        if (!clash && PyList_Append(result, items[i]) < 0) {
-            goto error;
-        }
-    }
-    Py_DECREF(app);
-    if (PyList_SetSlice(result, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, ours) < 0) {
-        Py_DECREF(result);
-        return NULL;
-    }
-    return result;
-error:
-    Py_DECREF(app);
-    Py_DECREF(result);
-    return NULL;
-}
-
-/* context.<field> as a new reference: the slot itself (lane contexts are RequestContexts),
- * or getattr where it is empty, which raises the AttributeError Python would. */
-static PyObject *
-context_get(PyObject *context, int field, PyObject *name)
-{
-    PyObject *value = Py_IS_TYPE(context, CONTEXT_TYPE) ? CONTEXT_FIELD(context, field) : NULL;
-    return value != NULL ? Py_NewRef(value) : PyObject_GetAttr(context, name);
-}
-
-/* Add our headers to an http.response.start message; 0 done, -1 error. */
-static int
-add_headers(Sender *self, PyObject *message)
-{
-    PyObject *limiter = context_get(self->context, C_LIMITER, s_limiter);
-    if (limiter == NULL) {
-        return -1;
-    }
-    PyObject *style = PyObject_GetAttr(limiter, s_header_style);
-    Py_DECREF(limiter);
-    if (style == NULL) {
-        return -1;
-    }
-    PyObject *decisions = context_get(self->context, C_DECISIONS, s_decisions);
-    int rc = -1;
-    PyObject *ours = NULL, *names = NULL, *merged = NULL;
-    if (decisions == NULL) {
-        goto done;
-    }
-    int has = PyObject_IsTrue(decisions);
-    if (has < 0) {
-        goto done;
-    }
-    int code = style_code(style);
-    if (!has || code == STYLE_NONE) {
-        rc = 0;
-        goto done;
-    }
-    /* The lane's RateLimit-Policy holds while the decisions are the lane's own (a guard that
-     * checks itself may have added more). */
-    Lane *lane = self->lane;
-    int own = PyList_Check(decisions) && PyList_GET_SIZE(decisions) == lane->n;
-    PyObject *policy = own && lane->policy_header != Py_None ? lane->policy_header : NULL;
-    PyObject *spelled = own && lane->names != Py_None ? lane->names : NULL;
-    ours = code >= 0 ? build_headers(decisions, code, NULL, policy, spelled) : Py_NewRef(Py_None);
-    if (ours == Py_None) {
-        /* The Python twin: a plain-string style, or figures C can't mirror exactly. */
-        PyObject *now = PyObject_CallNoArgs(TIME_FN);
-        Py_SETREF(ours, now == NULL ? NULL : PyObject_CallFunctionObjArgs(HEADERS_PY,
-                                                                            decisions, style,
-                                                                            now, NULL));
-        Py_XDECREF(now);
-    }
-    if (ours == NULL) {
-        goto done;
-    }
-    names = code >= 0 ? Py_NewRef(STYLE_NAMES[code]) : NULL;
-    if (names == NULL) {
-        /* HEADER_NAMES[style], as the Python twin looks it up (it may raise the same way). */
-        names = PyObject_GetItem(HEADER_NAMES_BY_STYLE, style);
-        if (names == NULL) {
-            goto done;
-        }
-    }
-    PyObject *headers = NULL;
-    if (PyDict_CheckExact(message)) {
-        headers = PyDict_GetItemWithError(message, s_headers);
-        if (headers == NULL && PyErr_Occurred()) {
-            goto done;
-        }
-        Py_XINCREF(headers);
-    }
-    else {
-        headers = PyObject_CallMethodOneArg(message, s_get, s_headers);
-        if (headers == NULL) {
-            goto done;
-        }
-        if (headers == Py_None) {
-            Py_CLEAR(headers);
-        }
-    }
-    if (headers == NULL) {
-        headers = PyTuple_New(0);
-        if (headers == NULL) {
-            goto done;
-        }
-    }
-    merged = merged_headers(headers, ours, names);
-    Py_DECREF(headers);
-    if (merged == NULL || PyObject_SetItem(message, s_headers, merged) < 0) {
-        goto done;
-    }
-    rc = 0;
-done:
-    Py_DECREF(style);
-    Py_XDECREF(decisions);
-    Py_XDECREF(ours);
-    Py_XDECREF(names);
-    Py_XDECREF(merged);
-    return rc;
-}
-
-/* message[name] for a message dict, borrowed; NULL with a KeyError where it is missing, as
- * the Python twin's message[name] raises. Other mappings: their own __getitem__. */
-static PyObject *
-message_get(PyObject *message, PyObject *name, PyObject **owned)
-{
-    *owned = NULL;
-    if (PyDict_CheckExact(message)) {
-        PyObject *value = PyDict_GetItemWithError(message, name);
-        if (value == NULL && !PyErr_Occurred()) {
-            PyErr_SetObject(PyExc_KeyError, name);
-        }
-        return value;
-    }
-    return *owned = PyObject_GetItem(message, name);
-}
-
-/* sender(message) -> the next send's awaitable (middleware._Responder.send, in C). */
-static PyObject *
-sender_send(Sender *self, PyObject *message)
-{
-    if (SEND_DENIAL == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "_speedups.configure_sender() was not called");
-        return NULL;
-    }
-    PyObject *owned;
-    PyObject *kind = message_get(message, s_type, &owned);
-    if (kind == NULL) {
-        return NULL;
-    }
-    int start = str_eq(kind, s_start_type);
-    int body = start == 0 ? str_eq(kind, s_body_type) : 0;
-    Py_XDECREF(owned);
-    if (start < 0 || body < 0) {
-        return NULL;
-    }
-    if (start) {
-        PyObject *status = message_get(message, s_status, &owned);
-        if (status == NULL) {
-            return NULL;
-        }
-        Py_XSETREF(self->status, Py_NewRef(status));
-        Py_XDECREF(owned);
-        int denied = PyObject_RichCompareBool(self->status, INT_429, Py_EQ);
-        if (denied < 0) {
-            return NULL;
-        }
-        if (denied) {
-            PyObject *denial = context_get(self->context, C_DENIAL, s_denial);
-            if (denial == NULL) {
-                return NULL;
-            }
-            if (denial != Py_None) {
-                /* A route guard denied: its problem+json 429 instead of the app's body. */
-                self->replaced = 1;
-                PyObject *sent = PyObject_CallFunctionObjArgs(SEND_DENIAL, self->send,
-                                                              self->context, denial, NULL);
-                Py_DECREF(denial);
-                return sent;
-            }
-            Py_DECREF(denial);
-        }
-        if (add_headers(self, message) < 0) {
-            return NULL;
-        }
-    }
-    else if (body && self->replaced) {
-        return PyObject_CallNoArgs(NOTHING);
-    }
-    return PyObject_CallOneArg(self->send, message);
-}
-
-static PyObject *
-sender_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
-{
-    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0)) {
-        PyErr_SetString(PyExc_TypeError, "send(message) takes exactly one positional argument");
-        return NULL;
-    }
-    return sender_send((Sender *)self, args[0]);
-}
-
-static PyMemberDef sender_members[] = {
-    {"status", T_OBJECT, offsetof(Sender, status), READONLY,
-     "The response status, once the response started (None before)."},
-    {"context", T_OBJECT, offsetof(Sender, context), READONLY, "The request's context."},
-    {NULL, 0, 0, 0, NULL},
-};
-
-static PyTypeObject SenderType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "fastapi_ratelimit._speedups.Sender",
-    .tp_basicsize = sizeof(Sender),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_doc = "middleware._Responder.send in C, for lane requests (made by lane_admit).",
-    .tp_call = PyVectorcall_Call,
-    .tp_vectorcall_offset = offsetof(Sender, vectorcall),
-    .tp_traverse = (traverseproc)sender_traverse,
-    .tp_clear = (inquiry)sender_clear,
-    .tp_dealloc = (destructor)sender_dealloc,
-    .tp_members = sender_members,
-};
-
-/* -- the lanes' awaitable ---------------------------------------------------------------------- */
-
-/* What `await self.app(scope, receive, sender)` and the after-response step of the
- * middleware's Python path do for a lane request, as an awaitable of its own: the middleware
- * hands it straight to the server, so a lane request costs no coroutine of ours. It drives
- * the app's awaitable, then, where the request needs it (a cost the endpoint reported, or a
- * guard's refund), limiter.after_response(context, status); its result is None. It has the
- * coroutine protocol (send, throw, close, __await__), so cancellation and close reach the app
- * exactly as through a coroutine. */
-typedef struct {
-    PyObject_HEAD
-    PyObject *inner;   /* the iterator being driven: the app's, then after_response's */
-    PyObject *sender;  /* the request's Sender (its context and status) */
-    PyObject *limiter;
-    int after;         /* the app finished: inner, if any, is after_response's */
-} LaneRun;
-
-static PyObject *s_throw, *s_close, *s_after_response, *s_refundable, *s_reported_cost;
-
-static int
-run_traverse(LaneRun *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->inner);
-    Py_VISIT(self->sender);
-    Py_VISIT(self->limiter);
-    return 0;
-}
-
-static int
-run_clear(LaneRun *self)
-{
-    Py_CLEAR(self->inner);
-    Py_CLEAR(self->sender);
-    Py_CLEAR(self->limiter);
-    return 0;
-}
-
-static void
-run_dealloc(LaneRun *self)
-{
-    PyObject_GC_UnTrack(self);
-    run_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-/* The iterator `await awaitable` drives, as CPython's GET_AWAITABLE finds it. */
-static PyObject *
-await_iter(PyObject *awaitable)
-{
-    if (PyCoro_CheckExact(awaitable)) {
-        return Py_NewRef(awaitable);
-    }
-    if (PyGen_CheckExact(awaitable)) {
-        /* A generator-based coroutine (@types.coroutine) is awaitable as itself. */
-        PyObject *code = PyObject_GetAttrString(awaitable, "gi_code");
-        int iterable = code != NULL && PyCode_Check(code) &&
-                       (((PyCodeObject *)code)->co_flags & CO_ITERABLE_COROUTINE);
-        Py_XDECREF(code);
-        if (iterable) {
-            return Py_NewRef(awaitable);
-        }
-        PyErr_Clear();
-    }
-    PyAsyncMethods *am = Py_TYPE(awaitable)->tp_as_async;
-    if (am == NULL || am->am_await == NULL) {
-        PyErr_Format(PyExc_TypeError, "object %.100s can't be used in 'await' expression",
-                     Py_TYPE(awaitable)->tp_name);
-        return NULL;
-    }
-    PyObject *iterator = am->am_await(awaitable);
-    if (iterator != NULL && (PyCoro_CheckExact(iterator) || !PyIter_Check(iterator))) {
-        PyErr_Format(PyExc_TypeError, "__await__() returned %s",
-                     PyCoro_CheckExact(iterator) ? "a coroutine" : "a non-iterator");
-        Py_CLEAR(iterator);
-    }
-    return iterator;
-}
-
-/* limiter.needs_after_response(context) for a lane's context: a lane's limiter has no work
- * after every response (RateLimiter.lane_for), so refunds and a reported cost decide. */
-static int
-run_needs_after(LaneRun *self)
-{
-    PyObject *context = ((Sender *)self->sender)->context;
-    PyObject *refundable = context_get(context, C_REFUNDABLE, s_refundable);
-    if (refundable == NULL) {
-        return -1;
-    }
-    int some = PyObject_IsTrue(refundable);
-    Py_DECREF(refundable);
-    if (some != 0) {
-        return some;
-    }
-    PyObject *reported = context_get(context, C_REPORTED_COST, s_reported_cost);
-    if (reported == NULL) {
-        return -1;
-    }
-    Py_DECREF(reported);
-    return reported != Py_None;
-}
-
-/* Carry on from what driving `inner` gave: when it returned, move to the next stage. */
-static PySendResult
-run_continue(LaneRun *self, PySendResult status, PyObject **result)
-{
-    while (status == PYGEN_RETURN) {
-        Py_CLEAR(*result); /* the app's return value: `await self.app(...)` discards it */
-        Py_CLEAR(self->inner);
-        if (self->after) {
-            *result = Py_NewRef(Py_None);
-            return PYGEN_RETURN;
-        }
-        self->after = 1;
-        int needed = run_needs_after(self);
-        if (needed <= 0) {
-            *result = needed < 0 ? NULL : Py_NewRef(Py_None);
-            return needed < 0 ? PYGEN_ERROR : PYGEN_RETURN;
-        }
-        Sender *sender = (Sender *)self->sender;
-        PyObject *coroutine = PyObject_CallMethodObjArgs(self->limiter, s_after_response,
-                                                         sender->context, sender->status, NULL);
-        if (coroutine == NULL) {
-            return PYGEN_ERROR;
-        }
-        self->inner = await_iter(coroutine);
-        Py_DECREF(coroutine);
-        if (self->inner == NULL) {
-            return PYGEN_ERROR;
-        }
-        status = PyIter_Send(self->inner, Py_None, result);
-    }
-    if (status == PYGEN_ERROR) {
-        Py_CLEAR(self->inner);
-    }
-    return status;
-}
-
-static PySendResult
-run_am_send(LaneRun *self, PyObject *arg, PyObject **result)
-{
-    if (self->inner == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
-        *result = NULL;
-        return PYGEN_ERROR;
-    }
-    return run_continue(self, PyIter_Send(self->inner, arg, result), result);
-}
-
-/* The iterator protocol's answer for a send result: the yielded value, or NULL with
- * StopIteration (result None: no exception needed for tp_iternext, but send() raises). */
-static PyObject *
-run_yield(PySendResult status, PyObject *result, int raise_stop)
-{
-    if (status == PYGEN_NEXT) {
-        return result;
-    }
-    if (status == PYGEN_RETURN) {
-        Py_DECREF(result); /* always None */
-        if (raise_stop) {
-            PyErr_SetNone(PyExc_StopIteration);
-        }
-    }
-    return NULL;
-}
-
-static PyObject *
-run_iternext(LaneRun *self)
-{
-    PyObject *result;
-    PySendResult status = run_am_send(self, Py_None, &result);
-    return run_yield(status, result, 0);
-}
-
-static PyObject *
-run_send(LaneRun *self, PyObject *arg)
-{
-    PyObject *result;
-    PySendResult status = run_am_send(self, arg, &result);
-    return run_yield(status, result, 1);
-}
-
-static PyObject *
-run_throw(LaneRun *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs < 1 || nargs > 3) {
-        PyErr_SetString(PyExc_TypeError, "throw expected 1 to 3 arguments");
-        return NULL;
-    }
-    if (self->inner == NULL) {
-        /* Finished: raise it here, as a finished coroutine's throw() does. */
-        PyObject *exception = args[0];
-        if (PyExceptionInstance_Check(exception)) {
-            PyErr_SetObject((PyObject *)Py_TYPE(exception), exception);
-        }
-        else if (PyExceptionClass_Check(exception)) {
-            PyErr_SetObject(exception, nargs > 1 && args[1] != Py_None ? args[1] : NULL);
-        }
-        else {
-            PyErr_SetString(PyExc_TypeError, "exceptions must derive from BaseException");
-        }
-        return NULL;
-    }
-    PyObject *throw = PyObject_GetAttr(self->inner, s_throw);
-    if (throw == NULL) {
-        return NULL;
-    }
-    PyObject *result = PyObject_Vectorcall(throw, args, nargs, NULL);
-    Py_DECREF(throw);
-    if (result != NULL) {
-        return result; /* the inner awaitable caught it and yielded */
-    }
-    if (!PyErr_ExceptionMatches(PyExc_StopIteration)) {
-        Py_CLEAR(self->inner);
-        return NULL;
-    }
-    /* It caught it and returned: its value is StopIteration.value. */
-    PyObject *type, *value, *traceback;
-    PyErr_Fetch(&type, &value, &traceback);
-    PyErr_NormalizeException(&type, &value, &traceback);
-    PyObject *returned = value != NULL ? PyObject_GetAttrString(value, "value") : NULL;
-    Py_XDECREF(type);
-    Py_XDECREF(value);
-    Py_XDECREF(traceback);
-    if (returned == NULL) {
-        Py_CLEAR(self->inner);
-        return NULL;
-    }
-    PySendResult status = run_continue(self, PYGEN_RETURN, &returned);
-    return run_yield(status, returned, 1);
-}
-
-static PyObject *
-run_close(LaneRun *self, PyObject *unused)
-{
-    self->after = 1; /* closed: nothing more runs */
-    PyObject *inner = self->inner;
-    if (inner == NULL) {
-        Py_RETURN_NONE;
-    }
-    self->inner = NULL;
-    PyObject *close = PyObject_GetAttr(inner, s_close);
-    PyObject *result = close != NULL ? PyObject_CallNoArgs(close) : NULL;
-    Py_XDECREF(close);
-    Py_DECREF(inner);
-    if (result == NULL) {
-        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
-            PyErr_Clear(); /* an iterator without close(): nothing to close */
-            Py_RETURN_NONE;
-        }
-        return NULL;
-    }
-    Py_DECREF(result);
-    Py_RETURN_NONE;
-}
-
-static PyObject *
-run_await(LaneRun *self)
-{
-    return Py_NewRef(self);
-}
-
-static PyMethodDef run_methods[] = {
-    {"send", (PyCFunction)run_send, METH_O, "send(value): resume the request."},
-    {"throw", (PyCFunction)(void (*)(void))run_throw, METH_FASTCALL,
-     "throw(exception): raise it where the request waits."},
-    {"close", (PyCFunction)run_close, METH_NOARGS, "close(): close the request's awaitable."},
-    {NULL, NULL, 0, NULL},
-};
-
-static PyMemberDef run_members[] = {
-    {"sender", T_OBJECT, offsetof(LaneRun, sender), READONLY,
-     "The request's Sender (its context and status)."},
-    {NULL, 0, 0, 0, NULL},
-};
-
-static PyAsyncMethods run_async = {
-    .am_await = (unaryfunc)run_await,
-    .am_send = (sendfunc)run_am_send,
-};
-
-static PyTypeObject LaneRunType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "fastapi_ratelimit._speedups.LaneRun",
-    .tp_basicsize = sizeof(LaneRun),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "A lane request's app call and after-response step, as one awaitable.",
-    .tp_as_async = &run_async,
-    .tp_iter = PyObject_SelfIter,
-    .tp_iternext = (iternextfunc)run_iternext,
-    .tp_traverse = (traverseproc)run_traverse,
-    .tp_clear = (inquiry)run_clear,
-    .tp_dealloc = (destructor)run_dealloc,
-    .tp_methods = run_methods,
-    .tp_members = run_members,
-};
-
-/* The awaitable for a lane request: app(scope, receive, sender) called now (as `await
- * self.app(...)` would, first thing), driven when awaited. */
-static PyObject *
-make_run(PyObject *app, PyObject *scope, PyObject *receive, PyObject *sender, PyObject *limiter)
-{
-    PyObject *args[3] = {scope, receive, sender};
-    PyObject *awaitable = PyObject_Vectorcall(app, args, 3, NULL);
-    if (awaitable == NULL) {
-        return NULL;
-    }
-    PyObject *inner = await_iter(awaitable);
-    Py_DECREF(awaitable);
-    if (inner == NULL) {
-        return NULL;
-    }
-    LaneRun *self = PyObject_GC_New(LaneRun, &LaneRunType);
-    if (self == NULL) {
-        Py_DECREF(inner);
-        return NULL;
-    }
-    self->inner = inner;
-    self->sender = Py_NewRef(sender);
-    self->limiter = Py_NewRef(limiter);
-    self->after = 0;
-    PyObject_GC_Track(self);
-    return (PyObject *)self;
-}
-
-static PyObject *
-configure_sender(PyObject *module, PyObject *args)
-{
-    PyObject *send_denial, *nothing;
-    if (!PyArg_ParseTuple(args, "OO", &send_denial, &nothing)) {
-        return NULL;
-    }
-    Py_XSETREF(SEND_DENIAL, Py_NewRef(send_denial));
-    Py_XSETREF(NOTHING, Py_NewRef(nothing));
-    Py_RETURN_NONE;
+    return build_headers(args[0], style_code(args[1]), args[2]);
 }
 
 static PyMethodDef methods[] = {
@@ -2232,18 +813,11 @@ static PyMethodDef methods[] = {
      "configure(sliding_window_counter, Decision, Verdict): the types admit_sc works with."},
     {"admit_sc", (PyCFunction)(void (*)(void))admit_sc, METH_FASTCALL,
      "admit_sc(checks, now, data, cached, key_fn, margin, fresh) -> Verdict | None"},
-    {"lane_admit", (PyCFunction)(void (*)(void))lane_admit, METH_FASTCALL,
-     "lane_admit(lanes, scope, limiter, api_key_header, api_key_query, api_key_counted, send, "
-     "app, receive) -> LaneRun | None"},
-    {"configure_context", configure_context, METH_VARARGS,
-     "configure_context(RequestContext, descriptors): how lane_admit builds contexts."},
     {"rate_limit_headers", (PyCFunction)(void (*)(void))rate_limit_headers, METH_FASTCALL,
      "rate_limit_headers(decisions, style, now) -> list | None"},
     {"configure_headers", configure_headers, METH_VARARGS,
-     "configure_headers(policy_header, name_bytes, policy_fields, time, styles, names, "
-     "python, names_by_style): the helpers and constants of fastapi_ratelimit.headers."},
-    {"configure_sender", configure_sender, METH_VARARGS,
-     "configure_sender(send_denial, nothing): the middleware's helpers for Sender."},
+     "configure_headers(policy_header, name_bytes, policy_fields, styles): the helpers and "
+     "constants of fastapi_ratelimit.headers."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2269,66 +843,14 @@ PyInit__speedups(void)
     INTERN(s_name, "name");
     INTERN(s_window, "window");
     INTERN(s_move_to_end, "move_to_end");
-    INTERN(s_type, "type");
-    INTERN(s_method, "method");
-    INTERN(s_app, "app");
-    INTERN(s_root_path, "root_path");
-    INTERN(s_path, "path");
-    INTERN(s_client, "client");
-    INTERN(s_state, "state");
-    INTERN(s_user, "user");
-    INTERN(s_headers, "headers");
-    INTERN(s_query_string, "query_string");
-    INTERN(s_backend, "backend");
-    INTERN(s_lists, "lists");
-    INTERN(s_quiet, "quiet");
-    INTERN(s_decisions, "decisions");
-    INTERN(s_scope_key, "fastapi_ratelimit");
-    INTERN(s_http, "http");
-    INTERN(s_options, "OPTIONS");
-    INTERN(s_empty, "");
+#undef INTERN
     for (int i = 0; i < H_COUNT; i++) {
         if ((HEADER_BYTES[i] = PyBytes_FromString(HEADER_TEXT[i])) == NULL) {
             return NULL;
         }
     }
-    INTERN(s_status, "status");
-    INTERN(s_limiter, "limiter");
-    INTERN(s_header_style, "header_style");
-    INTERN(s_denial, "denial");
-    INTERN(s_get, "get");
-    INTERN(s_lower, "lower");
-    INTERN(s_start_type, "http.response.start");
-    INTERN(s_body_type, "http.response.body");
-    INTERN(s_throw, "throw");
-    INTERN(s_close, "close");
-    INTERN(s_after_response, "after_response");
-    INTERN(s_refundable, "refundable");
-    INTERN(s_reported_cost, "reported_cost");
-#undef INTERN
-    if ((INT_429 = PyLong_FromLong(429)) == NULL || (FLOAT_ZERO = PyFloat_FromDouble(0.0)) == NULL ||
-        PyType_Ready(&SenderType) < 0 || PyType_Ready(&LaneType) < 0 ||
-        PyType_Ready(&LaneRunType) < 0) {
+    if ((FLOAT_ZERO = PyFloat_FromDouble(0.0)) == NULL) {
         return NULL;
     }
-    PyObject *time_module = PyImport_ImportModule("time");
-    if (time_module == NULL) {
-        return NULL;
-    }
-    TIME_NS = PyObject_GetAttrString(time_module, "time_ns");
-    Py_DECREF(time_module);
-    if (TIME_NS == NULL) {
-        return NULL;
-    }
-    PyObject *module = PyModule_Create(&module_def);
-    if (module == NULL) {
-        return NULL;
-    }
-    if (PyModule_AddObjectRef(module, "Sender", (PyObject *)&SenderType) < 0 ||
-        PyModule_AddObjectRef(module, "Lane", (PyObject *)&LaneType) < 0 ||
-        PyModule_AddObjectRef(module, "LaneRun", (PyObject *)&LaneRunType) < 0) {
-        Py_DECREF(module);
-        return NULL;
-    }
-    return module;
+    return PyModule_Create(&module_def);
 }

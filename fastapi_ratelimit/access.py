@@ -144,12 +144,9 @@ class AccessLists:
         self._keys = keys
         self._ipv6_prefix = ipv6_prefix
         self._allow_any = allow_any_network
-        #: Both lists loaded, refreshing, and empty: what :meth:`known_empty` answers, kept
-        #: up to date by the mirrors as a plain attribute (read per request, also from C).
-        self.quiet = False
         self._mirrors = {
-            "allow": Mirror(store, "allow", refresh_interval, self._update_quiet),
-            "block": Mirror(store, "block", refresh_interval, self._update_quiet),
+            "allow": Mirror(store, "allow", refresh_interval),
+            "block": Mirror(store, "block", refresh_interval),
         }
         self._allow, self._block = self._mirrors["allow"], self._mirrors["block"]
         self._indexes = {"allow": _Index(), "block": _Index()}
@@ -160,13 +157,8 @@ class AccessLists:
 
     def known_empty(self) -> bool:
         """Both lists are loaded, refreshing, and empty."""
-        return self.quiet
-
-    def _update_quiet(self) -> None:
         allow, block = self._allow, self._block
-        self.quiet = bool(
-            allow.running and block.running and not allow.entries and not block.entries
-        )
+        return allow.running and block.running and not allow.entries and not block.entries
 
     async def decide(self, context: RequestContext) -> ListName | None:
         """``"block"``, ``"allow"`` or ``None`` for this request."""

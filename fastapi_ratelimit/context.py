@@ -3,10 +3,9 @@ data from middleware to endpoints), never on a shared object."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._accel import speedups
 from .backends.base import Check
 from .decision import Decision
 
@@ -89,20 +88,6 @@ class RequestContext:
         self.denial = None
         self.exempt = False
         self.reduced = False
-
-
-if speedups is not None:
-    # The lanes (see middleware._Lane) build contexts in C, slot by slot, in this order.
-    _FIELDS = (
-        "limiter", "ip", "api_key", "user", "tier", "endpoint", "route", "cost", "key_tier",
-        "decisions", "charged", "handled", "refundable", "reported_cost", "middleware",
-        "denial", "exempt", "reduced",
-    )  # fmt: skip
-    if tuple(f.name for f in fields(RequestContext)) != _FIELDS:
-        raise RuntimeError("RequestContext's fields changed: update _FIELDS and _speedups.c")
-    speedups.configure_context(
-        RequestContext, tuple(RequestContext.__dict__[name] for name in _FIELDS)
-    )
 
 
 def report_cost(request: Any, cost: int) -> None:

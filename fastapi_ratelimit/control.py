@@ -45,16 +45,7 @@ class ControlStore(Protocol):
 class Mirror:
     """A local copy of one namespace, parsed, refreshed in the background."""
 
-    def __init__(
-        self,
-        store: ControlStore,
-        namespace: str,
-        refresh_interval: float,
-        on_change: Callable[[], None] | None = None,
-    ) -> None:
-        #: Called after :attr:`running` or :attr:`entries` changed (owners keep flags derived
-        #: from them, read per request).
-        self._on_change = on_change
+    def __init__(self, store: ControlStore, namespace: str, refresh_interval: float) -> None:
         self._store = store
         self._namespace = namespace
         self._interval = refresh_interval
@@ -80,24 +71,17 @@ class Mirror:
                 every(self._interval, self.refresh, f"refresh of {self._namespace}")
             )
             self.running = True
-            self._changed()
             task.add_done_callback(self._stopped)
 
     def _stopped(self, task: asyncio.Task[None]) -> None:
         if task is self._task:
             self.running = False
-            self._changed()
 
     async def aclose(self) -> None:
         """Stop the background refresh (call from the app's shutdown)."""
         task, self._task = self._task, None
         self.running = False
-        self._changed()
         await stop(task)
-
-    def _changed(self) -> None:
-        if self._on_change is not None:
-            self._on_change()
 
     async def refresh(self) -> None:
         try:
@@ -126,7 +110,6 @@ class Mirror:
         self.entries = entries
         self._version = version
         self.generation += 1
-        self._changed()
 
 
 async def every(interval: float, action: Callable[[], Awaitable[Any] | Any], what: str) -> None:

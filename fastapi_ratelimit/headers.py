@@ -26,12 +26,10 @@ Header names are lower-case bytes and values latin-1 bytes, ready for an ASGI ``
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from enum import StrEnum
 from functools import lru_cache
 from operator import itemgetter
-from typing import Any
 
 from ._accel import speedups
 from .decision import Decision, binding_of
@@ -41,7 +39,6 @@ __all__ = [
     "HEADER_NAMES",
     "HeaderStyle",
     "parse_header_style",
-    "policy_header",
     "rate_limit_headers",
     "retry_after_value",
 ]
@@ -181,17 +178,13 @@ def _ceil_seconds(seconds: float) -> int:
     return math.ceil(seconds) if seconds > 0 else 0
 
 
-def policy_header(decisions: Sequence[Decision]) -> bytes:
-    """The ``RateLimit-Policy`` value for ``decisions`` (cached per combination)."""
-    # The cache key is built by C code alone (itemgetter and map): no Python frame per level.
-    return _policy_header(tuple(map(_POLICY_FIELDS, decisions)))
-
-
 def _ietf(
     decisions: Sequence[Decision], binding: Decision, remaining: int, t: int
 ) -> list[tuple[bytes, bytes]]:
+    # The cache key is built by C code alone (itemgetter and map): no Python frame per level.
+    policy_header = _policy_header(tuple(map(_POLICY_FIELDS, decisions)))
     status = b'"%s";r=%d;t=%d' % (_name_bytes(binding.policy), remaining, t)
-    return [(b"ratelimit-policy", policy_header(decisions)), (b"ratelimit", status)]
+    return [(b"ratelimit-policy", policy_header), (b"ratelimit", status)]
 
 
 #: A decision's (policy, limit, window): what its ``RateLimit-Policy`` member is made of.
@@ -247,20 +240,7 @@ def _sf_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _positional(decisions: Sequence[Decision], style: HeaderStyle, now: float) -> Any:
-    # For the C side, which calls the twin with positional arguments.
-    return rate_limit_headers_py(decisions, style, now=now)
-
-
 if speedups is not None:
-    _STYLES = (_IETF, _X, _BOTH, _LEGACY, _NONE)
     speedups.configure_headers(
-        _policy_header,
-        _name_bytes,
-        _POLICY_FIELDS,
-        time.time,
-        _STYLES,
-        tuple(HEADER_NAMES[style] for style in _STYLES),
-        _positional,
-        HEADER_NAMES,
+        _policy_header, _name_bytes, _POLICY_FIELDS, (_IETF, _X, _BOTH, _LEGACY, _NONE)
     )

@@ -302,16 +302,6 @@ class ClientIP:
             # A malformed scope (not bytes, not pairs): request data must never raise.
             return identity
 
-    def direct(self, host: str) -> str | None:
-        """The identity of peer ``host`` when no forwarding header can change it (the peer is
-        a well-formed address and not a trusted proxy); ``None`` otherwise. Such an answer
-        depends on ``host`` alone, so callers may cache it with ``host`` as the key."""
-        resolved = self._cache.get(host)
-        if resolved is None:
-            resolved = self._resolve(host)
-        identity, trusted = resolved
-        return None if trusted or not identity else identity
-
     def __repr__(self) -> str:
         headers = [h.decode("ascii") for h in self._headers]
         return (

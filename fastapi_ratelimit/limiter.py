@@ -28,13 +28,7 @@ from .costs import CostTable, check_cost, check_endpoint, endpoint_key
 from .decision import Decision, Verdict
 from .dynamic import DynamicLimits
 from .errors import BackendError, ConfigurationError
-from .headers import (
-    HeaderStyle,
-    parse_header_style,
-    policy_header,
-    rate_limit_headers,
-    retry_after_value,
-)
+from .headers import HeaderStyle, parse_header_style, rate_limit_headers, retry_after_value
 from .identity import ClientIP, api_key_from_scope, ip_identity, parse_ip
 from .keys import KeyBuilder
 from .policy import Algorithm, Policy
@@ -293,23 +287,6 @@ class RateLimiter:
         #: True when :meth:`build_context` can stand in for :meth:`context` (no resolvers and
         #: no tiers to look up): one coroutine less per request.
         self.sync_context = user_resolver is None and tier_resolver is None and tiers is None
-        # Lanes (see lane_for()): only where nothing but the route, method and peer shapes the
-        # levels, and the checks run without a coroutine.
-        self._lanes_possible = (
-            self.sync_context
-            and self._may_run_now
-            and not self._composites
-            and cost_function is None
-            and endpoint_breaker is None
-            and refund_when is None
-        )
-        #: For the middleware's lanes: where API keys come from (the header as lower-case
-        #: bytes, whether a query parameter is read too) and whether a key adds a level.
-        self.api_key_sources = (
-            self._api_key_header,
-            self._api_key_query is not None,
-            self._api_key is not None,
-        )
         # endpoint -> its plan; bounded, since a client can send any method string.
         self._plans: dict[str, _EndpointPlan] = {}
         if isinstance(self.backend, ControlStore):
@@ -334,50 +311,6 @@ class RateLimiter:
     @staticmethod
     def now() -> float:
         return time.time()
-
-    def lane_for(
-        self, host: str, context: RequestContext, checks: Sequence[Check]
-    ) -> tuple[Any, ...] | None:
-        """What the middleware's lanes (``_speedups.lane_admit``) need to decide requests like
-        this one again without this Python path, or ``None`` when the same route, method,
-        path and peer would not always give the same context and levels: a user, an API key
-        where keys have a level of their own, a peer whose forwarding headers count, tiers,
-        resolvers, a cost function, composites, dynamic limits, shadow levels, delays,
-        refunds, an endpoint breaker, or a backend other than the memory one; and not while an
-        allow or block list has entries (lanes then decline every request). ``checks`` must be
-        this limiter's levels only; ``host`` is the ASGI peer address.
-        """
-        backend = self.backend
-        if (
-            not self._lanes_possible
-            or type(backend) is not MemoryBackend
-            or context.user is not None
-            or (context.api_key is not None and self._api_key is not None)
-            or (self.lists is not None and not self.lists.quiet)  # a lane would decline
-        ):
-            return None
-        if self._client_ip.direct(host) is None:
-            return None
-        parts = backend.lane_parts(checks)
-        if parts is None:
-            return None
-        data, now, divisor, store_new, margin, rows = parts
-        return (
-            backend,
-            data,
-            now,
-            divisor,
-            store_new,
-            margin,
-            context.ip,
-            context.endpoint,
-            context.route,
-            context.cost,
-            tuple(checks),
-            rows,
-            # The lane's levels always make the same RateLimit-Policy: made once.
-            policy_header(context.decisions),
-        )
 
     def build_context(self, scope: Scope) -> RequestContext:
         """:meth:`context` without resolvers or tiers (see :attr:`sync_context`)."""

@@ -22,9 +22,7 @@ from typing import Any
 
 from starlette.requests import HTTPConnection
 
-from ._accel import speedups
 from ._types import ASGIApp, Message, Receive, Scope, Send
-from .backends.base import Check
 from .context import SCOPE_KEY, RequestContext
 from .decision import Verdict
 from .dynamic import LoadMonitor
@@ -44,7 +42,6 @@ DEFAULT_EXEMPT = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json")
 _NAME = itemgetter(0)
 _LOWER = methodcaller("lower")  # bytes as ASGI says; a str from a sloppy app must not raise
 _NO_HEADERS = HeaderStyle.NONE  # a module constant: Enum member lookups run Python code
-_lane_admit = speedups.lane_admit if speedups is not None else None
 # id(route) -> (route, its limits). Holding the route keeps its id from being reused.
 _route_limits_cache: dict[int, tuple[Any, tuple[RouteLimit, ...]]] = {}
 
@@ -80,35 +77,8 @@ class RateLimitMiddleware:
         self._exact = frozenset(p.rstrip("/") or "/" for p in paths)
         self._prefixes = tuple((p.rstrip("/") + "/") for p in paths if p != "/")
         self._websockets = websockets
-        #: Requests served before, by method, root path, path and peer: see _Lane. Without
-        #: the C speedups it stays empty.
-        self._lanes: dict[tuple[str, str, str, str], Any] = {}
-        # Servers and asgiref tell an ASGI 3 app by `inspect.iscoroutinefunction(app.__call__)`
-        # (uvicorn, hypercorn, daphne). The class's __call__ is a plain function returning an
-        # awaitable (see there); what they look up on the instance is the coroutine function
-        # that does the same work.
-        vars(self)["__call__"] = self._call
 
-    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        # Not a coroutine function: a request a lane serves (see _Lane) is decided, recorded
-        # and handed to the app by one C call, which returns the awaitable for the rest, so
-        # it costs no coroutine of ours. (So that request is counted when this is called,
-        # not when it is first awaited; ASGI servers and Starlette await it at once.) Servers
-        # that ask whether an app is a coroutine function look at ``app.__call__``, which
-        # __init__ sets to ``_call``.
-        lanes = self._lanes
-        if lanes and _lane_admit is not None:
-            limiter = self.limiter
-            key_header, key_query, key_counted = limiter.api_key_sources
-            run: Awaitable[None] | None = _lane_admit(
-                lanes, scope, limiter, key_header, key_query, key_counted, send, self.app, receive
-            )
-            if run is not None:
-                return run
-        return self._call(scope, receive, send)
-
-    async def _call(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The whole middleware, in Python."""
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind != "http" and (kind != "websocket" or not self._websockets):
             await self.app(scope, receive, send)
@@ -142,8 +112,7 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         checks = limiter.level_checks(context)
-        limits = _route_limits(context.route)
-        for limit in limits:
+        for limit in _route_limits(context.route):
             if limit.limiter is not None and limit.limiter is not limiter:
                 continue  # bound to another limiter: it checks for itself
             key_value = await limit.key_value(HTTPConnection(scope)) if limit.needs_key else None
@@ -166,10 +135,6 @@ class RateLimitMiddleware:
         if verdict is not None and not verdict.allowed:
             await self._refuse(scope, receive, send, limiter.denial_response(context, verdict))
             return
-        if verdict is not None and not limits and kind == "http" and _lane_admit is not None:
-            # Admitted, with the limiter's levels only (no route limits were added to
-            # `checks`): the next request like it may take a lane.
-            self._add_lane(scope, context, checks)
         scope[SCOPE_KEY] = context
         if kind == "websocket":
             await self.app(scope, receive, send)
@@ -182,33 +147,6 @@ class RateLimitMiddleware:
             await self.app(scope, receive, responder.send)
         if limiter.needs_after_response(context):
             await limiter.after_response(context, responder.status)
-
-    if _lane_admit is None:
-        # Without the C speedups there are no lanes: the coroutine function itself.
-        __call__ = _call
-
-    def _add_lane(self, scope: Scope, context: RequestContext, checks: list[Check]) -> None:
-        """Remember an admitted request's lane (see :data:`_Lane`), if it can have one and
-        has none yet (a request the lane declined, say for an allow-list entry, comes here
-        again: it must not rebuild it every time)."""
-        app = scope.get("app")
-        routes = getattr(app, "routes", None)
-        key = _lane_key(scope)
-        if key is None or not isinstance(routes, list):
-            return
-        lane = self._lanes.get(key)
-        if lane is not None and lane.current(app):
-            return
-        fields = self.limiter.lane_for(key[-1], context, checks)  # the key ends with the peer
-        if fields is None:
-            return
-        try:
-            lane = _Lane(app, routes, *fields)
-        except ValueError:
-            return  # a figure past what C mirrors exactly: the Python path keeps deciding
-        if len(self._lanes) >= _MAX_LANES:
-            self._lanes.clear()  # bounded: a flood of peers or paths costs rebuilds, not memory
-        self._lanes[key] = lane
 
     def _skip(self, scope: Scope) -> bool:
         path: str = scope["path"]
@@ -311,40 +249,6 @@ async def _send_denial(send: Send, context: RequestContext, denial: Verdict) -> 
 
 async def _nothing() -> None:
     """An awaitable that does nothing: a dropped message."""
-
-
-if speedups is not None:
-    speedups.configure_sender(_send_denial, _nothing)
-
-
-#: An admitted HTTP request's decision inputs (``_speedups.Lane``), for deciding the next
-#: request from the same app with the same method, root path, path and peer in one C call
-#: (``_speedups.lane_admit``). Made only where those alone determine the context and the
-#: levels (:meth:`RateLimiter.lane_for`) and the route has no limits of its own; the C side
-#: checks per request that the request is anonymous, that the app's route list has as many
-#: routes as when the lane was made (routes added later get a new lane), that the limiter
-#: still has this backend and no allow or block list, and that every level admits. Anything
-#: else takes the Python path, which decides exactly as before.
-_Lane: Any = speedups.Lane if speedups is not None else None
-
-_MAX_LANES = 4096
-
-
-def _lane_key(scope: Scope) -> tuple[str, str, str, str] | None:
-    """The key ``_speedups.lane_admit`` builds for a request (the two must agree)."""
-    method, client = scope.get("method"), scope.get("client")
-    host = client[0] if isinstance(client, (tuple, list)) and client else None
-    root_path, path = scope.get("root_path", ""), scope.get("path")
-    if (
-        scope["type"] != "http"
-        or type(method) is not str
-        or method == "OPTIONS"
-        or type(host) is not str
-        or type(path) is not str
-        or type(root_path) is not str
-    ):
-        return None
-    return (method, root_path, path, host)
 
 
 def _route_limits(route: Any) -> tuple[RouteLimit, ...]:

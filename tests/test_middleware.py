@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from typing import Any
 
 import pytest
+import uvicorn
 from conftest import BACKEND_KINDS
 from fastapi import APIRouter, BackgroundTasks, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
@@ -454,6 +456,133 @@ async def test_starlette_app_works_too() -> None:
     async with client_for(app) as client:
         assert (await client.get("/items/1")).status_code == 200
         assert (await client.get("/items/2")).status_code == 429
+
+
+async def test_an_apps_own_rate_limit_headers_are_replaced_and_others_kept() -> None:
+    app = FastAPI()
+
+    @app.get("/own-headers")
+    async def own_headers() -> PlainTextResponse:
+        # An app that sets headers of ours itself (in another case): ours replace them.
+        return PlainTextResponse("x", headers={"RateLimit-Policy": "mine", "X-Other": "kept"})
+
+    limiter = RateLimiter(global_limit="100/minute", ip_limit="5/minute", headers="both")
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    async with client_for(app) as client:
+        answers = [await client.get("/own-headers") for _ in range(2)]
+    for response in answers:
+        counts = header_counts(response)
+        assert counts["ratelimit-policy"] == 1
+        assert counts["x-ratelimit-limit"] == 1
+        assert response.headers["x-other"] == "kept"
+        assert set(policies(response)) == {"global", "ip"}
+    assert answers[1].headers["x-ratelimit-remaining"] == "3"
+
+
+async def test_a_preflight_reaching_the_limiter_is_not_counted() -> None:
+    """Without CORSMiddleware in front, a preflight reaches the limiter: it lets it through
+    (the app answers 405) without counting it."""
+    app = make_app(RateLimiter(ip_limit="2/minute"))
+    preflight = {"Origin": "http://a.example", "Access-Control-Request-Method": "GET"}
+    async with client_for(app) as client:
+        assert (await client.get("/hello")).status_code == 200
+        for _ in range(5):
+            response = await client.options("/hello", headers=preflight)
+            assert response.status_code == 405
+            assert "ratelimit" not in response.headers
+        last = await client.get("/hello")
+        # A plain OPTIONS (no Access-Control-Request-Method) is counted like any request.
+        denied = await client.options("/hello", headers={"Origin": "http://a.example"})
+    assert last.status_code == 200
+    assert remaining(last) == "0"
+    assert denied.status_code == 429
+
+
+async def test_an_api_key_without_a_level_of_its_own_is_in_the_context() -> None:
+    """Route guards may key on it: stripped of blanks, Latin-1, a blank one is none."""
+    app = FastAPI()
+
+    @app.get("/who")
+    async def who(request: Request) -> dict[str, Any]:
+        context = request.scope["fastapi_ratelimit"]
+        return {"key": context.api_key, "user": context.user, "ip": context.ip}
+
+    app.add_middleware(RateLimitMiddleware, limiter=RateLimiter(ip_limit="5/minute"))
+    async with client_for(app) as client:
+        answers = [
+            await client.get("/who", headers={"X-API-Key": "k-1"}),
+            await client.get("/who", headers={"X-API-Key": "\tk-2 "}),
+            await client.get("/who", headers={"X-API-Key": "  "}),
+            await client.get("/who", headers={"X-API-Key": "caf\xe9".encode("latin-1")}),
+            await client.get("/who"),
+        ]
+    assert [r.json()["key"] for r in answers] == ["k-1", "k-2", None, "caf\xe9", None]
+    assert {(r.json()["user"], r.json()["ip"]) for r in answers} == {(None, "203.0.113.7")}
+    # No level of its own: the IP level counted all five.
+    assert [remaining(r) for r in answers] == ["4", "3", "2", "1", "0"]
+
+
+async def test_odd_scope_values_never_cause_errors() -> None:
+    app = make_app(RateLimiter(ip_limit="100/minute"))
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    base = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": "/hello", "raw_path": b"/hello", "query_string": b"",
+        "root_path": "", "headers": [(b"host", b"x")], "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }  # fmt: skip
+    for odd in (
+        {},
+        {"client": (["127.0.0.1"], 5000)},
+        {"client": None},
+        {"headers": [("x-api-key", "text, not bytes")]},
+        {"state": {"user": "bob"}},
+    ):
+        await app({**base, **odd}, receive, send)
+    statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]
+    assert statuses == [200] * 5
+
+
+def test_servers_see_an_asgi3_app() -> None:
+    """Servers and asgiref tell ASGI 3 by ``inspect.iscoroutinefunction(app.__call__)``."""
+    middleware = RateLimitMiddleware(make_app(RateLimiter()), limiter=RateLimiter())
+    assert inspect.iscoroutinefunction(middleware.__call__)
+    config = uvicorn.Config(middleware, log_config=None)
+    config.load()
+    assert config.interface == "asgi3"
+
+
+async def test_a_replaced_backend_is_used_at_once() -> None:
+    limiter = RateLimiter(backend=MemoryBackend(clock=FakeClock()), ip_limit="5/minute")
+    app = make_app(limiter)
+    async with client_for(app) as client:
+        for _ in range(3):
+            await client.get("/hello")
+        limiter.backend = MemoryBackend(clock=FakeClock())
+        response = await client.get("/hello")
+    assert remaining(response) == "4"  # a fresh store
+
+
+async def test_routes_added_later_are_resolved_afresh() -> None:
+    app = make_app(RateLimiter(ip_limit="100/minute"))
+    async with client_for(app) as client:
+        assert (await client.get("/late")).status_code == 404
+        assert (await client.get("/late")).status_code == 404
+
+        @app.get("/late")
+        async def late() -> dict[str, str]:
+            return {"late": "yes"}
+
+        response = await client.get("/late")
+    assert response.status_code == 200
+    assert response.json() == {"late": "yes"}
 
 
 async def test_lifespan_and_other_scopes_pass_through() -> None:

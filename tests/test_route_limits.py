@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import PlainTextResponse
 from http_helpers import RATE_HEADERS, client_for, header_counts, policies, remaining
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
@@ -13,6 +14,7 @@ from starlette.routing import Route
 
 from fastapi_ratelimit import (
     ConfigurationError,
+    FakeClock,
     MemoryBackend,
     RateLimit,
     RateLimiter,
@@ -204,6 +206,72 @@ async def test_guard_takes_the_user_from_another_dependency() -> None:
         assert denied.status_code == 429
         assert denied.headers["content-type"] == "application/problem+json"
         assert (await client.get("/me", headers={"x-token": "bob"})).status_code == 200
+
+
+def failed(status: int) -> bool:
+    return status >= 400
+
+
+def self_checking_guards_app() -> FastAPI:
+    """Guards that take the user from another dependency: they check themselves, inside the
+    app, after the middleware admitted the request on the limiter's own levels."""
+    limiter = RateLimiter(
+        backend=MemoryBackend(clock=FakeClock()), global_limit="100/minute", ip_limit="5/minute"
+    )
+    app = FastAPI()
+
+    @app.get(
+        "/me",
+        dependencies=[Depends(RateLimit("2/minute", scope="user", user=current_user))],
+    )
+    async def me(user: Annotated[dict[str, str], Depends(current_user)]) -> dict[str, str]:
+        return user
+
+    @app.get(
+        "/failing",
+        dependencies=[
+            Depends(RateLimit("2/minute", scope="user", user=current_user, refund_when=failed))
+        ],
+    )
+    async def failing() -> PlainTextResponse:
+        return PlainTextResponse("no", status_code=400)
+
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    return app
+
+
+async def test_a_self_checking_guards_denial_is_problem_json_with_every_level() -> None:
+    app = self_checking_guards_app()
+    alice = {"x-token": "alice"}
+    async with client_for(app) as client:
+        answers = [await client.get("/me", headers=alice) for _ in range(3)]
+    assert [r.status_code for r in answers] == [200, 200, 429]
+    assert answers[1].json() == {"id": "alice"}
+    denied = answers[2]
+    assert denied.headers["content-type"] == "application/problem+json"
+    assert denied.json()["violated-policies"] == ["route-user-2-60s"]
+    assert header_counts(denied)["ratelimit"] == 1
+    assert int(denied.headers["retry-after"]) >= 1
+    # The guard's own decision joins the middleware's levels in RateLimit-Policy.
+    expected = {"global", "ip", "route-user-2-60s"}
+    assert set(policies(answers[0])) == set(policies(answers[1])) == expected
+
+
+async def test_a_self_checking_guards_refund_is_made_after_the_response() -> None:
+    app = self_checking_guards_app()
+    alice = {"x-token": "alice"}
+    async with client_for(app) as client:
+        answers = [await client.get("/failing", headers=alice) for _ in range(4)]
+    # Without the refunds the guard's 2/minute would run out: the third would be a 429.
+    assert [r.status_code for r in answers] == [400] * 4
+    # The guard is back at 1 of 2 each time (refunded after each response) while the IP
+    # level's 5 run down; the header names the tighter of the two by share left.
+    assert [r.headers["ratelimit"] for r in answers] == [
+        '"route-user-2-60s";r=1;t=100',
+        '"route-user-2-60s";r=1;t=100',
+        '"ip";r=2;t=100',
+        '"ip";r=1;t=100',
+    ]
 
 
 async def test_custom_key_function() -> None:

@@ -26,7 +26,6 @@ from fastapi_ratelimit import (
     RateLimitMiddleware,
 )
 from fastapi_ratelimit import headers as headers_module
-from fastapi_ratelimit import middleware as middleware_module
 from fastapi_ratelimit._accel import ACCELERATED
 from fastapi_ratelimit.headers import HeaderStyle, rate_limit_headers, rate_limit_headers_py
 
@@ -164,7 +163,7 @@ def test_memory_shortcut_in_c_matches_python(
     }
 
 
-# -- whole apps: lanes and all, against pure Python ------------------------------------------
+# -- whole apps, against pure Python ---------------------------------------------------------
 
 
 def build(clock: FakeClock) -> tuple[FastAPI, RateLimiter]:
@@ -229,7 +228,6 @@ async def test_apps_answer_alike_with_and_without_the_speedups(
 ) -> None:
     with_c = await run_steps(steps)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(middleware_module, "_lane_admit", None)
         patch.setattr(headers_module, "_c_headers", None)
         patch.setattr(MemoryBackend, "_admit_all", MemoryBackend._admit_all_py)
         pure = await run_steps(steps)

@@ -9,7 +9,6 @@ at least ``max_keys // 8`` insertions), then the least recently used key is evic
 from __future__ import annotations
 
 import math
-import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
@@ -101,35 +100,6 @@ class MemoryBackend:
         path (the limiter) may call it directly."""
         verdict = self._admit_all(checks)
         return verdict if verdict is not None else self._check(checks, commit=True)
-
-    def lane_parts(self, checks: Sequence[Check]) -> tuple[Any, ...] | None:
-        """For the middleware's lanes (``_speedups.lane_admit``): the store, the clock (a
-        function and the divisor that turns its answer into microseconds), how new keys are
-        stored, the TTL margin, and per check what :meth:`_admit_all` reads
-        (storage key, rate limit, period, policy limit, name and window, scope, cost).
-        ``None`` unless every check is a sliding window counter."""
-        rows = []
-        for check in checks:
-            policy = check.policy
-            if policy.algorithm is not _SC:
-                return None
-            rate = policy.rate
-            rows.append(
-                (
-                    self._key(check),
-                    rate.limit,
-                    rate.period_us,
-                    policy.limit,
-                    policy.name,
-                    policy.window,
-                    check.scope,
-                    check.cost,
-                )
-            )
-        # The system clock is read as time.time_ns() // 1000 by C itself (no Python frame).
-        clock = self._clock
-        now, divisor = (time.time_ns, 1000) if type(clock) is SystemClock else (clock.now_us, 1)
-        return self._data, now, divisor, self._store_new, self._margin_us, tuple(rows)
 
     async def peek(self, checks: Sequence[Check]) -> Verdict:
         return self._check(checks, commit=False)
