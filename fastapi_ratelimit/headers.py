@@ -31,7 +31,6 @@ from enum import StrEnum
 from functools import lru_cache
 from operator import itemgetter
 
-from ._accel import speedups
 from .decision import Decision, binding_of
 from .errors import ConfigurationError
 
@@ -85,8 +84,6 @@ _IETF, _X, _BOTH, _LEGACY, _NONE = (
     HeaderStyle.NONE,
 )
 
-_c_headers = speedups.rate_limit_headers if speedups is not None else None
-
 #: The header names each style writes (the middleware drops an app's own copies of them).
 HEADER_NAMES: dict[HeaderStyle, frozenset[bytes]] = {
     HeaderStyle.IETF: frozenset({b"ratelimit-policy", b"ratelimit"}),
@@ -116,19 +113,6 @@ def rate_limit_headers(
     figures other than ``RateLimit-Policy`` describe the most restrictive decision (the one
     :attr:`Verdict.binding` picks). No decision, no header.
     """
-    if _c_headers is not None and decisions:
-        headers: list[tuple[bytes, bytes]] | None = _c_headers(decisions, style, now)
-        if headers is not None:
-            return headers
-    return rate_limit_headers_py(decisions, style, now=now)
-
-
-def rate_limit_headers_py(
-    decisions: Sequence[Decision], style: HeaderStyle, *, now: float
-) -> list[tuple[bytes, bytes]]:
-    """:func:`rate_limit_headers` in pure Python: the reference for the C twin
-    (``_speedups.rate_limit_headers``), which answers ``None`` for what it can't mirror
-    exactly (an integer past 2**53, a limit of 0, a plain-string style, ``none``)."""
     if not decisions or style == _NONE:
         return []
     binding = binding_of(decisions)
@@ -238,9 +222,3 @@ def _sf_string(value: str) -> str:
     if not value.isascii() or not value.isprintable():
         raise ValueError(f"not representable as a structured-field string: {value!r}")
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-if speedups is not None:
-    speedups.configure_headers(
-        _policy_header, _name_bytes, _POLICY_FIELDS, (_IETF, _X, _BOTH, _LEGACY, _NONE)
-    )

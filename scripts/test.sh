@@ -64,7 +64,7 @@ case "$MODE" in
   locked)
     VENV=.venv
     # --locked: fail when uv.lock no longer matches pyproject.toml, rather than re-resolving.
-    "$UV" sync -q --locked --extra dev --python "$PYTHON"
+    "$UV" sync -q --locked --extra dev --extra bench --python "$PYTHON"
     ;;
   latest)
     VENV=.venv-latest
@@ -97,21 +97,13 @@ fi
 if [ "$MODE" = lowest ]; then
   # The linters' own lowest releases reach no user: lint and type-check with the locked
   # toolchain (a separate environment), and test the library on the lowest versions.
-  "$UV" sync -q --locked --extra dev --python "$PYTHON"
+  "$UV" sync -q --locked --extra dev --extra bench --python "$PYTHON"
   VENV=.venv lint_and_type
   VENV=.venv-lowest
 else
   lint_and_type
 fi
 check "pytest" "$VENV/bin/python" -m pytest "$@"
-
-# The whole run above used the C speedups (tests/test_speedups.py fails under CI=true when
-# they were not built). Their pure-Python twins run wherever no compiler was found: run every
-# test that needs no Redis again on them (about 25 s).
-if [ "$#" -eq 0 ]; then
-  check "pytest (pure Python)" env FASTAPI_RATELIMIT_PURE=1 "$VENV/bin/python" -m pytest -q \
-    -m "not redis and not cluster and not sentinel and not wheel"
-fi
 
 if [ "${#FAILED[@]}" -gt 0 ]; then
   echo "$MODE: FAILED: ${FAILED[*]}" >&2

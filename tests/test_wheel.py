@@ -1,10 +1,11 @@
 """What ships: the sdist and the wheel built from it, as ``pip install`` from PyPI would get them.
 
-Each wheel is installed into a new virtualenv, never next to the checkout: the package must
-import from site-packages, carry its Lua scripts, ``py.typed`` and the stub, and serve the
-example app (five 202s, then a 429). Built twice: once with no compiler on ``PATH`` (the
-optional C extension is skipped and the pure-Python code runs) and once with one (the
-extension must be built). The dependencies are held to ``uv.lock``.
+The package is pure Python, so the wheel is universal (``py3-none-any``): it installs
+without a compiler, on musl, Windows and ARM alike. The build runs with no compiler on
+``PATH`` to hold that. The wheel is installed into a new virtualenv, never next to the
+checkout: the package must import from site-packages, carry its Lua scripts and
+``py.typed``, and serve the example app (five 202s, then a 429). The dependencies are held
+to ``uv.lock``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ UV = uv.find_uv_bin()
 LUA = sorted(p.name for p in (ROOT / "fastapi_ratelimit" / "backends" / "lua").glob("*.lua"))
 SHIPPED = (
     "fastapi_ratelimit/py.typed",
-    "fastapi_ratelimit/_speedups.pyi",
     *(f"fastapi_ratelimit/backends/lua/{name}" for name in LUA),
 )
 
@@ -42,17 +42,16 @@ def run(argv: list[str | Path], cwd: Path | None = None, env: dict[str, str] | N
     return output
 
 
-def build(out: Path, *, compiler: bool) -> list[Path]:
-    """``python -m build``: the sdist from the checkout, then the wheel from the sdist."""
-    env = {k: v for k, v in env_without_pure().items() if k not in ("CC", "CXX", "LDSHARED")}
-    if not compiler:
-        # A PATH holding only this interpreter's bin folder: no gcc, cc or clang to be found.
-        bin_dir = out / "bin"
-        bin_dir.mkdir(parents=True)
-        for name in ("python", "python3"):
-            (bin_dir / name).symlink_to(sys.executable)
-        env["PATH"] = str(bin_dir)
-        assert shutil.which("gcc", path=env["PATH"]) is None
+def build(out: Path) -> list[Path]:
+    """``python -m build``: the sdist from the checkout, then the wheel from the sdist, with
+    no compiler to be found (a PATH holding only this interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CC", "CXX", "LDSHARED")}
+    bin_dir = out / "bin"
+    bin_dir.mkdir(parents=True)
+    for name in ("python", "python3"):
+        (bin_dir / name).symlink_to(sys.executable)
+    env["PATH"] = str(bin_dir)
+    assert shutil.which("gcc", path=env["PATH"]) is None
     run(
         [sys.executable, "-m", "build", "--installer", "uv", "--outdir", out / "dist", ROOT],
         env={**env, "UV": UV},
@@ -61,11 +60,6 @@ def build(out: Path, *, compiler: bool) -> list[Path]:
     built = sorted((out / "dist").iterdir(), key=lambda p: p.suffix)
     assert [p.suffix for p in built] == [".gz", ".whl"], built
     return built
-
-
-def env_without_pure() -> dict[str, str]:
-    """This process's environment, without the switch that turns the C speedups off."""
-    return {k: v for k, v in os.environ.items() if k != "FASTAPI_RATELIMIT_PURE"}
 
 
 def install(wheel: Path, venv: Path, constraints: Path) -> Path:
@@ -98,36 +92,31 @@ def constraints(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 PROBE = """
-import importlib.resources, json, fastapi_ratelimit, fastapi_ratelimit._accel as accel
+import importlib.resources, json, fastapi_ratelimit
 files = importlib.resources.files("fastapi_ratelimit")
 print(json.dumps({
     "file": fastapi_ratelimit.__file__,
-    "accelerated": accel.ACCELERATED,
     "lua": sorted(p.name for p in (files / "backends" / "lua").iterdir()),
     "typed": (files / "py.typed").is_file(),
 }))
 """
 
 
-@pytest.mark.parametrize("compiler", [False, True], ids=["no-compiler", "compiler"])
-def test_built_wheel_installs_and_serves_the_example(
-    tmp_path: Path, constraints: Path, compiler: bool
-) -> None:
-    sdist, wheel = build(tmp_path, compiler=compiler)
+def test_built_wheel_installs_and_serves_the_example(tmp_path: Path, constraints: Path) -> None:
+    sdist, wheel = build(tmp_path)
+    assert wheel.name == "fastapi_ratelimit-0.1.0-py3-none-any.whl"
     run([sys.executable, "-m", "twine", "check", "--strict", sdist, wheel])
 
     names = zipfile.ZipFile(wheel).namelist()
     for shipped in SHIPPED:
         assert shipped in names
-    extensions = [n for n in names if n.startswith("fastapi_ratelimit/_speedups.") and ".so" in n]
-    assert bool(extensions) is compiler, names
+    assert not [n for n in names if n.endswith((".so", ".pyd", ".c"))], names
     assert not [n for n in names if n.startswith(("tests/", "bench/", "examples/"))]
 
     python = install(wheel, tmp_path / "venv", constraints)
     # From a folder outside the checkout, so that only the installed wheel can be imported.
-    probe = json.loads(run([python, "-c", PROBE], cwd=tmp_path, env=env_without_pure()))
+    probe = json.loads(run([python, "-c", PROBE], cwd=tmp_path))
     assert Path(probe["file"]).is_relative_to(tmp_path / "venv"), probe["file"]
-    assert probe["accelerated"] is compiler
     assert probe["typed"] is True
     assert probe["lua"] == LUA
 
@@ -143,7 +132,6 @@ def test_built_wheel_installs_and_serves_the_example(
             str(ROOT / "examples" / "app.py"),
         ],
         cwd=tmp_path,
-        env=env_without_pure(),
     )
 
 

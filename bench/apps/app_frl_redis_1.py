@@ -11,6 +11,8 @@ limiter = RateLimiter(
         # bench/instructions.py --server raises it: under valgrind everything runs ~50x slower
         os.environ["BENCH_REDIS_URL"],
         timeout=float(os.environ.get("BENCH_REDIS_TIMEOUT", "0.05")),
+        # BENCH_MULTIPLEX=0: redis-py's ordinary connection pool instead of the pipe
+        multiplex=os.environ.get("BENCH_MULTIPLEX", "1") == "1",
     ),
     ip_limit="1000000000/minute",
 )

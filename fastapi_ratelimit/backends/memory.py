@@ -13,7 +13,6 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
 
-from .._accel import speedups
 from ..algorithms import fixed_window as fw
 from ..algorithms import gcra as gc
 from ..algorithms import sliding_window_counter as sc
@@ -36,12 +35,6 @@ _FW, _SL, _SC, _TB, _GC = (
     Algorithm.TOKEN_BUCKET,
     Algorithm.GCRA,
 )
-if speedups is not None:
-    speedups.configure(_SC, Decision, Verdict)
-    _admit_sc = speedups.admit_sc
-else:
-    _admit_sc = None
-
 #: Expired keys dropped from the LRU end on each insert: keeps memory trending down without a
 #: background task.
 _OPPORTUNISTIC_EXPIRY = 2
@@ -173,21 +166,7 @@ class MemoryBackend:
             return None
         return entry[1]
 
-    def _admit_all_c(self, checks: Sequence[Check]) -> Verdict | None:
-        """:meth:`_admit_all_py` in C (``_speedups.admit_sc``). It also answers ``None`` for
-        integers it can't mirror exactly (past 2**53), leaving those to :meth:`_check`."""
-        assert _admit_sc is not None
-        now = self._clock.now_us()
-        fresh: list[tuple[str, list[Any]]] = []
-        keys = self._keys
-        verdict: Verdict | None = _admit_sc(
-            checks, now, self._data, keys.cached, keys.key, self._margin_us, fresh
-        )
-        if fresh:
-            self._store_new(fresh, now)
-        return verdict
-
-    def _admit_all_py(self, checks: Sequence[Check]) -> Verdict | None:
+    def _admit_all(self, checks: Sequence[Check]) -> Verdict | None:
         """The common case, fast: every level a sliding window counter (the default) and
         every level admitting. Anything else (another algorithm, a level that refuses, the
         same key twice) returns ``None`` before anything is changed, and :meth:`_check`
@@ -274,9 +253,6 @@ class MemoryBackend:
         if fresh:
             self._store_new(fresh, now)
         return new_verdict((tuple(decisions), True))
-
-    #: The shortcut in use: C where the extension is built.
-    _admit_all = _admit_all_c if _admit_sc is not None else _admit_all_py
 
     def _check(self, checks: Sequence[Check], *, commit: bool) -> Verdict:
         # The general path (every algorithm, denials, peeks): one pass to evaluate, one to
