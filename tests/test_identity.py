@@ -6,6 +6,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -13,6 +15,7 @@ from starlette.routing import Route
 
 from fastapi_ratelimit import ConfigurationError
 from fastapi_ratelimit.identity import (
+    _DOTTED_QUAD,
     ClientIP,
     TrustedProxies,
     api_key_from_scope,
@@ -765,3 +768,37 @@ def test_default_reads_only_x_forwarded_for() -> None:
         [("forwarded", "for=198.51.100.1"), ("x-forwarded-for", "203.0.113.9")],
     )
     assert client_ip(real) == "203.0.113.9"
+
+
+# -- the canonical-IPv4 shortcut ---------------------------------------------------------------
+
+_octet_texts = st.one_of(
+    st.integers(0, 300).map(str),
+    st.integers(0, 99).map(lambda n: f"0{n}"),  # leading zeros: never canonical
+    st.sampled_from(["", " 1", "1 ", "+1", "1e1", "٣", "0x1", "-0"]),
+)
+
+
+@given(st.lists(_octet_texts, min_size=3, max_size=5).map(".".join) | st.text(max_size=20))
+def test_dotted_quad_shortcut_agrees_with_the_parser(text: str) -> None:
+    """Where the shortcut takes a peer text as its own identity, the full parser must give
+    that same identity; where the parser gives a plain IPv4 identity equal to the text, the
+    shortcut must take it (it never changes an answer, only how fast it is found)."""
+    address = parse_ip(text)
+    full = ip_identity(address) if address is not None else None
+    assert (full == text) is (_DOTTED_QUAD.fullmatch(text) is not None)
+
+
+def test_trusted_proxy_check_on_the_shortcut() -> None:
+    proxies = TrustedProxies(["10.0.0.0/8", "192.0.2.7", "::ffff:198.51.100.0/120"])
+    for text, expected in [
+        ("10.1.2.3", True),
+        ("11.0.0.1", False),
+        ("192.0.2.7", True),
+        ("192.0.2.8", False),
+        ("198.51.100.77", True),
+        ("198.51.101.1", False),
+    ]:
+        assert proxies.contains_v4(text) is expected
+        assert (parse_ip(text) in proxies) is expected
+    assert TrustedProxies(["2001:db8::/32"]).contains_v4("10.0.0.1") is False
