@@ -137,3 +137,60 @@ def test_bad_configuration_names_the_field(kwargs: dict[str, object], field: str
 def test_bad_cost_is_refused(cost: object) -> None:
     with pytest.raises(ValueError, match="cost"):
         Check(Policy("p", "1/second"), "ip", "a", cost)  # type: ignore[arg-type]
+
+
+# -- what the store holds -----------------------------------------------------------------------
+
+
+async def test_store_holds_no_raw_api_key_and_nothing_oversized() -> None:
+    """Short IP and user identities stay as they are (they never leave the process); API
+    keys, every other scope and anything over 64 characters are held only as the hashed
+    storage key."""
+    backend = MemoryBackend()
+    policy = Policy("p", "5/minute")
+    secret = "sk_live_0123456789abcdef"
+    huge_user = "u" * 5000
+    await backend.hit(
+        [
+            Check(policy, "ip", "203.0.113.7"),
+            Check(policy, "api_key", secret),
+            Check(policy, "user", huge_user),
+            Check(policy, "tenant", "acme"),
+        ]
+    )
+    keys = list(backend._data)
+    assert ("ip", "p", policy.code, "203.0.113.7") in keys
+    assert len(keys) == 4
+    text = repr(keys)
+    assert secret not in text
+    assert "acme" not in text
+    assert huge_user[:100] not in text
+    assert max(len(repr(k)) for k in keys) < 120
+
+
+@given(st.text(max_size=80))
+@settings(max_examples=200, deadline=None)
+def test_a_raw_identity_never_shares_a_key_with_a_hashed_one(identity: str) -> None:
+    """A user id chosen to equal another identity's storage key still gets a bucket of its
+    own: raw identities live in tuples, hashed ones in strings."""
+    backend = MemoryBackend()
+    policy = Policy("p", "5/minute")
+    hashed = backend._key(Check(policy, "api_key", identity))
+    raw = backend._key(Check(policy, "user", hashed if isinstance(hashed, str) else identity))
+    assert raw != hashed
+    assert backend._key(Check(policy, "user", identity)) != hashed
+
+
+async def test_entries_are_untracked_by_the_garbage_collector() -> None:
+    """Thousands of clients' counters must add no work to each full collection (p99)."""
+    import gc
+
+    backend = MemoryBackend()
+    policy = Policy("p", "1000/minute")
+    for i in range(1000):
+        await backend.hit([Check(policy, "ip", f"10.0.{i // 256}.{i % 256}")])
+    # A tuple is untracked by the collection after the one that untracked its items: an
+    # entry leaves the young generations untracked and never reaches the old one.
+    gc.collect()
+    gc.collect()
+    assert not any(gc.is_tracked(entry) for entry in backend._data.values())

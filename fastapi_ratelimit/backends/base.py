@@ -7,7 +7,7 @@ nothing anywhere. Backends are plain objects you build and pass in: no registry,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from functools import partial
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -95,7 +95,7 @@ def make_decision(
     )
 
 
-def ensure_distinct(keys: Sequence[str]) -> None:
+def ensure_distinct(keys: Sequence[Hashable]) -> None:
     # Two checks on one key would both read the same state and the second write would
     # overwrite the first: refuse rather than undercount.
     if len(set(keys)) != len(keys):

@@ -22,7 +22,7 @@ from ..algorithms._base import Evaluation
 from ..clock import Clock, SystemClock
 from ..decision import Decision, Verdict, new_decision, new_verdict
 from ..errors import ConfigurationError
-from ..keys import KeyBuilder
+from ..keys import Identity, KeyBuilder
 from ..policy import Algorithm
 from .base import Check, ensure_distinct, make_decision
 
@@ -35,6 +35,12 @@ _FW, _SL, _SC, _TB, _GC = (
     Algorithm.TOKEN_BUCKET,
     Algorithm.GCRA,
 )
+#: Scopes whose short identities are kept as they are in store keys (see _store_key).
+_RAW_SCOPES = frozenset({"global", "ip", "endpoint", "user"})
+_RAW_MAX = 64
+#: A key of the store: a tuple for a short IP, user or endpoint identity, else the hashed key.
+_StoreKey = tuple[str, str, str, str] | str
+
 #: Expired keys dropped from the LRU end on each insert: keeps memory trending down without a
 #: background task.
 _OPPORTUNISTIC_EXPIRY = 2
@@ -68,8 +74,11 @@ class MemoryBackend:
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._keys = KeyBuilder(prefix, secret=key_secret)
         self._margin_us = round(ttl_margin * 1_000_000)
-        # key -> [expires_at_us, state]; insertion order is recency order (LRU first).
-        self._data: OrderedDict[str, list[Any]] = OrderedDict()
+        # key -> (expires_at_us, state); insertion order is recency order (LRU first).
+        # Entries are tuples, replaced on write: a tuple of ints is untracked by the garbage
+        # collector after its first collection, so thousands of clients' counters add no
+        # work to every full collection (lists would: each one a GC pause, see bench/).
+        self._data: OrderedDict[_StoreKey, tuple[int, Any]] = OrderedDict()
         self._sweep_credit = 0
         # Operator state (allow/block lists, stored tiers): small, never evicted.
         self._control: dict[str, tuple[int, dict[str, str]]] = {}
@@ -121,7 +130,7 @@ class MemoryBackend:
             else:
                 state = gc.refund(state, now, rate.limit, rate.period_us, check.cost)
             # Refunds keep the key's expiry: the state now needs less time, never more.
-            self._data[key][1] = state
+            self._data[key] = (self._data[key][0], state)
 
     async def reset(self, checks: Sequence[Check]) -> None:
         for check in checks:
@@ -153,11 +162,27 @@ class MemoryBackend:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _key(self, check: Check) -> str:
+    def _key(self, check: Check) -> _StoreKey:
         policy = check.policy
-        return self._keys.key(check.scope, policy.bucket, policy.code, check.identity)
+        return self._store_key(check.scope, policy.bucket, policy.code, check.identity)
 
-    def _get(self, key: str, now: int) -> Any:
+    def _store_key(self, scope: str, bucket: str, code: str, identity: Identity) -> _StoreKey:
+        """The key of a level's state in this process's store.
+
+        A short IP, user or endpoint identity is kept as it is, in a tuple: these never leave
+        the process, and hashing them (blake2b and formatting, for every new client) was a
+        measurable share of a request. API keys, every other scope and anything long are
+        kept only as the hashed storage key (:class:`KeyBuilder`), a ``str``: a ``str`` never
+        equals a tuple, so the two kinds cannot collide, and no raw secret or oversized
+        client value is ever held.
+        """
+        if scope in _RAW_SCOPES and type(identity) is str and len(identity) <= _RAW_MAX:
+            return (scope, bucket, code, identity)
+        keys = self._keys
+        key = keys.cached.get((scope, bucket, code, identity))
+        return key if key is not None else keys.key(scope, bucket, code, identity)
+
+    def _get(self, key: _StoreKey, now: int) -> Any:
         entry = self._data.get(key)
         if entry is None:
             return None
@@ -179,19 +204,19 @@ class MemoryBackend:
         """
         now = self._clock.now_us()
         data = self._data
-        builder = self._keys
-        cached_key = builder.cached
+        store_key = self._store_key
         floor = math.floor
         rows = []
-        seen: list[str] = []
+        seen: list[_StoreKey] = []
         window = start = elapsed = 0
         for check in checks:
             policy, scope, identity, cost = check  # one unpacking: cheaper than 4 lookups
             if policy.algorithm is not _SC:
                 return None
-            key = cached_key.get((scope, policy.bucket, policy.code, identity))
-            if key is None:
-                key = builder.key(scope, policy.bucket, policy.code, identity)
+            if scope in _RAW_SCOPES and type(identity) is str and len(identity) <= _RAW_MAX:
+                key: _StoreKey = (scope, policy.bucket, policy.code, identity)
+            else:
+                key = store_key(scope, policy.bucket, policy.code, identity)
             rate = policy.rate
             if rate.period_us != window:  # levels mostly share a window: its math once
                 window = rate.period_us
@@ -225,16 +250,15 @@ class MemoryBackend:
             return None
         margin = self._margin_us
         decisions = []
-        fresh: list[tuple[str, list[Any]]] = []
+        fresh: list[tuple[_StoreKey, tuple[int, Any]]] = []
         for policy, scope, cost, key, entry, state, reset_us, available in rows:
             if entry is not None:
-                # Live or expired, the entry is this key's: update it and move it to the
+                # Live or expired, the entry is this key's: replace it and move it to the
                 # recent end, as a new one would be.
-                entry[0] = now + reset_us + margin
-                entry[1] = state
+                data[key] = (now + reset_us + margin, state)
                 data.move_to_end(key)
             else:
-                fresh.append((key, [now + reset_us + margin, state]))
+                fresh.append((key, (now + reset_us + margin, state)))
             remaining = floor(available - cost)
             decisions.append(
                 new_decision(
@@ -259,8 +283,8 @@ class MemoryBackend:
         # commit and answer, with lookups and stores inline.
         now = self._clock.now_us()
         data = self._data
-        key_of = self._keys.key
-        rows: list[tuple[Check, str, list[Any] | None, Any, Evaluation]] = []
+        key_of = self._store_key
+        rows: list[tuple[Check, _StoreKey, tuple[int, Any] | None, Any, Evaluation]] = []
         all_allowed = True
         for check in checks:
             policy = check.policy
@@ -280,7 +304,7 @@ class MemoryBackend:
             ensure_distinct([row[1] for row in rows])
         consume = commit and all_allowed
         decisions: list[Decision] = []
-        fresh: list[tuple[str, list[Any]]] = []
+        fresh: list[tuple[_StoreKey, tuple[int, Any]]] = []
         for check, key, entry, state, ev in rows:
             if consume:
                 if check.policy.algorithm is _SL:
@@ -289,11 +313,10 @@ class MemoryBackend:
                     state = ev.new_state
                 expires = now + ev.ttl_us + self._margin_us
                 if entry is not None:
-                    entry[0] = expires
-                    entry[1] = state
+                    data[key] = (expires, state)
                     data.move_to_end(key)
                 else:
-                    fresh.append((key, [expires, state]))
+                    fresh.append((key, (expires, state)))
                 remaining = math.floor(ev.available - check.cost)
                 reset_us = ev.reset_commit_us
             else:
@@ -304,7 +327,7 @@ class MemoryBackend:
             self._store_new(fresh, now)
         return new_verdict((tuple(decisions), all_allowed))
 
-    def _store_new(self, fresh: list[tuple[str, list[Any]]], now: int) -> None:
+    def _store_new(self, fresh: list[tuple[_StoreKey, tuple[int, Any]]], now: int) -> None:
         # Called after the request's existing entries were updated (so they are recent and
         # unexpired): making room for the new keys never evicts an entry the caller holds.
         for key, entry in fresh:
