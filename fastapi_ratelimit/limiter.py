@@ -26,6 +26,7 @@ from .context import RequestContext
 from .control import ControlStore
 from .costs import CostTable, check_cost, check_endpoint, endpoint_key
 from .decision import Decision, Verdict
+from .denials import DenialLog
 from .dynamic import DynamicLimits
 from .errors import BackendError, ConfigurationError
 from .headers import HeaderStyle, parse_header_style, rate_limit_headers, retry_after_value
@@ -289,6 +290,8 @@ class RateLimiter:
         self.sync_context = user_resolver is None and tier_resolver is None and tiers is None
         # endpoint -> its plan; bounded, since a client can send any method string.
         self._plans: dict[str, _EndpointPlan] = {}
+        #: Denials, logged as one line per second however many there are.
+        self._denials = DenialLog()
         if isinstance(self.backend, ControlStore):
             keys = getattr(self.backend, "key_builder", None)
             keys = keys if isinstance(keys, KeyBuilder) else KeyBuilder()
@@ -495,19 +498,13 @@ class RateLimiter:
         self._record(verdict, checks, context)
         return verdict
 
-    @staticmethod
-    def _record(verdict: Verdict, enforced: Sequence[Check], context: RequestContext) -> None:
+    def _record(self, verdict: Verdict, enforced: Sequence[Check], context: RequestContext) -> None:
         context.decisions.extend(verdict.decisions)
         if verdict.allowed:
             # Those at the request's cost are picked out after the response, if ever needed.
             context.charged.extend(enforced)
         else:
-            logger.debug(
-                "rate limit exceeded: {} {} ({})",
-                context.endpoint,
-                ",".join(d.policy for d in verdict.denied),
-                ",".join(d.scope for d in verdict.denied),
-            )
+            self._denials.record(context.endpoint, ",".join(d.policy for d in verdict.denied))
 
     async def _hit(self, checks: Sequence[Check]) -> Verdict | None:
         """One backend call through the circuit breaker and the failure policy."""
