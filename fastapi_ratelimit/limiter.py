@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 from loguru import logger
 from starlette.requests import HTTPConnection
@@ -508,6 +508,13 @@ class RateLimiter:
 
     async def _hit(self, checks: Sequence[Check]) -> Verdict | None:
         """One backend call through the circuit breaker and the failure policy."""
+        cached_denial = getattr(self.backend, "cached_denial", None)
+        if cached_denial is not None:
+            # A client known to be over a limit: answered here, as neither a success nor a
+            # failure of the backend (the breaker hears nothing).
+            known = cached_denial(checks)
+            if known is not None:
+                return cast(Verdict, known)
         breaker = self.breaker
         # An idle breaker (closed, nothing failed lately) needs no call either way.
         if breaker is not None and not breaker.idle and not breaker.allow_call():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, cast
@@ -34,6 +35,7 @@ from ..clock import Clock
 from ..decision import Decision, Verdict
 from ..errors import BackendError, ConfigurationError
 from ..keys import KeyBuilder
+from ._denials import DenialCache
 from ._pipe import bulk as _bulk
 from ._pipe import pack, pipe_for
 from ._scripts import multi_level_script
@@ -77,6 +79,9 @@ class RedisBackend:
             other commands. ``False``: always redis-py. On that connection ``timeout`` runs
             from the moment a call is written, so it also covers waiting behind the calls
             pipelined before it: the latency a request can gain stays bounded.
+        denial_cache: most denials kept in this process until their ``retry_after``, so
+            that a client hammering past its limit costs no Redis round trip per request
+            (see :mod:`~fastapi_ratelimit.backends._denials`); ``0`` turns it off.
     """
 
     def __init__(
@@ -90,6 +95,7 @@ class RedisBackend:
         ttl_margin: float = 1.0,
         clock: Clock | None = None,
         multiplex: bool | None = None,
+        denial_cache: int = 10_000,
         _owns_client: bool = False,
         _redacted_url: str = "",
     ) -> None:
@@ -107,7 +113,14 @@ class RedisBackend:
             raise ConfigurationError("max_in_flight", max_in_flight, "must be a whole number >= 1")
         if not (isinstance(ttl_margin, (int, float)) and 0 <= ttl_margin <= 60):
             raise ConfigurationError("ttl_margin", ttl_margin, "must be between 0 and 60 seconds")
+        if isinstance(denial_cache, bool) or not isinstance(denial_cache, int) or denial_cache < 0:
+            raise ConfigurationError("denial_cache", denial_cache, "must be a whole number >= 0")
         self._client = client
+        # With a test clock, the cache runs on the time Redis is told.
+        self._denials: DenialCache | None = None
+        if denial_cache:
+            seconds = time.monotonic if clock is None else (lambda: clock.now_us() / 1e6)
+            self._denials = DenialCache(denial_cache, seconds)
         self._cluster = isinstance(client, RedisCluster)
         self._keys = KeyBuilder(prefix, secret=key_secret)
         self._timeout = timeout
@@ -225,6 +238,26 @@ class RedisBackend:
     # -- the Backend protocol ----------------------------------------------------------------
 
     async def hit(self, checks: Sequence[Check]) -> Verdict:
+        denials = self._denials
+        if denials is None:
+            return await self._hit(checks)
+        sent = denials.now()
+        verdict = await self._hit(checks)
+        if not verdict.allowed:
+            denials.store(checks, [self.key_for(c) for c in checks], verdict, sent)
+        return verdict
+
+    def cached_denial(self, checks: Sequence[Check]) -> Verdict | None:
+        """A denial these checks are known to get without asking Redis (see
+        :mod:`~fastapi_ratelimit.backends._denials`), or ``None``. Costs nothing while no
+        client is over its limit."""
+        denials = self._denials
+        if not denials:
+            return None
+        assert denials is not None
+        return denials.lookup(checks, [self.key_for(c) for c in checks])
+
+    async def _hit(self, checks: Sequence[Check]) -> Verdict:
         if self._cluster or len(checks) < 2:
             return await self._run("h", checks)
         # Standalone and Sentinel: straight to the one script call.
@@ -237,12 +270,16 @@ class RedisBackend:
 
     async def refund(self, checks: Sequence[Check]) -> None:
         if checks:
+            if self._denials:
+                self._denials.forget(self.key_for(c) for c in checks)
             await self._run("r", checks)
 
     async def reset(self, checks: Sequence[Check]) -> None:
         keys = [self.key_for(c) for c in checks]
         if not keys:
             return
+        if self._denials is not None:
+            self._denials.forget(keys)
         if self._cluster:
             # DEL of keys in several slots is a CROSSSLOT error: one DEL per slot.
             by_slot: dict[int, list[str]] = defaultdict(list)

@@ -1,0 +1,105 @@
+"""Denials a shared backend gave, kept until their ``retry_after``.
+
+A client over its limit tends to keep asking, often as fast as it can. Each of those requests
+would cost a Redis round trip only to hear "no" again. A denial says more than "no": the level
+cannot admit this cost (or more) for ``retry_after`` seconds, whatever else happens, because
+denied requests consume nothing and other traffic only ever uses quota up. So the answer is
+kept, per storage key, and a later request whose checks include that key, with the same policy
+and at least that cost, is denied here, with the wait that is left.
+
+Exactness: an entry expires at ``sent + retry_after``, where ``sent`` is the local time just
+before the call went out, which is no later than the moment Redis decided: a cached denial
+never outlives the wait Redis gave. What can give quota back early is handled too: a refund or
+a reset of a key forgets its entry, and an entry only answers for the very policy object it
+was given for (a changed limit is a new policy). Another instance's reset of the same key is
+not seen here: there, a denial can outlast the reset by at most its own ``retry_after``.
+
+Bounded: at most ``size`` entries; when full, expired entries are dropped, and if that frees
+nothing, everything (a flood of distinct identities costs round trips, never memory). Keys are
+the backend's hashed storage keys, of fixed length: no raw identity is held.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from ..decision import Decision, Verdict
+from ..policy import Policy
+from .base import Check
+
+__all__ = ["DenialCache"]
+
+
+class DenialCache:
+    """Denials by storage key: ``key -> (policy, cost, expires at, decision)``."""
+
+    __slots__ = ("_clock", "_entries", "_size")
+
+    def __init__(self, size: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._size = size
+        self._clock = clock
+        self._entries: dict[str, tuple[Policy, int, float, Decision]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __bool__(self) -> bool:
+        # Truthy while it holds anything: callers skip building keys when it is empty.
+        return bool(self._entries)
+
+    def now(self) -> float:
+        return self._clock()
+
+    def lookup(self, checks: Sequence[Check], keys: Sequence[str]) -> Verdict | None:
+        """The denial for these checks if any of them is known to refuse them, else ``None``.
+
+        The verdict holds the decisions of the refusing levels only, with the time that is
+        left: the other levels were not asked.
+        """
+        entries = self._entries
+        now = self._clock()
+        found: list[Decision] = []
+        for check, key in zip(checks, keys, strict=True):
+            entry = entries.get(key)
+            if entry is None:
+                continue
+            policy, cost, until, decision = entry
+            left = until - now
+            if left <= 0:
+                del entries[key]
+                continue
+            if (check.policy is policy or check.policy == policy) and check.cost >= cost:
+                waited = decision.retry_after - left
+                found.append(
+                    decision._replace(
+                        retry_after=left, reset_after=max(decision.reset_after - waited, left)
+                    )
+                )
+        return Verdict(tuple(found), False) if found else None
+
+    def store(
+        self, checks: Sequence[Check], keys: Sequence[str], verdict: Verdict, sent: float
+    ) -> None:
+        """Keep the refusing levels of a denied ``verdict`` (asked at local time ``sent``)."""
+        entries = self._entries
+        for check, key, decision in zip(checks, keys, verdict.decisions, strict=True):
+            if decision.allowed or not decision.retry_after > 0:
+                continue
+            if key not in entries and len(entries) >= self._size:
+                self._make_room()
+            entries[key] = (check.policy, check.cost, sent + decision.retry_after, decision)
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Quota came back for these keys (a refund, a reset): drop what was known."""
+        if self._entries:
+            for key in keys:
+                self._entries.pop(key, None)
+
+    def _make_room(self) -> None:
+        now = self._clock()
+        entries = self._entries
+        for key in [k for k, entry in entries.items() if entry[2] <= now]:
+            del entries[key]
+        if len(entries) >= self._size:
+            entries.clear()
