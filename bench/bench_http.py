@@ -56,7 +56,7 @@ APPS = BENCH / "apps"
 RESULTS = BENCH / "results"
 PATH = "/hello"
 #: Single-peer traffic: sent with every request to every variant (only the 5-level apps read
-#: them), so all variants parse the same request. bench/instructions.py sends them too.
+#: them), so all variants parse the same request.
 REQUEST_HEADERS = (("X-API-Key", "k1"), ("X-User", "u1"))
 EXPECTED_BODY = {"hello": "world"}
 SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")

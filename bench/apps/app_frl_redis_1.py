@@ -8,7 +8,6 @@ from fastapi_ratelimit import RateLimiter, RateLimitMiddleware, RedisBackend
 
 limiter = RateLimiter(
     backend=RedisBackend.from_url(
-        # bench/instructions.py --server raises it: under valgrind everything runs ~50x slower
         os.environ["BENCH_REDIS_URL"],
         timeout=float(os.environ.get("BENCH_REDIS_TIMEOUT", "0.05")),
         # BENCH_MULTIPLEX=0: redis-py's ordinary connection pool instead of the pipe

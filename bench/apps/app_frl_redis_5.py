@@ -11,14 +11,16 @@ HIGH = "1000000000/minute"
 
 limiter = RateLimiter(
     backend=RedisBackend.from_url(
-        # bench/instructions.py --server raises it: under valgrind everything runs ~50x slower
         os.environ["BENCH_REDIS_URL"],
         timeout=float(os.environ.get("BENCH_REDIS_TIMEOUT", "0.05")),
         # BENCH_MULTIPLEX=0: redis-py's ordinary connection pool instead of the pipe
         multiplex=os.environ.get("BENCH_MULTIPLEX", "1") == "1",
+        # bench_flood.py: 0 turns the denial cache off, for comparison
+        denial_cache=int(os.environ.get("BENCH_DENIAL_CACHE", "10000")),
     ),
     global_limit=HIGH,
-    ip_limit=HIGH,
+    # bench_flood.py lowers it, so that every client is soon over its limit
+    ip_limit=os.environ.get("BENCH_IP_LIMIT", HIGH),
     endpoint_limits={"GET /hello": HIGH},
     api_key_limit=HIGH,
     user_limit=HIGH,
