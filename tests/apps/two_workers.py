@@ -1,0 +1,21 @@
+"""An app for tests/test_workers.py: one Redis-backed limit, served by several uvicorn workers.
+Each answer names the worker's pid, so the test can see that both workers served."""
+
+import os
+
+from fastapi import FastAPI
+
+from fastapi_ratelimit import RateLimiter, RateLimitMiddleware, RedisBackend
+
+limiter = RateLimiter(
+    backend=RedisBackend.from_url(os.environ["TEST_REDIS_URL"], timeout=5.0),
+    ip_limit=os.environ.get("TEST_IP_LIMIT", "10/minute"),
+)
+
+app = FastAPI()
+app.add_middleware(RateLimitMiddleware, limiter=limiter)
+
+
+@app.get("/hello")
+async def hello() -> dict[str, int]:
+    return {"pid": os.getpid()}

@@ -1,0 +1,68 @@
+"""Several uvicorn workers share one Redis: admission stays exact across processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.redis
+
+APPS = Path(__file__).resolve().parent / "apps"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_workers(redis_url: str, port: int) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "uvicorn", "two_workers:app", "--workers", "2"]
+    argv += ["--port", str(port), "--log-level", "warning", "--app-dir", str(APPS)]
+    env = {**os.environ, "TEST_REDIS_URL": redis_url, "TEST_IP_LIMIT": "40/minute"}
+    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+async def test_two_workers_admit_exactly_the_limit(redis_url: str) -> None:
+    port = free_port()
+    server = start_workers(redis_url, port)
+    try:
+        deadline = time.monotonic() + 60
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as probe:
+            while True:
+                try:
+                    await probe.get("/health")
+                    break
+                except httpx.TransportError:
+                    assert server.poll() is None, server.stderr.read() if server.stderr else ""
+                    assert time.monotonic() < deadline, "uvicorn did not start"
+                    await asyncio.sleep(0.2)
+
+        async def one() -> tuple[int, int | None]:
+            # A connection each, so that the kernel spreads them over both workers.
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                response = await client.get("/hello")
+                pid = response.json()["pid"] if response.status_code == 200 else None
+                return response.status_code, pid
+
+        answers = []
+        for _ in range(8):  # 8 bursts of 15 concurrent requests: 120 in all
+            answers += await asyncio.gather(*(one() for _ in range(15)))
+        statuses = [status for status, _ in answers]
+        assert statuses.count(200) == 40
+        assert statuses.count(429) == 80
+        assert len({pid for _, pid in answers if pid is not None}) == 2, "one worker served all"
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+        if server.stderr is not None:
+            server.stderr.close()
