@@ -149,6 +149,8 @@ class Variant:
     default: bool = True
     #: Extra environment for the app's server (the same app under another setting).
     env: tuple[tuple[str, str], ...] = ()
+    #: uvicorn worker processes (bench_workers.py runs more than one).
+    workers: int = 1
 
 
 FRL_IP_REMAINING = ("ratelimit", r";r=(\d+)")
@@ -354,7 +356,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def pinned(cpu: int, argv: Sequence[str]) -> list[str]:
+def pinned(cpu: int | str, argv: Sequence[str]) -> list[str]:
     """``taskset`` execs the program, so the child's pid is the program's own."""
     return ["taskset", "-c", str(cpu), *argv]
 
@@ -441,7 +443,7 @@ class RedisServer:
     counts is that variant's (background polling included), and keyspaces stay apart.
     """
 
-    def __init__(self, binary: str, cpu: int) -> None:
+    def __init__(self, binary: str, cpu: int | str) -> None:
         self.binary = binary
         self.cpu = cpu
         self.port = 0
@@ -532,9 +534,10 @@ class RedisServer:
 
 
 class AppServer:
-    """One uvicorn (one worker) serving ``bench/apps/<module>.py`` on a free loopback port."""
+    """One uvicorn serving ``bench/apps/<module>.py`` on a free loopback port (one worker
+    unless the variant says otherwise)."""
 
-    def __init__(self, variant: Variant, cpu: int, log_dir: str, env: dict[str, str]) -> None:
+    def __init__(self, variant: Variant, cpu: int | str, log_dir: str, env: dict[str, str]) -> None:
         self.variant = variant
         self.cpu = cpu
         self.port = 0
@@ -557,7 +560,7 @@ class AppServer:
         argv = [
             sys.executable, "-m", "uvicorn", f"{self.variant.module}:app",
             "--app-dir", str(APPS), "--host", HOST, "--port", str(self.port),
-            "--workers", "1", "--loop", "uvloop", "--http", "httptools",
+            "--workers", str(self.variant.workers), "--loop", "uvloop", "--http", "httptools",
             "--no-access-log", "--log-level", "warning", "--lifespan", "on",
             # uvicorn's defaults, spelled out (FORWARDED_ALLOW_IPS in the environment would
             # change the second): behind a proxy on the same host, X-Forwarded-For from it sets
