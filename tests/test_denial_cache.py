@@ -47,11 +47,41 @@ def test_only_the_same_policy_and_at_least_the_same_cost() -> None:
     assert cache.lookup([Check(POLICY, "ip", "a", 3)], ["k"]) is None
 
 
+def test_a_repeated_request_gets_every_level_back_until_the_shortest_wait() -> None:
+    now = [0.0]
+    cache = DenialCache(100, lambda: now[0])
+    ip, user = Policy("ip", "5/minute"), Policy("user", "50/hour")
+    checks = [Check(ip, "ip", "a", 1), Check(user, "user", "u", 1)]
+    verdict = Verdict(
+        (
+            Decision(False, 5, 0, 60.0, 10.0, "ip", "ip", 60.0),
+            Decision(False, 50, 0, 3600.0, 30.0, "user", "user", 3600.0),
+        )
+    )
+    cache.store(checks, ["k-ip", "k-user"], verdict, sent=0.0)
+    now[0] = 4.0
+    whole = cache.lookup(checks, ["k-ip", "k-user"])
+    assert whole is not None
+    assert [d.policy for d in whole.decisions] == ["ip", "user"]
+    assert [d.retry_after for d in whole.decisions] == [6.0, 26.0]
+    # Rotating the user: only the IP level is known to refuse, and says so alone.
+    rotated = cache.lookup([checks[0], Check(user, "user", "v", 1)], ["k-ip", "k-other"])
+    assert rotated is not None
+    assert [d.policy for d in rotated.decisions] == ["ip"]
+    # Past the IP level's wait the IP level may admit: the whole verdict is gone, the user
+    # level still refuses on its own.
+    now[0] = 10.0
+    later = cache.lookup(checks, ["k-ip", "k-user"])
+    assert later is not None
+    assert [(d.policy, d.retry_after) for d in later.decisions] == [("user", 20.0)]
+
+
 def test_bounded_under_100k_distinct_denied_clients() -> None:
     cache = DenialCache(1000, lambda: 0.0)
     for i in range(100_000):
         cache.store([Check(POLICY, "ip", str(i), 1)], [f"k{i}"], denied(30.0), sent=0.0)
         assert len(cache) <= 1000
+        assert len(cache._verdicts) <= 1000
 
 
 def evalsha_calls(url: str) -> int:

@@ -14,9 +14,16 @@ a reset of a key forgets its entry, and an entry only answers for the very polic
 was given for (a changed limit is a new policy). Another instance's reset of the same key is
 not seen here: there, a denial can outlast the reset by at most its own ``retry_after``.
 
-Bounded: at most ``size`` entries; when full, expired entries are dropped, and if that frees
-nothing, everything (a flood of distinct identities costs round trips, never memory). Keys are
-the backend's hashed storage keys, of fixed length: no raw identity is held.
+What a cached 429 says: a request that repeats a denied one (the same levels, keys, policies,
+at least the same costs) gets the whole verdict again, every level's decision, with the times
+moved on, so its headers are those Redis would give. A request that shares only a refused
+level with a denied one (a client over its IP limit rotating API keys or user names) is
+refused by that level alone, and its ``RateLimit-Policy`` names only the refusing level(s):
+the others were not asked.
+
+Bounded: at most ``size`` entries of each kind; when full, expired entries are dropped, and if
+that frees nothing, everything (a flood of distinct identities costs round trips, never
+memory). Keys are the backend's hashed storage keys, of fixed length: no raw identity is held.
 """
 
 from __future__ import annotations
@@ -34,12 +41,14 @@ __all__ = ["DenialCache"]
 class DenialCache:
     """Denials by storage key: ``key -> (policy, cost, expires at, decision)``."""
 
-    __slots__ = ("_clock", "_entries", "_size")
+    __slots__ = ("_clock", "_entries", "_size", "_verdicts")
 
     def __init__(self, size: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._size = size
         self._clock = clock
         self._entries: dict[str, tuple[Policy, int, float, Decision]] = {}
+        #: Whole denied verdicts by their keys: ``keys -> (checks, asked at, verdict)``.
+        self._verdicts: dict[tuple[str, ...], tuple[Sequence[Check], float, Verdict]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -59,6 +68,17 @@ class DenialCache:
         """
         entries = self._entries
         now = self._clock()
+        whole = self._verdicts.get(tuple(keys))
+        if whole is not None:
+            denied, sent, verdict = whole
+            # Whole only while every refusing level still refuses: until the shortest wait.
+            if now - sent >= min(d.retry_after for d in verdict.decisions if not d.allowed):
+                del self._verdicts[tuple(keys)]
+            elif all(
+                (c.policy is d.policy or c.policy == d.policy) and c.cost >= d.cost
+                for c, d in zip(checks, denied, strict=True)
+            ):
+                return Verdict(tuple(_moved_on(d, now - sent) for d in verdict.decisions), False)
         found: list[Decision] = []
         for check, key in zip(checks, keys, strict=True):
             entry = entries.get(key)
@@ -70,18 +90,16 @@ class DenialCache:
                 del entries[key]
                 continue
             if (check.policy is policy or check.policy == policy) and check.cost >= cost:
-                waited = decision.retry_after - left
-                found.append(
-                    decision._replace(
-                        retry_after=left, reset_after=max(decision.reset_after - waited, left)
-                    )
-                )
+                found.append(_moved_on(decision, decision.retry_after - left))
         return Verdict(tuple(found), False) if found else None
 
     def store(
         self, checks: Sequence[Check], keys: Sequence[str], verdict: Verdict, sent: float
     ) -> None:
         """Keep the refusing levels of a denied ``verdict`` (asked at local time ``sent``)."""
+        if len(self._verdicts) >= self._size:
+            self._verdicts.clear()  # bounded; the per-key entries still answer
+        self._verdicts[tuple(keys)] = (tuple(checks), sent, verdict)
         entries = self._entries
         for check, key, decision in zip(checks, keys, verdict.decisions, strict=True):
             if decision.allowed or not decision.retry_after > 0:
@@ -93,8 +111,11 @@ class DenialCache:
     def forget(self, keys: Iterable[str]) -> None:
         """Quota came back for these keys (a refund, a reset): drop what was known."""
         if self._entries:
+            keys = set(keys)
             for key in keys:
                 self._entries.pop(key, None)
+            for cached in [k for k in self._verdicts if not keys.isdisjoint(k)]:
+                del self._verdicts[cached]
 
     def _make_room(self) -> None:
         now = self._clock()
@@ -103,3 +124,13 @@ class DenialCache:
             del entries[key]
         if len(entries) >= self._size:
             entries.clear()
+
+
+def _moved_on(decision: Decision, waited: float) -> Decision:
+    """``decision`` as it reads ``waited`` seconds after it was made."""
+    if decision.allowed:
+        return decision._replace(reset_after=max(decision.reset_after - waited, 0.0))
+    retry = decision.retry_after - waited
+    return decision._replace(
+        retry_after=retry, reset_after=max(decision.reset_after - waited, retry)
+    )
