@@ -142,6 +142,12 @@ class CircuitBreaker:
         self._window.clear()
         self._change("closed")
 
+    def abandon_probe(self) -> None:
+        """The probe ended without telling success from failure (cancelled): the next call
+        probes instead."""
+        if self._state == "half_open":
+            self._probing = False
+
     def record_failure(self) -> None:
         now = self._clock()
         self._consecutive += 1

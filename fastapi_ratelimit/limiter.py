@@ -516,15 +516,26 @@ class RateLimiter:
             if known is not None:
                 return cast(Verdict, known)
         breaker = self.breaker
+        probe = False
         # An idle breaker (closed, nothing failed lately) needs no call either way.
-        if breaker is not None and not breaker.idle and not breaker.allow_call():
-            return await self._backend_down(checks, None)
+        if breaker is not None and not breaker.idle:
+            if not breaker.allow_call():
+                return await self._backend_down(checks, None)
+            probe = breaker.state == "half_open"  # half-open lets only its one probe through
         try:
             verdict = await self.backend.hit(checks)
         except BackendError as exc:
             if breaker is not None:
                 breaker.record_failure()
             return await self._backend_down(checks, exc)
+        except BaseException:
+            # Cancelled (the client went away) or a bug: no answer about the backend. A probe
+            # that ends so must hand its turn on, or the breaker stays half-open for good and
+            # no call ever reaches the backend again.
+            if probe:
+                assert breaker is not None
+                breaker.abandon_probe()
+            raise
         if breaker is not None and not breaker.idle:
             breaker.record_success()
         return verdict

@@ -7,6 +7,7 @@ Standard library only.  Meant for tests: put it between a Redis client and a rea
         client = redis.asyncio.Redis.from_url(proxy.url)
         proxy.delay(0.2)                # every reply is held for 0.2 s
         proxy.blackhole()               # nothing is forwarded any more (calls hang)
+        proxy.cut_after(10)             # 10 more reply bytes per connection, then hold
         proxy.refuse()                  # new connections get ECONNREFUSED
         proxy.reset_connections()       # every open connection is aborted (RST)
         proxy.pass_through()            # back to normal, on the same port
@@ -21,6 +22,10 @@ been forwarded yet:
 * ``blackhole`` -- keep accepting connections and reading, but forward nothing (not even
   an end-of-stream).  What was read meanwhile is held, not dropped: like a healed network
   partition, it is delivered in order when the mode changes back;
+* ``cut_after`` -- forward at most ``nbytes`` more bytes per connection in one or both
+  directions (splitting a chunk if need be), then hold the rest as ``blackhole`` does: a
+  reply (or request) that stops part-way through.  Bytes read but not yet forwarded count;
+  new connections get the same budget.  The other direction, if any, is forwarded at once;
 * ``refuse`` -- close the listening socket, so connecting fails at once with
   ``ECONNREFUSED``.  Connections already open keep forwarding without delay.  Any other
   mode listens again on the *same* port (``SO_REUSEADDR``).
@@ -47,7 +52,7 @@ from typing import Literal, TypeAlias
 __all__ = ["Direction", "FaultProxy", "ProxyStats"]
 
 Direction: TypeAlias = Literal["reply", "request", "both"]
-_Mode: TypeAlias = Literal["pass", "delay", "blackhole", "refuse"]
+_Mode: TypeAlias = Literal["pass", "delay", "blackhole", "cut", "refuse"]
 
 _CHUNK = 65536
 _CONNECT_TIMEOUT = 5.0
@@ -86,6 +91,8 @@ class _Pipe:
         self.direction = direction
         self.queue: deque[tuple[float, bytes]] = deque()
         self.wake = asyncio.Event()
+        #: Bytes this direction may still forward (``cut_after``); ``None``: no limit.
+        self.budget: int | None = proxy.budget_for(direction)
 
     async def read_loop(self, reader: asyncio.StreamReader) -> None:
         while True:
@@ -102,11 +109,16 @@ class _Pipe:
         while True:
             self.wake.clear()
             timeout: float | None = None  # None: wait for new data or a mode change
-            if self.queue and not self.proxy.is_blackholed:
+            if self.queue and not self.proxy.is_blackholed and self.budget != 0:
                 arrival, data = self.queue[0]
                 timeout = arrival + self.proxy.delay_for(self.direction) - time.monotonic()
                 if timeout <= 0:
                     self.queue.popleft()
+                    if self.budget is not None and data:
+                        if len(data) > self.budget:  # forward the head, hold the tail
+                            self.queue.appendleft((arrival, data[self.budget :]))
+                            data = data[: self.budget]
+                        self.budget -= len(data)
                     if not await self._write(writer, data):
                         return
                     continue
@@ -145,8 +157,9 @@ class _Connection:
         self.reply = _Pipe(proxy, "reply")
 
     def wake(self) -> None:
-        self.request.wake.set()
-        self.reply.wake.set()
+        for pipe in (self.request, self.reply):
+            pipe.budget = pipe.proxy.budget_for(pipe.direction)
+            pipe.wake.set()
 
     def reset(self) -> None:
         """Abort both sides now, with a TCP RST where possible."""
@@ -181,6 +194,7 @@ class FaultProxy:
         self._mode: _Mode = "pass"
         self._request_delay = 0.0
         self._reply_delay = 0.0
+        self._budgets: dict[str, int | None] = {"request": None, "reply": None}
         self._listener: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connections: set[_Connection] = set()
@@ -195,7 +209,7 @@ class FaultProxy:
 
     @property
     def mode(self) -> str:
-        """``"pass"``, ``"delay"``, ``"blackhole"`` or ``"refuse"``."""
+        """``"pass"``, ``"delay"``, ``"blackhole"``, ``"cut"`` or ``"refuse"``."""
         return self._mode
 
     @property
@@ -268,6 +282,22 @@ class FaultProxy:
         """Accept and read, but forward nothing either way (held until the mode changes)."""
         self._set_mode("blackhole", 0.0, 0.0)
 
+    def cut_after(self, nbytes: int, *, direction: Direction = "reply") -> None:
+        """Forward at most ``nbytes`` more bytes per connection in ``direction``, then hold
+        the rest (until the mode changes) as :meth:`blackhole` does.
+
+        A reply cut part-way through, for a client that must not mistake half a reply for a
+        whole one.  ``direction``: ``"reply"``, ``"request"`` or ``"both"`` (each gets the
+        budget); the other direction, if any, is forwarded without delay.
+        """
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes!r}")
+        if direction not in ("reply", "request", "both"):
+            raise ValueError(f"direction must be 'reply', 'request' or 'both', got {direction!r}")
+        request = nbytes if direction in ("request", "both") else None
+        reply = nbytes if direction in ("reply", "both") else None
+        self._set_mode("cut", 0.0, 0.0, budgets={"request": request, "reply": reply})
+
     def refuse(self) -> None:
         """Stop listening, so new connections fail with ECONNREFUSED.
 
@@ -290,10 +320,21 @@ class FaultProxy:
     def delay_for(self, direction: Literal["request", "reply"]) -> float:
         return self._request_delay if direction == "request" else self._reply_delay
 
-    def _set_mode(self, mode: _Mode, request_delay: float, reply_delay: float) -> None:
+    def budget_for(self, direction: Literal["request", "reply"]) -> int | None:
+        return self._budgets[direction]
+
+    def _set_mode(
+        self,
+        mode: _Mode,
+        request_delay: float,
+        reply_delay: float,
+        *,
+        budgets: dict[str, int | None] | None = None,
+    ) -> None:
         self._mode = mode
         self._request_delay = request_delay
         self._reply_delay = reply_delay
+        self._budgets = budgets or {"request": None, "reply": None}
         if self._started:
             if mode == "refuse":
                 self._close_listener()

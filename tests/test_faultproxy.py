@@ -186,6 +186,43 @@ async def test_blackhole_holds_data_until_mode_changes(proxy: FaultProxy) -> Non
         await close(writer)
 
 
+async def test_cut_after_forwards_part_of_a_reply_then_holds_the_rest(proxy: FaultProxy) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        async with asyncio.timeout(5):
+            assert await raw_ping(reader, writer) == PONG
+            proxy.cut_after(len(PONG) + 3)
+            writer.write(2 * PING)  # one chunk each way: the second reply is split
+            await writer.drain()
+            assert await reader.readexactly(len(PONG) + 3) == PONG + PONG[:3]
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await reader.read(1)  # the rest is held
+            writer.write(PING)  # requests still go through: Redis answers, the proxy holds it
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            proxy.pass_through()
+            assert await reader.readexactly(len(PONG) - 3 + len(PONG)) == PONG[3:] + PONG
+    finally:
+        await close(writer)
+
+
+async def test_cut_after_gives_each_new_connection_the_budget(proxy: FaultProxy) -> None:
+    proxy.cut_after(2)
+    for _ in range(2):
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            async with asyncio.timeout(5):
+                writer.write(PING)
+                await writer.drain()
+                assert await reader.readexactly(2) == PONG[:2]
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.1):
+                        await reader.read(1)
+        finally:
+            await close(writer)
+
+
 async def test_refuse_fails_fast_then_relistens_on_the_same_port(proxy: FaultProxy) -> None:
     port = proxy.port
     async with asyncio.timeout(5), client(proxy) as r:
@@ -285,3 +322,7 @@ def test_invalid_delay_arguments() -> None:
         fault_proxy.delay(1, direction="sideways")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=">= 0"):
         fault_proxy.delay(-1)
+    with pytest.raises(ValueError, match=">= 0"):
+        fault_proxy.cut_after(-1)
+    with pytest.raises(ValueError, match="direction"):
+        fault_proxy.cut_after(1, direction="up")  # type: ignore[arg-type]

@@ -166,6 +166,46 @@ async def test_open_breaker_skips_the_backend_and_recovers() -> None:
         assert remaining(recovered) == "98"  # counters continued
 
 
+async def test_a_cancelled_probe_hands_its_turn_on() -> None:
+    # The half-open breaker lets one probe through; if that request is cancelled (the client
+    # went away), the next call must probe instead of the breaker staying half-open for good.
+    clock = Clock()
+    backend = FlakyBackend()
+    limiter = RateLimiter(
+        backend=backend,
+        ip_limit="100/minute",
+        breaker=CircuitBreaker(failure_threshold=3, cooldown=2.0, clock=clock),
+    )
+    hang = asyncio.Event()
+    plain_hit = backend.hit
+
+    async def hanging_hit(checks: Any) -> Verdict:
+        await hang.wait()
+        return await plain_hit(checks)
+
+    async with client_for(app_for(limiter)) as client:
+        backend.down = True
+        for _ in range(3):
+            await client.get("/work")
+        assert limiter.breaker is not None
+        assert limiter.breaker.state == "open"
+        backend.down = False
+        clock.now += 2
+        backend.hit = hanging_hit  # type: ignore[method-assign]
+        probe = asyncio.ensure_future(client.get("/work"))
+        await asyncio.sleep(0.05)
+        assert limiter.breaker.state == "half_open"
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+        backend.hit = plain_hit  # type: ignore[method-assign]
+        calls = backend.calls
+        recovered = await client.get("/work")
+        assert backend.calls == calls + 1  # probed
+        assert limiter.breaker.state == "closed"
+        assert remaining(recovered) == "99"
+
+
 async def test_fail_closed_per_level_and_fallback() -> None:
     backend = FlakyBackend()
     backend.down = True

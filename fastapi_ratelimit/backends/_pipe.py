@@ -11,7 +11,16 @@ connection per request.
 A caller that gives up (timeout, cancellation) leaves its slot in the queue, and its reply is
 read and dropped when it comes: the connection never goes out of step. A timeout also drops
 the connection, since a link that swallowed one reply may have swallowed more; the next call
-connects afresh. Used only where redis-py adds nothing we need: plain TCP or Unix-socket
+connects afresh. So does anything else that breaks the stream (a reply nobody asked for, one
+hiredis cannot parse): a connection is never used again after a timeout or an error of its own.
+
+Time: :meth:`Pipe.call` returns or raises within ``timeout`` of being called (plus the event
+loop's lag), whatever the connection is doing. Waiting for a new connection, its AUTH, SELECT
+and SCRIPT LOAD counts against the same ``timeout``: the connect timeout (5 s unless the client
+sets ``socket_connect_timeout``) bounds the shared attempt, never a caller. Concurrent callers
+share one attempt, which carries on when they give up, so the next callers can use it.
+
+Used only where redis-py adds nothing we need: plain TCP or Unix-socket
 connections of a standalone client, RESP2, password or ACL user (see :func:`pipe_for`);
 TLS, Sentinel, Cluster and other set-ups keep redis-py for everything.
 
@@ -99,7 +108,11 @@ class _Protocol(asyncio.Protocol):
         reader.feed(data)
         waiters = self.waiters
         while True:
-            reply = reader.gets()
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError:  # garbage on the wire: nothing after it can be trusted
+                self.abort()
+                return
             if reply is False:
                 return
             if not waiters:  # a reply nobody asked for: the stream is broken
@@ -163,14 +176,31 @@ class Pipe:
     # A timer handle per call rather than asyncio.timeout(): a third of the cost, and the
     # expiry must also drop the connection.
     async def call(self, command: bytes, timeout: float | None) -> Any:  # noqa: ASYNC109
-        """Send one packed command and wait for its reply (at most ``timeout`` seconds)."""
+        """Send one packed command and wait for its reply. Returns or raises (``TimeoutError``
+        when time runs out) within ``timeout`` seconds of being called, connecting included."""
         protocol = self._protocol
         loop = asyncio.get_running_loop()
         if protocol is None or protocol.lost or protocol.loop is not loop:
-            protocol = await self._connect()
+            # The connection (and its AUTH, SELECT, SCRIPT LOAD) is waited for out of this
+            # call's own time, not the connect timeout's: that one is 5 s unless the client
+            # says otherwise, and every request arriving meanwhile would wait for it.
+            if timeout is None:
+                protocol = await self._connect(None)
+            else:
+                deadline = loop.time() + timeout
+                protocol = await self._connect(timeout)
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    raise TimeoutError()
+            if protocol.lost:
+                # Lost between the attempt's end and this caller's turn (a reset, another
+                # caller's timeout): its waiters were failed already, a new one would never be.
+                raise RedisConnectionError("connection to Redis lost as it was made")
+        # Written before the waiter is queued: a transport that refuses the write (uvloop's,
+        # closed but not yet reported lost, raises) leaves no orphan waiter behind.
+        protocol.transport.write(command)
         waiter = loop.create_future()
         protocol.waiters.append(waiter)
-        protocol.transport.write(command)
         if timeout is None:
             return await waiter
         timer = loop.call_later(timeout, _expire, waiter, protocol)
@@ -187,8 +217,9 @@ class Pipe:
             protocol.lost = True
             protocol.transport.close()
 
-    async def _connect(self) -> _Protocol:
-        # Concurrent callers share one attempt rather than each opening a connection.
+    async def _connect(self, timeout: float | None) -> _Protocol:  # noqa: ASYNC109
+        # Concurrent callers share one attempt rather than each opening a connection; each
+        # waits for it at most its own ``timeout`` (the attempt carries on without it).
         if self._closed:
             raise RedisConnectionError("the backend was closed")
         if self._protocol is not None:
@@ -204,7 +235,10 @@ class Pipe:
             connecting = self._connecting = asyncio.ensure_future(self._open())
             connecting.add_done_callback(_retrieved)
         try:
-            return await asyncio.shield(connecting)
+            if timeout is None:
+                return await asyncio.shield(connecting)
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(connecting)
         finally:
             if connecting.done() and self._connecting is connecting:
                 self._connecting = None

@@ -77,8 +77,9 @@ class RedisBackend:
             default) does so when the backend owns its client (:meth:`from_url`) and the
             client is a plain TCP or Unix-socket one; ``max_in_flight`` then bounds only the
             other commands. ``False``: always redis-py. On that connection ``timeout`` runs
-            from the moment a call is written, so it also covers waiting behind the calls
-            pipelined before it: the latency a request can gain stays bounded.
+            from the moment a call is made, so it also covers waiting for a new connection
+            (and its ``SCRIPT LOAD``), behind the calls pipelined before it, and a reload
+            after ``NOSCRIPT``: the latency a request can gain stays bounded.
         denial_cache: most denials kept in this process until their ``retry_after``, so
             that a client hammering past its limit costs no Redis round trip per request
             (see :mod:`~fastapi_ratelimit.backends._denials`); ``0`` turns it off.
@@ -416,13 +417,18 @@ class RedisBackend:
             # Without a per-call timeout, the socket-level fallback of _socket_options: a
             # dead connection must never hold a request forever.
             timeout = self._timeout if self._timeout is not None else _FALLBACK_TIMEOUT
+            started = time.monotonic()
             try:
                 try:
                     return await pipe.call(self._evalsha(keys, args[0]), timeout)
                 except NoScriptError:
                     # Flushed (SCRIPT FLUSH, a restart without persistence): EVAL sends the
-                    # source, runs it and caches it again, so EVALSHA works from then on.
-                    return await pipe.call(self._eval_source(keys, args[0]), timeout)
+                    # source, runs it and caches it again, so EVALSHA works from then on. In
+                    # what is left of the request's time, not a second timeout of its own.
+                    left = started + timeout - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError() from None
+                    return await pipe.call(self._eval_source(keys, args[0]), left)
             except Exception as exc:
                 raise self._script_error(exc) from exc
         client = self._client
