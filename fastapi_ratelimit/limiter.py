@@ -145,8 +145,12 @@ class RateLimiter:
         refund_when: ``(status) -> bool``; matching responses give their units back (e.g.
             ``lambda s: s < 400`` counts only failed logins).
         response_builder: ``(decisions, headers) -> Response`` for denials.
-        refresh_interval: how often each instance refreshes its copy of the allow/block lists
-            and stored tiers (seconds, at most 1).
+        access_lists: apply the allow/block lists (``limiter.allow(...)``, the admin API,
+            the CLI). Off by default: then no instance mirrors or polls them. Entries may be
+            added from anywhere, so turn it on in every instance that must apply them.
+        refresh_interval: how often each instance refreshes its copy of the operator state
+            its configuration uses: lists, stored tiers, overrides, shared breakers (seconds,
+            at most 1). Nothing that is not configured is mirrored or polled.
         allow_any_network: let the lists hold ``0.0.0.0/0`` and ``::/0``.
     """
 
@@ -183,6 +187,7 @@ class RateLimiter:
         max_waiting: int = 1000,
         refund_when: Callable[[int], bool] | None = None,
         response_builder: ResponseBuilder | None = None,
+        access_lists: bool = False,
         refresh_interval: float = 0.5,
         allow_any_network: bool = False,
     ) -> None:
@@ -289,18 +294,27 @@ class RateLimiter:
         self.sync_context = user_resolver is None and tier_resolver is None and tiers is None
         # endpoint -> its plan; bounded, since a client can send any method string.
         self._plans: dict[str, _EndpointPlan] = {}
-        if isinstance(self.backend, ControlStore):
+        # Operator state is mirrored only for what is configured (see control.py).
+        store = self.backend if isinstance(self.backend, ControlStore) else None
+        if not isinstance(access_lists, bool):
+            raise ConfigurationError("access_lists", access_lists, "must be True or False")
+        if access_lists and store is None:
+            raise ConfigurationError(
+                "access_lists", access_lists, "needs a backend that stores operator state"
+            )
+        if store is not None and (access_lists or self._tiers is not None):
             keys = getattr(self.backend, "key_builder", None)
             keys = keys if isinstance(keys, KeyBuilder) else KeyBuilder()
-            self.lists = AccessLists(
-                self.backend,
-                keys,
-                ipv6_prefix=ipv6_prefix,
-                refresh_interval=refresh_interval,
-                allow_any_network=allow_any_network,
-            )
-            self.tier_store = TierStore(self.backend, keys, refresh_interval)
-        store = self.backend if isinstance(self.backend, ControlStore) else None
+            if access_lists:
+                self.lists = AccessLists(
+                    store,
+                    keys,
+                    ipv6_prefix=ipv6_prefix,
+                    refresh_interval=refresh_interval,
+                    allow_any_network=allow_any_network,
+                )
+            if self._tiers is not None:
+                self.tier_store = TierStore(store, keys, refresh_interval)
         if self.endpoint_breaker is not None:
             self.endpoint_breaker.bind(store, refresh_interval)
         if self.dynamic is not None:
@@ -670,7 +684,10 @@ class RateLimiter:
     def _lists(self) -> AccessLists:
         if self.lists is None:
             raise ConfigurationError(
-                "backend", type(self.backend).__name__, "does not store allow/block lists"
+                "access_lists",
+                False,
+                "this limiter does not apply allow/block lists: pass access_lists=True (on "
+                "every instance that must apply them)",
             )
         return self.lists
 
