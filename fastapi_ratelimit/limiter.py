@@ -23,7 +23,7 @@ from .backends.base import Backend, Check, new_check
 from .backends.memory import MemoryBackend
 from .breaker import CircuitBreaker, EndpointBreaker
 from .context import RequestContext
-from .control import ControlStore
+from .control import ControlStore, PollPolicy
 from .costs import CostTable, check_cost, check_endpoint, endpoint_key
 from .decision import Decision, Verdict
 from .dynamic import DynamicLimits
@@ -294,8 +294,10 @@ class RateLimiter:
         self.sync_context = user_resolver is None and tier_resolver is None and tiers is None
         # endpoint -> its plan; bounded, since a client can send any method string.
         self._plans: dict[str, _EndpointPlan] = {}
-        # Operator state is mirrored only for what is configured (see control.py).
+        # Operator state is mirrored only for what is configured (see control.py); the
+        # mirrors poll through the breaker and log their health as one.
         store = self.backend if isinstance(self.backend, ControlStore) else None
+        polling = PollPolicy(self.breaker)
         if not isinstance(access_lists, bool):
             raise ConfigurationError("access_lists", access_lists, "must be True or False")
         if access_lists and store is None:
@@ -312,13 +314,14 @@ class RateLimiter:
                     ipv6_prefix=ipv6_prefix,
                     refresh_interval=refresh_interval,
                     allow_any_network=allow_any_network,
+                    polling=polling,
                 )
             if self._tiers is not None:
-                self.tier_store = TierStore(store, keys, refresh_interval)
+                self.tier_store = TierStore(store, keys, refresh_interval, polling)
         if self.endpoint_breaker is not None:
-            self.endpoint_breaker.bind(store, refresh_interval)
+            self.endpoint_breaker.bind(store, refresh_interval, polling)
         if self.dynamic is not None:
-            self.dynamic.bind(store, refresh_interval)
+            self.dynamic.bind(store, refresh_interval, polling)
 
     # -- per request ---------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ a condition, or generous windows in which the expected count is zero.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -19,18 +20,21 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from faultproxy import FaultProxy
 from http_helpers import client_for, work_app
 from loguru import logger
 from servers import RedisServer
 
 from fastapi_ratelimit import (
     DEFAULT_TIERS,
+    BackendError,
     ConfigurationError,
     MemoryBackend,
     RateLimiter,
     RedisBackend,
 )
-from fastapi_ratelimit.breaker import EndpointBreaker
+from fastapi_ratelimit.breaker import CircuitBreaker, EndpointBreaker
+from fastapi_ratelimit.control import Mirror, PollPolicy
 from fastapi_ratelimit.dynamic import BehaviourTracker, DynamicLimits
 
 #: A client the lists below name (client_for's default peer).
@@ -129,6 +133,36 @@ async def test_only_configured_features_mirror_and_poll(feature: str) -> None:
         assert set(store.reads) == expected
     finally:
         await limiter.aclose()
+
+
+class SlowStore(CountingStore):
+    """Every version read takes a round trip's time, as on Redis."""
+
+    async def control_version(self, namespace: str) -> int:
+        await asyncio.sleep(0.01)
+        return await super().control_version(namespace)
+
+
+def refresh_loops() -> int:
+    return sum(
+        getattr(task.get_coro(), "__qualname__", "") == "every" for task in asyncio.all_tasks()
+    )
+
+
+async def test_concurrent_first_requests_start_one_loop_per_mirror() -> None:
+    store = SlowStore()
+    limiter = RateLimiter(
+        backend=store, ip_limit="1000/minute", access_lists=True, refresh_interval=0.05
+    )
+    async with client_for(work_app(limiter)) as client:
+        statuses = await asyncio.gather(*(client.get("/work") for _ in range(20)))
+        assert {response.status_code for response in statuses} == {200}
+        assert refresh_loops() == 2  # allow and block, once each
+    await limiter.aclose()
+    assert refresh_loops() == 0
+    reads = sum(store.reads.values())
+    await asyncio.sleep(0.3)  # 6 intervals: nothing polls after aclose
+    assert sum(store.reads.values()) == reads
 
 
 @pytest.mark.redis
@@ -252,3 +286,150 @@ def test_lists_need_a_store() -> None:
     assert RateLimiter(backend=Plain()).lists is None  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match=r"^access_lists: "):
         RateLimiter(backend=Plain(), access_lists=True)  # type: ignore[arg-type]
+
+
+# -- polling while Redis is down -----------------------------------------------------------------
+
+
+class FailingStore:
+    """Operator state that cannot be reached (or can, when ``up``)."""
+
+    def __init__(self) -> None:
+        self.up = False
+        self.calls = 0
+
+    async def control_version(self, namespace: str) -> int:
+        self.calls += 1
+        if not self.up:
+            raise BackendError("Redis control failed: ConnectionError (test)")
+        return 0
+
+    async def control_load(self, namespace: str) -> tuple[int, dict[str, str]]:
+        self.calls += 1
+        if not self.up:
+            raise BackendError("Redis control failed: ConnectionError (test)")
+        return 0, {}
+
+    async def control_put(self, namespace: str, key: str, value: str) -> None: ...
+
+    async def control_delete(self, namespace: str, keys: list[str]) -> int:
+        return 0
+
+
+async def test_polls_pause_while_the_breaker_is_open(records: list[Any]) -> None:
+    now = [1000.0]
+    breaker = CircuitBreaker(failure_threshold=3, cooldown=5.0, clock=lambda: now[0])
+    store = FailingStore()
+    policy = PollPolicy(breaker)
+    mirrors = [Mirror(store, name, 0.02, policy) for name in ("allow", "block")]
+    try:
+        for mirror in mirrors:
+            await mirror.ensure_loaded()
+        # The polls' failures count: the breaker opens without a single request.
+        await until(lambda: breaker.state == "open", "breaker open")
+        calls = store.calls
+        await asyncio.sleep(0.4)  # 20 intervals
+        assert store.calls == calls
+        assert len(control_lines(records, "WARNING")) == 1
+        # After the cooldown one poll probes; Redis is still down: open again, nothing logged.
+        now[0] += 5.0
+        await until(lambda: store.calls == calls + 1, "one probe")
+        await asyncio.sleep(0.2)
+        assert store.calls == calls + 1
+        assert breaker.state == "open"
+        store.up = True
+        now[0] += 5.0
+        await until(lambda: breaker.state == "closed", "closed by a poll")
+        await until(lambda: bool(control_lines(records, "INFO")), "works again")
+        await asyncio.sleep(0.2)
+        assert len(control_lines(records, "WARNING")) == 1
+        assert len(control_lines(records, "INFO")) == 1
+        assert all(mirror.running for mirror in mirrors)
+        # The breaker too: opened once, closed once; the failed probe between is not a line.
+        assert len(control_lines(records, "WARNING", "breaker")) == 1
+        assert len(control_lines(records, "INFO", "breaker")) == 1
+    finally:
+        for mirror in mirrors:
+            await mirror.aclose()
+
+
+async def test_a_cancelled_probe_gives_the_probe_back() -> None:
+    now = [1000.0]
+    breaker = CircuitBreaker(failure_threshold=1, cooldown=5.0, clock=lambda: now[0])
+    breaker.record_failure()
+    now[0] += 5.0
+    entered = asyncio.Event()
+
+    class Hanging(FailingStore):
+        async def control_version(self, namespace: str) -> int:
+            entered.set()
+            await asyncio.sleep(3600)
+            return 0
+
+    mirror = Mirror(Hanging(), "allow", 0.02, PollPolicy(breaker))
+    task = asyncio.create_task(mirror.poll())
+    await entered.wait()
+    assert breaker.state == "half_open"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Not stuck half-open with a probe nobody will finish: open, and probed again later.
+    assert breaker.state == "open"
+    now[0] += 5.0
+    assert breaker.allow_call()
+
+
+@pytest.mark.redis
+async def test_redis_down_polls_through_the_breaker(records: list[Any]) -> None:
+    now = [1000.0]
+    breaker = CircuitBreaker(failure_threshold=3, cooldown=5.0, clock=lambda: now[0])
+    with RedisServer(name="mirrors-down") as server:
+        async with FaultProxy("127.0.0.1", server.port) as proxy:
+            limiter = RateLimiter(
+                backend=RedisBackend.from_url(proxy.url, timeout=0.25),
+                ip_limit="1000/minute",
+                access_lists=True,
+                refresh_interval=0.1,
+                breaker=breaker,
+            )
+
+            async def settled() -> int:
+                """The connection attempts once none is under way: a poll that was in flight
+                when the breaker opened may retry until its timeout (0.25 s)."""
+                started = time.monotonic()
+                while True:
+                    seen = proxy.stats.connections_accepted
+                    await asyncio.sleep(0.6)
+                    if proxy.stats.connections_accepted == seen:
+                        return seen
+                    assert time.monotonic() - started < 10.0, "connection attempts go on"
+
+            try:
+                async with client_for(work_app(limiter)) as client:
+                    assert (await client.get("/work")).status_code == 200
+                    server.stop()
+                    # No requests from here on: the polls alone see Redis is gone.
+                    await until(lambda: breaker.state == "open", "breaker open")
+                    attempts = await settled()
+                    await asyncio.sleep(2.0)  # 20 more intervals, two lists
+                    assert proxy.stats.connections_accepted == attempts
+                    assert len(control_lines(records, "WARNING")) == 1
+                    server.start()
+                    now[0] += 5.0  # the cooldown is over: a poll probes, and closes it
+                    await until(lambda: breaker.state == "closed", "breaker closed")
+                    await until(lambda: bool(control_lines(records, "INFO")), "works again")
+                    # Polling resumed: a block added now (by another instance) applies.
+                    other = RedisBackend.from_url(server.url, timeout=5.0)
+                    try:
+                        entry = json.dumps({"kind": "ip", "value": f"{CLIENT_IP}/32"})
+                        await other.control_put("block", f"ip:{CLIENT_IP}/32", entry)
+                    finally:
+                        await other.aclose()
+                    started = time.monotonic()
+                    while (await client.get("/work")).status_code != 403:
+                        assert time.monotonic() - started < 5.0, "the block never applied"
+                        await asyncio.sleep(0.02)
+                assert len(control_lines(records, "WARNING")) == 1
+                assert len(control_lines(records, "INFO")) == 1
+            finally:
+                await limiter.aclose()
