@@ -23,7 +23,7 @@ from typing import Any, Literal
 from loguru import logger
 
 from .context import RequestContext
-from .control import ControlStore, Mirror, live
+from .control import ControlStore, Mirror, PollPolicy, live
 from .errors import ConfigurationError
 from .keys import KeyBuilder
 
@@ -130,6 +130,11 @@ class AccessLists:
         ipv6_prefix: the IPv6 bucketing prefix; IPv6 entries must be at least as wide.
         refresh_interval: seconds between background refreshes of the local copy.
         allow_any_network: accept ``0.0.0.0/0`` and ``::/0`` (refused by default).
+        polling: the circuit breaker and health log the mirrors share with the limiter's
+            other mirrors (see :class:`~fastapi_ratelimit.control.PollPolicy`).
+
+    The mirrors start with the first request that :meth:`decide` sees; an instance that only
+    writes entries (the CLI) never starts them.
     """
 
     def __init__(
@@ -140,13 +145,14 @@ class AccessLists:
         ipv6_prefix: int = 64,
         refresh_interval: float = 0.5,
         allow_any_network: bool = False,
+        polling: PollPolicy | None = None,
     ) -> None:
         self._keys = keys
         self._ipv6_prefix = ipv6_prefix
         self._allow_any = allow_any_network
         self._mirrors = {
-            "allow": Mirror(store, "allow", refresh_interval),
-            "block": Mirror(store, "block", refresh_interval),
+            "allow": Mirror(store, "allow", refresh_interval, polling),
+            "block": Mirror(store, "block", refresh_interval, polling),
         }
         self._allow, self._block = self._mirrors["allow"], self._mirrors["block"]
         self._indexes = {"allow": _Index(), "block": _Index()}

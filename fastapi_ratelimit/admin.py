@@ -123,6 +123,7 @@ def admin_router(
 
     @router.post("/lists/cleanup")
     async def cleanup(operator: Operator) -> dict[str, int]:
+        _lists_on(limiter)
         return {"removed": await _call(limiter.cleanup())}
 
     @router.post("/inspect")
@@ -145,9 +146,11 @@ def _list_routes(
     listing = limiter.allowed if name == "allow" else limiter.blocked
 
     async def list_entries(operator: operator_type) -> dict[str, Any]:
+        _lists_on(limiter)
         return {"entries": [asdict(e) for e in await _call(listing())]}
 
     async def add_entry(body: EntryBody, operator: operator_type) -> dict[str, Any]:
+        _lists_on(limiter)
         entry = await _call(
             add(body.kind, body.value, reason=body.reason, by=who(operator), ttl=body.ttl)
         )
@@ -158,11 +161,19 @@ def _list_routes(
         kind: Literal["ip", "user", "api_key"] = Query(),
         value: str = Query(min_length=1, max_length=4096),
     ) -> dict[str, bool]:
+        _lists_on(limiter)
         return {"removed": await _call(remove(kind, value, by=who(operator)))}
 
     router.add_api_route(f"/{name}", list_entries, methods=["GET"], name=f"list_{name}")
     router.add_api_route(f"/{name}", add_entry, methods=["POST"], name=f"add_{name}")
     router.add_api_route(f"/{name}", remove_entry, methods=["DELETE"], name=f"remove_{name}")
+
+
+def _lists_on(limiter: RateLimiter) -> None:
+    if limiter.lists is None:
+        raise HTTPException(
+            409, "this limiter applies no allow/block lists (RateLimiter(access_lists=True))"
+        )
 
 
 def _dynamic(limiter: RateLimiter) -> DynamicLimits:

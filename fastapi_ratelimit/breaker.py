@@ -4,7 +4,9 @@
 a row, or a failure rate of ``failure_rate`` over ``window`` seconds (with at least
 ``min_calls`` calls), it opens and calls skip the backend entirely (no added latency) until
 ``cooldown`` has passed; then a single probe goes through: success closes it, failure opens it
-again. One log line per state change.
+again. A warning when it opens and a line when it closes again; the probes in between (half
+open, then open again while the backend is still down) are logged at DEBUG only, so a long
+outage adds no line per cooldown.
 
 :class:`EndpointBreaker` guards the *protected API* (the seed's circuit-breaker integration):
 per endpoint, when the share of 5xx responses over ``window`` passes ``threshold`` (with at
@@ -23,7 +25,7 @@ from typing import Literal
 
 from loguru import logger
 
-from .control import ControlStore, Mirror, live
+from .control import ControlStore, Mirror, PollPolicy, live
 from .errors import ConfigurationError
 
 __all__ = ["CircuitBreaker", "EndpointBreaker"]
@@ -174,7 +176,12 @@ class CircuitBreaker:
             return
         previous, self._state = self._state, state
         self.idle = False  # the next success (closed) works out whether it is idle again
-        log = logger.warning if state == "open" else logger.info
+        if state == "open" and previous == "closed":
+            log = logger.warning
+        elif state == "closed":
+            log = logger.info
+        else:  # a probe's comings and goings while the backend is down
+            log = logger.debug
         log("rate-limit backend circuit breaker: {} -> {}", previous, state)
         for listener in self.listeners:
             listener(state)
@@ -212,10 +219,15 @@ class EndpointBreaker:
         self._mirror: Mirror | None = None
         self._local_open: dict[str, float] = {}
 
-    def bind(self, store: ControlStore | None, refresh_interval: float) -> None:
+    def bind(
+        self,
+        store: ControlStore | None,
+        refresh_interval: float,
+        polling: PollPolicy | None = None,
+    ) -> None:
         self._store = store
         if store is not None:
-            self._mirror = Mirror(store, "breakers", refresh_interval)
+            self._mirror = Mirror(store, "breakers", refresh_interval, polling)
 
     async def open_until(self, endpoint: str) -> float | None:
         """When the endpoint is open: the wall-clock time it closes; else ``None``."""

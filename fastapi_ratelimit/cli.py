@@ -9,6 +9,10 @@
 
 The URL comes from ``--redis-url``, else ``RATELIMIT_REDIS_URL`` or ``REDIS_URL``. Exit codes:
 0 success, 1 not found, 2 bad input or Redis unreachable.
+
+A change applies, within about a second, on every instance whose limiter uses the feature:
+lists need ``RateLimiter(access_lists=True)``, stored tiers ``tiers=...``, the override
+``dynamic=...``. Instances without it never read that state.
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--by", default=os.environ.get("USER", "cli"), help="operator name")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    tier = commands.add_parser("tier", help="tiers stored for users or API keys")
+    tier = commands.add_parser(
+        "tier", help="tiers stored for users or API keys (apps with RateLimiter(tiers=...))"
+    )
     tier_commands = tier.add_subparsers(dest="action", required=True)
     for action in ("get", "set", "clear"):
         sub = tier_commands.add_parser(action)
@@ -59,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
             )
 
     for name in ("allow", "block"):
-        listing = commands.add_parser(name, help=f"the {name}-list")
+        listing = commands.add_parser(
+            name, help=f"the {name}-list (apps with RateLimiter(access_lists=True))"
+        )
         actions = listing.add_subparsers(dest="action", required=True)
         add = actions.add_parser("add")
         add.add_argument("kind", choices=["ip", "user", "api_key"])
@@ -72,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
         remove.add_argument("value")
         actions.add_parser("list")
 
-    override = commands.add_parser("override", help="scale every limit (all instances)")
+    override = commands.add_parser(
+        "override", help="scale every limit (apps with RateLimiter(dynamic=...))"
+    )
     override_actions = override.add_subparsers(dest="action", required=True)
     set_override = override_actions.add_parser("set", help="e.g. 'override set 0.5 --ttl 600'")
     set_override.add_argument("factor", type=float)

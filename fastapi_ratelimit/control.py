@@ -1,10 +1,17 @@
-"""Operator state shared by every app instance: allow/block lists and stored tiers.
+"""Operator state shared by every app instance: allow/block lists, stored tiers, open
+endpoint breakers, the operator's override and the penalty box.
 
 It lives in the backend (a Redis hash per namespace, or a dict in memory) with a version
-counter. Each instance mirrors it locally and refreshes the mirror in the background every
-``refresh_interval`` (default 0.5 s, so changes apply everywhere within 1 s); checking a
-request against it costs no round trip. Entries carry their own expiry, checked at match
-time, so an expired entry stops applying on time even between refreshes.
+counter. Each instance mirrors the namespaces its configuration uses (and no other: a feature
+that is not configured never starts a mirror, see README "Propagation") and refreshes the
+mirror in the background every ``refresh_interval`` (default 0.5 s, so changes apply
+everywhere within 1 s); checking a request against it costs no round trip. A refresh reads
+the version alone, and the whole namespace only when the version changed.
+
+Polls go through the limiter's circuit breaker, like requests (:class:`PollPolicy`): while it
+is open no poll reaches the backend, and a poll's failure counts towards opening it. Entries
+carry their own expiry, checked at match time, so an expired entry stops applying on time
+even between refreshes.
 """
 
 from __future__ import annotations
@@ -14,13 +21,16 @@ import contextlib
 import inspect
 import json
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from loguru import logger
 
 from .errors import BackendError
 
-__all__ = ["ControlStore", "Mirror"]
+if TYPE_CHECKING:
+    from .breaker import CircuitBreaker
+
+__all__ = ["ControlStore", "Mirror", "PollPolicy"]
 
 
 @runtime_checkable
@@ -42,18 +52,61 @@ class ControlStore(Protocol):
         ...
 
 
+class PollPolicy:
+    """What the mirrors of one limiter share when they poll the backend.
+
+    - ``breaker``, the request path's :class:`~fastapi_ratelimit.breaker.CircuitBreaker`: a
+      poll asks it first, as a request does. While it is open no poll goes out; after each
+      cooldown one call probes, and on an idle instance a poll may be that probe. A poll's
+      outcome counts like a request's, so polls alone open it when the backend goes away.
+    - Their health, logged once per change: one warning when refreshing starts failing, one
+      line when every mirror refreshes again; never a line per failed poll.
+    """
+
+    def __init__(self, breaker: CircuitBreaker | None = None) -> None:
+        self.breaker = breaker
+        self._failing: set[str] = set()
+
+    def failed(self, namespace: str, error: Exception) -> None:
+        if not self._failing:
+            logger.warning(
+                "could not refresh operator state ({}) from the backend, keeping the last copy: {}",
+                namespace,
+                error,
+            )
+        self._failing.add(namespace)
+
+    def worked(self, namespace: str) -> None:
+        if namespace in self._failing:
+            self._failing.discard(namespace)
+            if not self._failing:
+                logger.info("refreshing operator state from the backend works again")
+
+    def forget(self, namespace: str) -> None:
+        """A mirror stopped: its failures no longer count."""
+        self._failing.discard(namespace)
+
+
 class Mirror:
     """A local copy of one namespace, parsed, refreshed in the background."""
 
-    def __init__(self, store: ControlStore, namespace: str, refresh_interval: float) -> None:
+    def __init__(
+        self,
+        store: ControlStore,
+        namespace: str,
+        refresh_interval: float,
+        policy: PollPolicy | None = None,
+    ) -> None:
         self._store = store
         self._namespace = namespace
         self._interval = refresh_interval
+        self._policy = policy if policy is not None else PollPolicy()
         self._version = -1
         #: The local copy, parsed (replaced whole on refresh, never edited in place).
         self.entries: Mapping[str, dict[str, Any]] = {}
         self._task: asyncio.Task[None] | None = None
-        self._failing = False
+        #: The first load and the start of the loop, shared by the requests that wait for it.
+        self._starting: asyncio.Task[None] | None = None
         #: Loaded and refreshing: callers can read :attr:`entries` without awaiting. A plain
         #: attribute (the task's done-callback clears it): it is read on every request.
         self.running = False
@@ -61,17 +114,30 @@ class Mirror:
         self.generation = 0
 
     async def ensure_loaded(self) -> None:
-        """Load synchronously the first time and start the background refresh loop, which
-        keeps the copy at most ``refresh_interval`` (plus one round trip) behind, busy or idle.
-        """
+        """Load the first time (the callers wait for it) and start the background refresh
+        loop, which keeps the copy at most ``refresh_interval`` (plus one round trip) behind,
+        busy or idle. Concurrent first callers share one load and one loop."""
+        if self.running:
+            return
+        starting = self._starting
+        if starting is None:
+            self._starting = starting = asyncio.create_task(self._start())
+        try:
+            # Shielded: a caller that is cancelled must not cancel the others' load.
+            await asyncio.shield(starting)
+        finally:
+            if starting.done() and self._starting is starting:
+                self._starting = None
+
+    async def _start(self) -> None:
+        if self._version == -1:
+            await self.poll()
         if self._task is None or self._task.done():
-            if self._version == -1:
-                await self.refresh()
             self._task = task = asyncio.create_task(
-                every(self._interval, self.refresh, f"refresh of {self._namespace}")
+                every(self._interval, self.poll, f"refresh of {self._namespace}")
             )
-            self.running = True
             task.add_done_callback(self._stopped)
+        self.running = True
 
     def _stopped(self, task: asyncio.Task[None]) -> None:
         if task is self._task:
@@ -79,37 +145,81 @@ class Mirror:
 
     async def aclose(self) -> None:
         """Stop the background refresh (call from the app's shutdown)."""
+        starting, self._starting = self._starting, None
+        await stop(starting)
         task, self._task = self._task, None
         self.running = False
         await stop(task)
+        self._policy.forget(self._namespace)
 
-    async def refresh(self) -> None:
+    async def poll(self) -> None:
+        """One refresh through the circuit breaker (the loop's, and the first load): skipped
+        while the breaker refuses calls; the version check's outcome counts like a
+        request's."""
+        breaker = self._policy.breaker
+        if breaker is None:
+            await self.refresh()
+            return
+        if not breaker.idle and not breaker.allow_call():
+            if self._version == -1:
+                self._version = -2  # not loaded; the loop loads it once the breaker allows
+            return
+        probe = breaker.state == "half_open"  # this poll holds the breaker's one probe
+        answered: bool | None = None
         try:
             version = await self._store.control_version(self._namespace)
-            if version == self._version:
-                return
-            version, raw = await self._store.control_load(self._namespace)
+            answered = True
         except BackendError as exc:
-            if not self._failing:
-                self._failing = True
-                logger.warning("could not refresh {} from the backend: {}", self._namespace, exc)
-            if self._version < 0:
-                self._version = -2  # don't retry synchronously on every request
+            answered = False
+            self._failed(exc)
             return
-        if self._failing:
-            self._failing = False
-            logger.info("refreshing {} from the backend works again", self._namespace)
-        entries: dict[str, dict[str, Any]] = {}
-        for key, value in raw.items():
+        except Exception as exc:  # the store answered nonsense: not the backend being down
+            self._failed(exc)
+            return
+        finally:
+            if answered is True:
+                if not breaker.idle:
+                    breaker.record_success()
+            elif answered is False or probe:
+                # A failure, or a probe that ended without an answer (cancelled, nonsense):
+                # give the probe back; the next one comes after another cooldown.
+                breaker.record_failure()
+        await self._update(version)
+
+    async def refresh(self) -> None:
+        """Refresh now if the version changed. Operator calls use it after a change, so this
+        instance applies the change at once; it does not ask the breaker."""
+        try:
+            version = await self._store.control_version(self._namespace)
+        except Exception as exc:
+            self._failed(exc)
+            return
+        await self._update(version)
+
+    async def _update(self, version: int) -> None:
+        if version != self._version:
             try:
-                parsed = json.loads(value)
-            except ValueError:
-                continue
-            if isinstance(parsed, dict):
-                entries[key] = parsed
-        self.entries = entries
-        self._version = version
-        self.generation += 1
+                version, raw = await self._store.control_load(self._namespace)
+            except Exception as exc:
+                self._failed(exc)
+                return
+            entries: dict[str, dict[str, Any]] = {}
+            for key, value in raw.items():
+                try:
+                    parsed = json.loads(value)
+                except ValueError:
+                    continue
+                if isinstance(parsed, dict):
+                    entries[key] = parsed
+            self.entries = entries
+            self._version = version
+            self.generation += 1
+        self._policy.worked(self._namespace)
+
+    def _failed(self, error: Exception) -> None:
+        self._policy.failed(self._namespace, error)
+        if self._version == -1:
+            self._version = -2  # don't retry synchronously on every request
 
 
 async def every(interval: float, action: Callable[[], Awaitable[Any] | Any], what: str) -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from .control import ControlStore, Mirror, every, live, stop
+from .control import ControlStore, Mirror, PollPolicy, every, live, stop
 from .errors import ConfigurationError
 from .policy import Policy
 from .rate import Rate
@@ -205,10 +205,15 @@ class BehaviourTracker:
         self._store: ControlStore | None = None
         self._box: Mirror | None = None
 
-    def bind(self, store: ControlStore | None, refresh_interval: float) -> None:
+    def bind(
+        self,
+        store: ControlStore | None,
+        refresh_interval: float,
+        polling: PollPolicy | None = None,
+    ) -> None:
         self._store = store
         if store is not None and self.penalty_violations is not None:
-            self._box = Mirror(store, "penalty", refresh_interval)
+            self._box = Mirror(store, "penalty", refresh_interval, polling)
 
     def factor(self, client: str) -> float:
         stats = self._stats.get(client)
@@ -294,12 +299,17 @@ class DynamicLimits:
         self._store: ControlStore | None = None
         self._scaled: dict[tuple[int, float], tuple[Policy, Policy]] = {}
 
-    def bind(self, store: ControlStore | None, refresh_interval: float) -> None:
+    def bind(
+        self,
+        store: ControlStore | None,
+        refresh_interval: float,
+        polling: PollPolicy | None = None,
+    ) -> None:
         self._store = store
         if store is not None:
-            self._override = Mirror(store, "override", refresh_interval)
+            self._override = Mirror(store, "override", refresh_interval, polling)
         if self.behaviour is not None:
-            self.behaviour.bind(store, refresh_interval)
+            self.behaviour.bind(store, refresh_interval, polling)
 
     async def global_factor(self) -> float:
         """Load times the operator's override, rounded to the cache step."""

@@ -23,7 +23,7 @@ from .backends.base import Backend, Check, new_check
 from .backends.memory import MemoryBackend
 from .breaker import CircuitBreaker, EndpointBreaker
 from .context import RequestContext
-from .control import ControlStore
+from .control import ControlStore, PollPolicy
 from .costs import CostTable, check_cost, check_endpoint, endpoint_key
 from .decision import Decision, Verdict
 from .denials import DenialLog
@@ -146,8 +146,12 @@ class RateLimiter:
         refund_when: ``(status) -> bool``; matching responses give their units back (e.g.
             ``lambda s: s < 400`` counts only failed logins).
         response_builder: ``(decisions, headers) -> Response`` for denials.
-        refresh_interval: how often each instance refreshes its copy of the allow/block lists
-            and stored tiers (seconds, at most 1).
+        access_lists: apply the allow/block lists (``limiter.allow(...)``, the admin API,
+            the CLI). Off by default: then no instance mirrors or polls them. Entries may be
+            added from anywhere, so turn it on in every instance that must apply them.
+        refresh_interval: how often each instance refreshes its copy of the operator state
+            its configuration uses: lists, stored tiers, overrides, shared breakers (seconds,
+            at most 1). Nothing that is not configured is mirrored or polled.
         allow_any_network: let the lists hold ``0.0.0.0/0`` and ``::/0``.
     """
 
@@ -184,6 +188,7 @@ class RateLimiter:
         max_waiting: int = 1000,
         refund_when: Callable[[int], bool] | None = None,
         response_builder: ResponseBuilder | None = None,
+        access_lists: bool = False,
         refresh_interval: float = 0.5,
         allow_any_network: bool = False,
     ) -> None:
@@ -292,22 +297,34 @@ class RateLimiter:
         self._plans: dict[str, _EndpointPlan] = {}
         #: Denials, logged as one line per second however many there are.
         self._denials = DenialLog()
-        if isinstance(self.backend, ControlStore):
+        # Operator state is mirrored only for what is configured (see control.py); the
+        # mirrors poll through the breaker and log their health as one.
+        store = self.backend if isinstance(self.backend, ControlStore) else None
+        polling = PollPolicy(self.breaker)
+        if not isinstance(access_lists, bool):
+            raise ConfigurationError("access_lists", access_lists, "must be True or False")
+        if access_lists and store is None:
+            raise ConfigurationError(
+                "access_lists", access_lists, "needs a backend that stores operator state"
+            )
+        if store is not None and (access_lists or self._tiers is not None):
             keys = getattr(self.backend, "key_builder", None)
             keys = keys if isinstance(keys, KeyBuilder) else KeyBuilder()
-            self.lists = AccessLists(
-                self.backend,
-                keys,
-                ipv6_prefix=ipv6_prefix,
-                refresh_interval=refresh_interval,
-                allow_any_network=allow_any_network,
-            )
-            self.tier_store = TierStore(self.backend, keys, refresh_interval)
-        store = self.backend if isinstance(self.backend, ControlStore) else None
+            if access_lists:
+                self.lists = AccessLists(
+                    store,
+                    keys,
+                    ipv6_prefix=ipv6_prefix,
+                    refresh_interval=refresh_interval,
+                    allow_any_network=allow_any_network,
+                    polling=polling,
+                )
+            if self._tiers is not None:
+                self.tier_store = TierStore(store, keys, refresh_interval, polling)
         if self.endpoint_breaker is not None:
-            self.endpoint_breaker.bind(store, refresh_interval)
+            self.endpoint_breaker.bind(store, refresh_interval, polling)
         if self.dynamic is not None:
-            self.dynamic.bind(store, refresh_interval)
+            self.dynamic.bind(store, refresh_interval, polling)
 
     # -- per request ---------------------------------------------------------------------------
 
@@ -685,7 +702,10 @@ class RateLimiter:
     def _lists(self) -> AccessLists:
         if self.lists is None:
             raise ConfigurationError(
-                "backend", type(self.backend).__name__, "does not store allow/block lists"
+                "access_lists",
+                False,
+                "this limiter does not apply allow/block lists: pass access_lists=True (on "
+                "every instance that must apply them)",
             )
         return self.lists
 

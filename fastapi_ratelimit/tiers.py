@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from loguru import logger
 
-from .control import ControlStore, Mirror, live
+from .control import ControlStore, Mirror, PollPolicy, live
 from .errors import ConfigurationError
 from .keys import KeyBuilder
 from .policy import Algorithm, Policy
@@ -111,10 +111,16 @@ class TierStore:
     within ``refresh_interval`` + one round trip, and counters are never reset (every tier of
     a level shares one bucket)."""
 
-    def __init__(self, store: ControlStore, keys: KeyBuilder, refresh_interval: float) -> None:
+    def __init__(
+        self,
+        store: ControlStore,
+        keys: KeyBuilder,
+        refresh_interval: float,
+        polling: PollPolicy | None = None,
+    ) -> None:
         self._store = store
         self._keys = keys
-        self._mirror = Mirror(store, "tiers", refresh_interval)
+        self._mirror = Mirror(store, "tiers", refresh_interval, polling)
 
     async def aclose(self) -> None:
         await self._mirror.aclose()

@@ -110,8 +110,12 @@ async def test_api_key_tier_sets_the_api_key_level(make_backend: Any) -> None:
 
 
 async def test_changes_propagate_between_instances_within_a_second(redis_url: str) -> None:
-    one = tiered(RedisBackend.from_url(redis_url, timeout=5.0), ip_limit="1/minute")
-    two = tiered(RedisBackend.from_url(redis_url, timeout=5.0), ip_limit="1/minute")
+    one = tiered(
+        RedisBackend.from_url(redis_url, timeout=5.0), ip_limit="1/minute", access_lists=True
+    )
+    two = tiered(
+        RedisBackend.from_url(redis_url, timeout=5.0), ip_limit="1/minute", access_lists=True
+    )
     app_two = work_app(two)
     try:
         async with client_for(app_two) as client:
@@ -144,6 +148,7 @@ async def test_allow_and_block_lists(make_backend: Any) -> None:
         user_resolver=user_from_header,
         user_limit="1/minute",
         trusted_proxies=["10.0.0.0/8"],
+        access_lists=True,
         refresh_interval=0.1,
     )
     app = work_app(limiter)
@@ -190,7 +195,9 @@ async def test_allow_and_block_lists(make_backend: Any) -> None:
 
 @pytest.mark.parametrize("make_backend", LOCAL, indirect=True)
 async def test_expiry_and_cleanup(make_backend: Any) -> None:
-    limiter = RateLimiter(backend=make_backend(), ip_limit="1/minute", refresh_interval=0.1)
+    limiter = RateLimiter(
+        backend=make_backend(), ip_limit="1/minute", access_lists=True, refresh_interval=0.1
+    )
     app = work_app(limiter)
     await limiter.block("ip", "203.0.113.7", ttl=0.3)
     async with client_for(app) as client:
@@ -215,7 +222,7 @@ async def test_expiry_and_cleanup(make_backend: Any) -> None:
     ],
 )
 def test_network_normalisation(value: str, expected: str) -> None:
-    limiter = RateLimiter()
+    limiter = RateLimiter(access_lists=True)
     assert limiter.lists is not None
     assert limiter.lists.normalise("ip", value) == expected
 
@@ -232,17 +239,17 @@ def test_network_normalisation(value: str, expected: str) -> None:
     ],
 )
 def test_network_rejections(value: str, fragment: str) -> None:
-    limiter = RateLimiter()
+    limiter = RateLimiter(access_lists=True)
     assert limiter.lists is not None
     with pytest.raises(ConfigurationError, match=fragment):
         limiter.lists.normalise("ip", value)
-    opted_in = RateLimiter(allow_any_network=True)
+    opted_in = RateLimiter(access_lists=True, allow_any_network=True)
     assert opted_in.lists is not None
     assert opted_in.lists.normalise("ip", "0.0.0.0/0") == "0.0.0.0/0"
 
 
 async def test_ipv4_mapped_clients_match_ipv4_entries() -> None:
-    limiter = RateLimiter(ip_limit="1/minute", refresh_interval=0.1)
+    limiter = RateLimiter(ip_limit="1/minute", access_lists=True, refresh_interval=0.1)
     app = work_app(limiter)
     await limiter.allow("ip", "192.0.2.0/24")
     async with client_for(app, ip="::ffff:192.0.2.10") as client:
@@ -275,7 +282,12 @@ async def test_admin_refuses_everything_by_default() -> None:
 
 
 async def test_admin_with_a_token(audit: list[str]) -> None:
-    limiter = RateLimiter(ip_limit="5/minute", tiers=DEFAULT_TIERS, user_resolver=user_from_header)
+    limiter = RateLimiter(
+        ip_limit="5/minute",
+        tiers=DEFAULT_TIERS,
+        user_resolver=user_from_header,
+        access_lists=True,
+    )
     app = admin_app(limiter, token="s3cret-admin-token-0123")
     good = {"authorization": "Bearer s3cret-admin-token-0123"}
     async with client_for(app) as client:
@@ -343,11 +355,25 @@ async def test_admin_with_a_custom_dependency() -> None:
             raise HTTPException(403, "root only")
         return "root-user"
 
-    app = admin_app(RateLimiter(), dependency=only_root)
+    app = admin_app(RateLimiter(access_lists=True), dependency=only_root)
     async with client_for(app) as client:
         assert (await client.get("/ratelimit/admin/allow")).status_code == 403
         ok = await client.get("/ratelimit/admin/allow", headers={"x-role": "root"})
         assert ok.status_code == 200
+    # Without the lists: the list routes say so (after authorising), naming the option.
+    unlisted = admin_app(RateLimiter(), dependency=only_root)
+    root = {"x-role": "root"}
+    async with client_for(unlisted) as client:
+        assert (await client.get("/ratelimit/admin/allow")).status_code == 403
+        for response in (
+            await client.get("/ratelimit/admin/block", headers=root),
+            await client.post(
+                "/ratelimit/admin/block", json={"kind": "ip", "value": "10.0.0.1"}, headers=root
+            ),
+            await client.post("/ratelimit/admin/lists/cleanup", headers=root),
+        ):
+            assert response.status_code == 409
+            assert "access_lists=True" in response.text
     with pytest.raises(ConfigurationError, match=r"^token: "):
         admin_router(RateLimiter(), token="short")
 

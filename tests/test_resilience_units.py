@@ -390,6 +390,7 @@ async def test_delay_mode_rejects_past_max_delay_and_bounds_waiters() -> None:
         ({"on_backend_error": {"ip": "maybe"}}, "on_backend_error['ip']"),
         ({"breaker": "yes"}, "breaker"),
         ({"refresh_interval": 5}, "refresh_interval"),
+        ({"access_lists": "yes"}, "access_lists"),
     ],
 )
 def test_resilience_configuration_errors(kwargs: dict[str, Any], field: str) -> None:
