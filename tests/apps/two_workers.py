@@ -2,6 +2,7 @@
 Each answer names the worker's pid, so the test can see that both workers served."""
 
 import os
+import time
 
 from fastapi import FastAPI
 
@@ -18,4 +19,14 @@ app.add_middleware(RateLimitMiddleware, limiter=limiter)
 
 @app.get("/hello")
 async def hello() -> dict[str, int]:
+    # Blocks this worker's event loop on purpose: while it does, only the other worker can
+    # accept connections, so the test's requests reach both.
+    time.sleep(0.01)  # noqa: ASYNC251
+    return {"pid": os.getpid()}
+
+
+@app.get("/health")
+async def health() -> dict[str, int]:
+    # Exempt (a default): the test polls it until both workers answer, at no cost in quota.
+    time.sleep(0.01)  # noqa: ASYNC251
     return {"pid": os.getpid()}
