@@ -3,8 +3,9 @@ Each answer names the worker's pid, so the test can see that both workers served
 
 import os
 import time
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from fastapi_ratelimit import RateLimiter, RateLimitMiddleware, RedisBackend
 
@@ -15,6 +16,14 @@ limiter = RateLimiter(
 
 app = FastAPI()
 app.add_middleware(RateLimitMiddleware, limiter=limiter)
+
+
+@app.middleware("http")
+async def name_the_worker(request: Request, call_next: Any) -> Any:
+    # Outside the limiter: 429s name their worker too.
+    response = await call_next(request)
+    response.headers["x-pid"] = str(os.getpid())
+    return response
 
 
 @app.get("/hello")
