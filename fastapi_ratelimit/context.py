@@ -3,7 +3,8 @@ data from middleware to endpoints), never on a shared object."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import Check
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 __all__ = ["SCOPE_KEY", "RequestContext", "report_cost"]
 
 SCOPE_KEY = "fastapi_ratelimit"
+_NOTHING_HANDLED: frozenset[int] = frozenset()
 
 
 @dataclass(slots=True, eq=False, init=False)
@@ -37,14 +39,19 @@ class RequestContext:
     cost: int
     #: A tier stored for the API key (it sets the API-key level's policy).
     key_tier: Tier | None = None
+    # The four below start as shared empty tuples and are replaced, never edited in place:
+    # a request then allocates no containers it does not use. That matters beyond their own
+    # cost: every object alive while a request is in flight counts towards the garbage
+    # collector's threshold, and at a few dozen concurrent requests a handful more each was
+    # enough to trigger collections all the time (and full ones, the p99's pauses).
     #: Every level decided for this request, for the response headers.
-    decisions: list[Decision] = field(default_factory=list)
+    decisions: Sequence[Decision] = ()
     #: Checks charged with the request's cost (refunded or adjusted after the response).
-    charged: list[Check] = field(default_factory=list)
-    #: Route limits already charged, so a guard or decorator never counts twice.
-    handled: set[int] = field(default_factory=set)
+    charged: Sequence[Check] = ()
+    #: Route limits already charged (their ids), so a guard or decorator never counts twice.
+    handled: frozenset[int] = frozenset()
     #: Route limits whose checks are refunded by status after the response.
-    refundable: list[tuple[RouteLimit, Check]] = field(default_factory=list)
+    refundable: tuple[tuple[RouteLimit, Check], ...] = ()
     #: A cost the endpoint reported after running (see :func:`report_cost`).
     reported_cost: int | None = None
     #: Set by the middleware, so route guards know their headers will be added for them.
@@ -57,7 +64,7 @@ class RequestContext:
     reduced: bool = False
 
     # Written out rather than generated: one is built per request, and the generated
-    # __init__ (keyword arguments, a factory call per container) costs twice as much.
+    # __init__ (keyword arguments) costs twice as much.
     def __init__(
         self,
         limiter: RateLimiter,
@@ -79,10 +86,10 @@ class RequestContext:
         self.route = route
         self.cost = cost
         self.key_tier = key_tier
-        self.decisions = []
-        self.charged = []
-        self.handled = set()
-        self.refundable = []
+        self.decisions = ()
+        self.charged = ()
+        self.handled = _NOTHING_HANDLED
+        self.refundable = ()
         self.reported_cost = None
         self.middleware = False
         self.denial = None

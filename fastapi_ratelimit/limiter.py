@@ -479,7 +479,7 @@ class RateLimiter:
             checks = await self._scaled_checks(checks, context)
             denial = await self._penalty(context)
             if denial is not None:
-                context.decisions.append(denial)
+                context.decisions = (*context.decisions, denial)
                 return Verdict((denial,))
         enforced: Sequence[Check] = checks
         if self._shadow_all or self._shadow:
@@ -516,10 +516,13 @@ class RateLimiter:
         return verdict
 
     def _record(self, verdict: Verdict, enforced: Sequence[Check], context: RequestContext) -> None:
-        context.decisions.extend(verdict.decisions)
+        # Replaced, not extended (see RequestContext): usually the first and only time.
+        context.decisions = (
+            (*context.decisions, *verdict.decisions) if context.decisions else verdict.decisions
+        )
         if verdict.allowed:
             # Those at the request's cost are picked out after the response, if ever needed.
-            context.charged.extend(enforced)
+            context.charged = (*context.charged, *enforced) if context.charged else enforced
         else:
             self._denials.record(context.endpoint, ",".join(d.policy for d in verdict.denied))
 

@@ -117,11 +117,11 @@ class RateLimitMiddleware:
                 continue  # bound to another limiter: it checks for itself
             key_value = await limit.key_value(HTTPConnection(scope)) if limit.needs_key else None
             check = limit.check(context, key_value)
-            context.handled.add(id(limit))
+            context.handled = context.handled | {id(limit)}
             if check is not None:
                 checks.append(check)
                 if limit.refund_when is not None:
-                    context.refundable.append((limit, check))
+                    context.refundable = (*context.refundable, (limit, check))
         if not checks:
             verdict = None
         elif limiter.runs_now:

@@ -175,7 +175,7 @@ async def enforce(
         if listed == "allow":
             context.exempt = True
             return
-    context.handled.add(id(limit))
+    context.handled = context.handled | {id(limit)}
     check = limit.check(context, await limit.key_value(connection), user)
     if check is None:
         return
@@ -190,7 +190,7 @@ async def enforce(
     if verdict is None:  # backend failed under on_backend_error="allow"
         return
     if limit.refund_when is not None:
-        context.refundable.append((limit, check))
+        context.refundable = (*context.refundable, (limit, check))
     if not verdict.allowed:
         context.denial = verdict
         headers = rate_limit_headers(context.decisions, limiter.header_style, now=limiter.now())

@@ -240,12 +240,20 @@ class RedisBackend:
 
     async def hit(self, checks: Sequence[Check]) -> Verdict:
         denials = self._denials
-        if denials is None:
-            return await self._hit(checks)
-        sent = denials.now()
-        verdict = await self._hit(checks)
-        if not verdict.allowed:
-            denials.store(checks, [self.key_for(c) for c in checks], verdict, sent)
+        sent = denials.now() if denials is not None else 0.0
+        keys: list[str] | None = None
+        if self._cluster or len(checks) < 2:
+            verdict = await self._run("h", checks)
+        else:
+            # Standalone and Sentinel: straight to the one script call. (No coroutine of
+            # its own: every object a request holds while it waits counts, see context.py.)
+            keys = [self.key_for(c) for c in checks]
+            ensure_distinct(keys)
+            verdict = Verdict(tuple(await self._eval("h", checks, keys)))
+        if denials is not None and not verdict.allowed:
+            if keys is None:
+                keys = [self.key_for(c) for c in checks]
+            denials.store(checks, keys, verdict, sent)
         return verdict
 
     def cached_denial(self, checks: Sequence[Check]) -> Verdict | None:
@@ -257,14 +265,6 @@ class RedisBackend:
             return None
         assert denials is not None
         return denials.lookup(checks, [self.key_for(c) for c in checks])
-
-    async def _hit(self, checks: Sequence[Check]) -> Verdict:
-        if self._cluster or len(checks) < 2:
-            return await self._run("h", checks)
-        # Standalone and Sentinel: straight to the one script call.
-        keys = [self.key_for(c) for c in checks]
-        ensure_distinct(keys)
-        return Verdict(tuple(await self._eval("h", checks, keys)))
 
     async def peek(self, checks: Sequence[Check]) -> Verdict:
         return await self._run("p", checks)
