@@ -4,6 +4,7 @@
 #   bash scripts/test.sh            the locked toolchain (uv.lock): what CI runs
 #   bash scripts/test.sh --latest   the newest release of every dependency, on the newest Python
 #                                   found; reports what broke (not in CI)
+#   bash scripts/test.sh --setup    only create or update .venv from the lock (for benchmarks)
 #   bash scripts/test.sh --lowest   the lowest versions pyproject.toml allows for the library's
 #                                   own dependencies (uv's lowest-direct resolution), on Python
 #                                   3.11, with the locked test toolchain (not in CI)
@@ -19,6 +20,7 @@ MODE=locked
 case "${1:-}" in
   --latest) MODE=latest; shift ;;
   --lowest) MODE=lowest; shift ;;
+  --setup) MODE=setup; shift ;;
 esac
 
 if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
@@ -61,7 +63,7 @@ lint_and_type() {
 }
 
 case "$MODE" in
-  locked)
+  locked | setup)
     VENV=.venv
     # --locked: fail when uv.lock no longer matches pyproject.toml, rather than re-resolving.
     "$UV" sync -q --locked --extra dev --extra bench --python "$PYTHON"
@@ -88,6 +90,10 @@ case "$MODE" in
       -r "$VENV/requirements.txt"
     ;;
 esac
+if [ "$MODE" = setup ]; then
+  echo "setup: .venv is in step with uv.lock" >&2
+  exit 0
+fi
 if [ "$MODE" != locked ]; then
   echo "$MODE: installed versions" >&2
   "$UV" pip list --python "$VENV/bin/python" 2>/dev/null \
