@@ -272,6 +272,29 @@ async def test_spoofed_forwarding_headers_from_untrusted_peers_get_no_fresh_quot
 
 
 @pytest.mark.parametrize(
+    "padding",
+    [
+        [("x-forwarded-for", "1.1.1.1, " * 1200)],
+        [("x-forwarded-for", "x" * 5000), ("x-forwarded-for", "y" * 5000)],
+    ],
+)
+async def test_a_padded_forwarding_header_stays_in_the_clients_bucket(
+    padding: list[tuple[str, str]],
+) -> None:
+    # The client pads its part of X-Forwarded-For; the trusted proxy appends the real address.
+    app = make_app(RateLimiter(ip_limit="2/minute", trusted_proxies=["10.0.0.0/8"]))
+    appended = [("x-forwarded-for", "203.0.113.9")]
+    statuses = []
+    async with client_for(app, ip="10.0.0.5") as proxy:
+        for headers in (padding + appended, appended, padding + appended):
+            statuses.append((await proxy.get("/hello", headers=headers)).status_code)
+        # Another client behind the same proxy has its own bucket.
+        other = [("x-forwarded-for", "198.51.100.1")]
+        assert (await proxy.get("/hello", headers=other)).status_code == 200
+    assert statuses == [200, 200, 429]
+
+
+@pytest.mark.parametrize(
     "headers",
     [
         {"x-api-key": "k" * 65536},
