@@ -260,9 +260,22 @@ class ClientIP:
     ``Forwarded`` first by default would let a client behind a proxy that passes it through
     (nginx does) choose its own identity. Never raises on request data; a request without a
     usable peer is ``"unknown"``.
+
+    ``trust_unix_socket``: a request with no peer address at all (``scope["client"]`` is
+    ``None``, as under ``uvicorn --uds``) came through a local proxy on a Unix socket, whose
+    forwarding headers are then read as a trusted proxy's. Off by default: only turn it on
+    when nothing but your proxy can connect to the socket.
     """
 
-    __slots__ = ("_cache", "_chains", "_headers", "_ipv6_prefix", "_proxies", "_wanted")
+    __slots__ = (
+        "_cache",
+        "_chains",
+        "_headers",
+        "_ipv6_prefix",
+        "_proxies",
+        "_trust_unix_socket",
+        "_wanted",
+    )
 
     def __init__(
         self,
@@ -270,8 +283,12 @@ class ClientIP:
         trusted_proxies: Iterable[str] = (),
         ipv6_prefix: int = 64,
         headers: Sequence[str] = ("x-forwarded-for",),
+        trust_unix_socket: bool = False,
     ) -> None:
         _check_ipv6_prefix(ipv6_prefix)
+        if not isinstance(trust_unix_socket, bool):
+            raise ConfigurationError("trust_unix_socket", trust_unix_socket, "must be a bool")
+        self._trust_unix_socket = trust_unix_socket
         if isinstance(headers, (str, bytes)):
             raise ConfigurationError(
                 "forwarded_headers", headers, "must be a list of header names, not a string"
@@ -298,6 +315,12 @@ class ClientIP:
     def __call__(self, scope: Mapping[str, Any]) -> str:
         client = scope.get("client")
         if not client:
+            if client is None and self._trust_unix_socket:
+                # No peer address: the trusted local proxy on the Unix socket.
+                try:
+                    return self._forwarded(scope, "unknown")
+                except (TypeError, ValueError, AttributeError):
+                    return "unknown"
             return "unknown"
         try:
             host = client[0]
@@ -322,7 +345,7 @@ class ClientIP:
         headers = [h.decode("ascii") for h in self._headers]
         return (
             f"ClientIP(trusted_proxies={self._proxies!r}, ipv6_prefix={self._ipv6_prefix},"
-            f" headers={headers!r})"
+            f" headers={headers!r}, trust_unix_socket={self._trust_unix_socket})"
         )
 
     def _resolve(self, text: str) -> _Resolved:

@@ -287,6 +287,9 @@ def test_host_bits_error_suggests_the_network() -> None:
         ({"trusted_proxies": ["*"]}, "trusted_proxies"),
         ({"trusted_proxies": ["not-an-ip"]}, "trusted_proxies"),
         ({"trusted_proxies": "10.0.0.0/8"}, "trusted_proxies"),
+        ({"trust_unix_socket": 1}, "trust_unix_socket"),
+        ({"trust_unix_socket": "yes"}, "trust_unix_socket"),
+        ({"trust_unix_socket": None}, "trust_unix_socket"),
     ],
 )
 def test_client_ip_configuration_errors(kwargs: dict[str, Any], field: str) -> None:
@@ -664,6 +667,46 @@ def test_no_usable_client_is_unknown(scope: dict[str, Any]) -> None:
 def test_malformed_scope_headers_never_raise(headers: Any) -> None:
     scope = {"client": ("10.0.0.1", 1), "headers": headers}
     assert ClientIP(trusted_proxies=["10.0.0.0/8"])(scope) == "10.0.0.1"
+
+
+def test_trust_unix_socket_reads_the_headers_of_a_peerless_request() -> None:
+    # uvicorn --uds: no peer address; the proxy on the socket sets X-Forwarded-For.
+    scope = make_scope(None, [("x-forwarded-for", "198.51.100.1, 203.0.113.9")])
+    assert ClientIP(trust_unix_socket=True)(scope) == "203.0.113.9"
+    assert ClientIP(trusted_proxies=["10.0.0.0/8"])(scope) == "unknown"
+    assert ClientIP()(scope) == "unknown"
+    # Trusted proxies behind the socket are skipped as usual.
+    scope = make_scope(None, [("x-forwarded-for", "203.0.113.9, 10.0.0.2")])
+    client_ip = ClientIP(trusted_proxies=["10.0.0.0/8"], trust_unix_socket=True)
+    assert client_ip(scope) == "203.0.113.9"
+    assert "trust_unix_socket=True" in repr(client_ip)
+    v6 = make_scope(None, [("x-forwarded-for", "2001:db8:1:2::9")])
+    assert ClientIP(trust_unix_socket=True)(v6) == "2001:db8:1:2::/64"
+
+
+@pytest.mark.parametrize(
+    ("scope", "expected"),
+    [
+        ({"client": None}, "unknown"),
+        ({}, "unknown"),
+        ({"client": None, "headers": [(b"x-forwarded-for", b"garbage")]}, "unknown"),
+        ({"client": None, "headers": [(b"x-forwarded-for", b"203.0.113.9, junk")]}, "unknown"),
+        ({"client": None, "headers": None}, "unknown"),
+        ({"client": None, "headers": [(b"x-forwarded-for", None)]}, "unknown"),
+        ({"client": None, "headers": 42}, "unknown"),
+        # An address, even a strange one, is a peer: its own trust applies, not the socket's.
+        (
+            {"client": ("/run/app.sock", None), "headers": [(b"x-forwarded-for", b"203.0.113.9")]},
+            "unknown",
+        ),
+        (
+            {"client": ("198.51.100.1", 1), "headers": [(b"x-forwarded-for", b"203.0.113.9")]},
+            "198.51.100.1",
+        ),
+    ],
+)
+def test_trust_unix_socket_never_invents_an_identity(scope: dict[str, Any], expected: str) -> None:
+    assert ClientIP(trust_unix_socket=True)(scope) == expected
 
 
 def test_client_as_a_list_works() -> None:
