@@ -43,9 +43,11 @@ _Network = IPv4Network | IPv6Network
 
 #: The longest address text worth parsing: a bracketed IPv6 with a zone id and a port fits.
 _MAX_ADDRESS_TEXT = 100
-#: Forwarding header values beyond this are not parsed: a hostile header must cost O(1).
+#: Only the right-most bytes of a forwarding header are parsed: a hostile header must cost O(1).
+#: The cut is on the left, where the client writes; the hops that proxies append stay whole.
 _MAX_HEADER_BYTES = 8192
-#: No real proxy chain is longer; beyond it the identity falls back to the peer.
+#: No real proxy chain is longer: at most this many hops are walked from the right, and when
+#: all of them are trusted proxies the identity falls back to the peer.
 _MAX_HOPS = 32
 #: Parsed peers and hops, keyed by their text. Emptied when full, so a flood of distinct
 #: addresses costs re-parsing, never memory.
@@ -258,9 +260,22 @@ class ClientIP:
     ``Forwarded`` first by default would let a client behind a proxy that passes it through
     (nginx does) choose its own identity. Never raises on request data; a request without a
     usable peer is ``"unknown"``.
+
+    ``trust_unix_socket``: a request with no peer address at all (``scope["client"]`` is
+    ``None``, as under ``uvicorn --uds``) came through a local proxy on a Unix socket, whose
+    forwarding headers are then read as a trusted proxy's. Off by default: only turn it on
+    when nothing but your proxy can connect to the socket.
     """
 
-    __slots__ = ("_cache", "_chains", "_headers", "_ipv6_prefix", "_proxies", "_wanted")
+    __slots__ = (
+        "_cache",
+        "_chains",
+        "_headers",
+        "_ipv6_prefix",
+        "_proxies",
+        "_trust_unix_socket",
+        "_wanted",
+    )
 
     def __init__(
         self,
@@ -268,8 +283,12 @@ class ClientIP:
         trusted_proxies: Iterable[str] = (),
         ipv6_prefix: int = 64,
         headers: Sequence[str] = ("x-forwarded-for",),
+        trust_unix_socket: bool = False,
     ) -> None:
         _check_ipv6_prefix(ipv6_prefix)
+        if not isinstance(trust_unix_socket, bool):
+            raise ConfigurationError("trust_unix_socket", trust_unix_socket, "must be a bool")
+        self._trust_unix_socket = trust_unix_socket
         if isinstance(headers, (str, bytes)):
             raise ConfigurationError(
                 "forwarded_headers", headers, "must be a list of header names, not a string"
@@ -296,6 +315,12 @@ class ClientIP:
     def __call__(self, scope: Mapping[str, Any]) -> str:
         client = scope.get("client")
         if not client:
+            if client is None and self._trust_unix_socket:
+                # No peer address: the trusted local proxy on the Unix socket.
+                try:
+                    return self._forwarded(scope, "unknown")
+                except (TypeError, ValueError, AttributeError):
+                    return "unknown"
             return "unknown"
         try:
             host = client[0]
@@ -320,7 +345,7 @@ class ClientIP:
         headers = [h.decode("ascii") for h in self._headers]
         return (
             f"ClientIP(trusted_proxies={self._proxies!r}, ipv6_prefix={self._ipv6_prefix},"
-            f" headers={headers!r})"
+            f" headers={headers!r}, trust_unix_socket={self._trust_unix_socket})"
         )
 
     def _resolve(self, text: str) -> _Resolved:
@@ -356,24 +381,46 @@ class ClientIP:
         return peer
 
     def _walk(self, name: bytes, values: list[bytes], peer: str) -> str:
-        raw = values[0] if len(values) == 1 else b",".join(values)
-        if len(raw) > _MAX_HEADER_BYTES:
-            return peer
+        # Only the right-most _MAX_HEADER_BYTES are read. Proxies append on the right, so the
+        # bytes beyond that limit are on the left, where the client writes: a limit that
+        # ignored the whole header would let a client pad its own part until it shares the
+        # proxy's bucket. Lines are joined with "," from the right until there is enough.
+        if len(values) == 1:
+            raw = values[0]
+        else:
+            pieces: list[bytes] = []
+            size = -1
+            for value in reversed(values):
+                pieces.append(value)
+                size += len(value) + 1
+                if size > _MAX_HEADER_BYTES:
+                    break
+            pieces.reverse()
+            raw = b",".join(pieces)
+        complete = len(raw) <= _MAX_HEADER_BYTES
+        if not complete:
+            # One byte more than the limit: when it is a comma, the first hop is whole. Else
+            # the left-most hop was cut and is dropped.
+            raw = raw[-(_MAX_HEADER_BYTES + 1) :]
+            raw = raw[raw.find(b",") + 1 :] if b"," in raw else b""
         # Behind a proxy this is the common path, and a client sends the same chain again and
         # again: remember the outcome per header value ("" meaning "the peer").
         key = (name, raw)
-        identity = self._chains.get(key)
+        identity = self._chains.get(key) if complete else None
         if identity is None:
-            identity = self._client_from_hops(name, raw.decode("latin-1"))
-            if len(raw) <= _MAX_CACHED_CHAIN:
+            identity = self._client_from_hops(name, raw.decode("latin-1"), complete)
+            if complete and len(raw) <= _MAX_CACHED_CHAIN:
                 if len(self._chains) >= _CACHE_SIZE:
                     self._chains.clear()
                 self._chains[key] = identity
         return identity or peer
 
-    def _client_from_hops(self, name: bytes, text: str) -> str:
-        """The client identity of one header's (joined) value; "" means "fall back to the peer"."""
-        if name == b"x-real-ip" and "," in text:
+    def _client_from_hops(self, name: bytes, text: str, complete: bool = True) -> str:
+        """The client identity of one header's (joined) value; "" means "fall back to the peer".
+
+        ``complete`` is False when ``text`` holds only the right-most hops of a longer value.
+        """
+        if name == b"x-real-ip" and (not complete or "," in text):
             # One address by definition. Several lines were joined with ",", so this also
             # catches a list: someone appended to a header that must not be appended to.
             return ""
@@ -394,7 +441,8 @@ class ClientIP:
             if not identity or not trusted:
                 # Malformed (""): stop here. Untrusted: this is the client.
                 return identity
-        if len(parts) > _MAX_HOPS:
+        if len(parts) > _MAX_HOPS or not complete:
+            # Only trusted hops were read, and there are more further left: no answer.
             return ""
         # Every hop is a trusted proxy: the request came from inside; the left-most is the client.
         return identity

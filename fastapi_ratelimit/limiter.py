@@ -121,7 +121,7 @@ class RateLimiter:
             async) names the tier; unknown or missing names fall back to ``default_tier``.
         costs: ``{"POST /ocr/process": 10}`` or a :class:`CostTable`; ``cost_function(request)``
             overrides it. Tier cost multipliers apply.
-        trusted_proxies, ipv6_prefix, forwarded_headers: see
+        trusted_proxies, ipv6_prefix, forwarded_headers, trust_unix_socket: see
             :class:`~fastapi_ratelimit.identity.ClientIP`. Forwarding headers count only from
             trusted proxies; list the ones your proxy sets (``"forwarded"``, ``"x-real-ip"``).
         user_resolver: ``(request) -> str | None`` (sync or async); default:
@@ -174,6 +174,7 @@ class RateLimiter:
         trusted_proxies: Iterable[str] = (),
         ipv6_prefix: int = 64,
         forwarded_headers: Sequence[str] = ("x-forwarded-for",),
+        trust_unix_socket: bool = False,
         api_key_header: str | None = "X-API-Key",
         api_key_query: str | None = None,
         user_resolver: Resolver | None = None,
@@ -232,7 +233,10 @@ class RateLimiter:
         self.refund_when = refund_when
         self._ipv6_prefix = ipv6_prefix
         self._client_ip = ClientIP(
-            trusted_proxies=trusted_proxies, ipv6_prefix=ipv6_prefix, headers=forwarded_headers
+            trusted_proxies=trusted_proxies,
+            ipv6_prefix=ipv6_prefix,
+            headers=forwarded_headers,
+            trust_unix_socket=trust_unix_socket,
         )
         if api_key_header is not None and (
             not isinstance(api_key_header, str) or not api_key_header

@@ -287,6 +287,9 @@ def test_host_bits_error_suggests_the_network() -> None:
         ({"trusted_proxies": ["*"]}, "trusted_proxies"),
         ({"trusted_proxies": ["not-an-ip"]}, "trusted_proxies"),
         ({"trusted_proxies": "10.0.0.0/8"}, "trusted_proxies"),
+        ({"trust_unix_socket": 1}, "trust_unix_socket"),
+        ({"trust_unix_socket": "yes"}, "trust_unix_socket"),
+        ({"trust_unix_socket": None}, "trust_unix_socket"),
     ],
 )
 def test_client_ip_configuration_errors(kwargs: dict[str, Any], field: str) -> None:
@@ -569,18 +572,60 @@ HOSTILE = [
 @pytest.mark.parametrize("header", ["forwarded", "x-forwarded-for", "x-real-ip"])
 def test_hostile_header_values_never_raise(value: str, header: str) -> None:
     identity = resolve("10.0.0.1", [(header, value)])
-    assert identity == "10.0.0.1"
+    if header == "x-forwarded-for" and value.endswith(",203.0.113.9"):
+        # The right-most hop is whole and readable, however much junk is on its left.
+        assert identity == "203.0.113.9"
+    else:
+        assert identity == "10.0.0.1"
     assert resolve("203.0.113.7", [(header, value)]) == "203.0.113.7"
 
 
-def test_values_over_8_kib_are_ignored() -> None:
+def test_only_the_right_most_8_kib_are_read() -> None:
+    # A hop longer than the limit cannot be read whole: the peer.
     padded = " " * 8200 + "203.0.113.9"
     assert resolve("10.0.0.1", [("x-forwarded-for", padded)]) == "10.0.0.1"
     under = " " * 8000 + "203.0.113.9"
     assert resolve("10.0.0.1", [("x-forwarded-for", under)]) == "203.0.113.9"
-    # Many small lines add up: the limit is on the joined value.
+    # Many small lines add up: the limit is on the joined value, cut on the left.
     lines = [("x-forwarded-for", " " * 1000 + "203.0.113.9")] * 9
-    assert resolve("10.0.0.1", lines) == "10.0.0.1"
+    assert resolve("10.0.0.1", lines) == "203.0.113.9"
+    # Only trusted hops in the last 8 KiB: the true left-most hop is out of sight.
+    trusted = ", ".join(["10.0.0.2"] * 5) + " " * 8200 + ", 10.0.0.3"
+    assert resolve("10.0.0.1", [("x-forwarded-for", trusted)]) == "10.0.0.1"
+    # A cut X-Real-IP is not one address.
+    assert resolve("10.0.0.1", [("x-real-ip", " " * 9000 + "203.0.113.9")]) == "10.0.0.1"
+
+
+# The client writes the left part of a forwarding header; the trusted proxy (10.0.0.0/8)
+# appends the address it saw on the right. Padding the left part must not move the client
+# into the proxy's bucket.
+CLIENT_PADDED = [
+    [("x-forwarded-for", "1.1.1.1, " * 1000 + "203.0.113.9")],
+    [("x-forwarded-for", "x" * 9000 + ", 203.0.113.9")],
+    [("x-forwarded-for", "x" * 9000 + ", 203.0.113.9, 10.0.0.2")],
+    [("x-forwarded-for", " " * 8191 + ",203.0.113.9")],
+    [("x-forwarded-for", "x" * 5000), ("x-forwarded-for", "y" * 5000 + ", 203.0.113.9")],
+    [
+        ("x-forwarded-for", "x" * 5000),
+        ("x-forwarded-for", "y" * 5000),
+        ("x-forwarded-for", "203.0.113.9"),
+    ],
+    [("x-forwarded-for", ", ".join(["10.0.0.2"] * 2000) + ", 203.0.113.9")],
+    [("x-forwarded-for", "garbage, " * 2000 + "203.0.113.9, 10.0.0.2")],
+    [("forwarded", "for=1.1.1.1, " * 1000 + "for=203.0.113.9")],
+    [("forwarded", "for=" + "x" * 9000 + ", for=203.0.113.9;proto=https, for=10.0.0.2")],
+    [("forwarded", 'for="' + "x" * 5000 + '"'), ("forwarded", "x" * 5000 + ", for=203.0.113.9")],
+]
+
+
+@pytest.mark.parametrize("headers", CLIENT_PADDED)
+def test_client_padding_never_moves_the_client_into_the_proxys_bucket(
+    headers: list[tuple[str, str]],
+) -> None:
+    assert resolve("10.0.0.1", headers, trusted=["10.0.0.0/8"]) == "203.0.113.9"
+    client_ip = ClientIP(trusted_proxies=["10.0.0.0/8"], headers=ALL_HEADERS)
+    for _ in range(2):
+        assert client_ip(make_scope(("10.0.0.1", 1), headers)) == "203.0.113.9"
 
 
 @pytest.mark.parametrize(
@@ -622,6 +667,46 @@ def test_no_usable_client_is_unknown(scope: dict[str, Any]) -> None:
 def test_malformed_scope_headers_never_raise(headers: Any) -> None:
     scope = {"client": ("10.0.0.1", 1), "headers": headers}
     assert ClientIP(trusted_proxies=["10.0.0.0/8"])(scope) == "10.0.0.1"
+
+
+def test_trust_unix_socket_reads_the_headers_of_a_peerless_request() -> None:
+    # uvicorn --uds: no peer address; the proxy on the socket sets X-Forwarded-For.
+    scope = make_scope(None, [("x-forwarded-for", "198.51.100.1, 203.0.113.9")])
+    assert ClientIP(trust_unix_socket=True)(scope) == "203.0.113.9"
+    assert ClientIP(trusted_proxies=["10.0.0.0/8"])(scope) == "unknown"
+    assert ClientIP()(scope) == "unknown"
+    # Trusted proxies behind the socket are skipped as usual.
+    scope = make_scope(None, [("x-forwarded-for", "203.0.113.9, 10.0.0.2")])
+    client_ip = ClientIP(trusted_proxies=["10.0.0.0/8"], trust_unix_socket=True)
+    assert client_ip(scope) == "203.0.113.9"
+    assert "trust_unix_socket=True" in repr(client_ip)
+    v6 = make_scope(None, [("x-forwarded-for", "2001:db8:1:2::9")])
+    assert ClientIP(trust_unix_socket=True)(v6) == "2001:db8:1:2::/64"
+
+
+@pytest.mark.parametrize(
+    ("scope", "expected"),
+    [
+        ({"client": None}, "unknown"),
+        ({}, "unknown"),
+        ({"client": None, "headers": [(b"x-forwarded-for", b"garbage")]}, "unknown"),
+        ({"client": None, "headers": [(b"x-forwarded-for", b"203.0.113.9, junk")]}, "unknown"),
+        ({"client": None, "headers": None}, "unknown"),
+        ({"client": None, "headers": [(b"x-forwarded-for", None)]}, "unknown"),
+        ({"client": None, "headers": 42}, "unknown"),
+        # An address, even a strange one, is a peer: its own trust applies, not the socket's.
+        (
+            {"client": ("/run/app.sock", None), "headers": [(b"x-forwarded-for", b"203.0.113.9")]},
+            "unknown",
+        ),
+        (
+            {"client": ("198.51.100.1", 1), "headers": [(b"x-forwarded-for", b"203.0.113.9")]},
+            "198.51.100.1",
+        ),
+    ],
+)
+def test_trust_unix_socket_never_invents_an_identity(scope: dict[str, Any], expected: str) -> None:
+    assert ClientIP(trust_unix_socket=True)(scope) == expected
 
 
 def test_client_as_a_list_works() -> None:

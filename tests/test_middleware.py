@@ -6,6 +6,7 @@ import asyncio
 import inspect
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from conftest import BACKEND_KINDS
@@ -269,6 +270,43 @@ async def test_spoofed_forwarding_headers_from_untrusted_peers_get_no_fresh_quot
         for i in range(3):
             headers = {"x-forwarded-for": f"198.51.100.{i}, 10.0.0.9"}
             assert (await proxy.get("/hello", headers=headers)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "padding",
+    [
+        [("x-forwarded-for", "1.1.1.1, " * 1200)],
+        [("x-forwarded-for", "x" * 5000), ("x-forwarded-for", "y" * 5000)],
+    ],
+)
+async def test_a_padded_forwarding_header_stays_in_the_clients_bucket(
+    padding: list[tuple[str, str]],
+) -> None:
+    # The client pads its part of X-Forwarded-For; the trusted proxy appends the real address.
+    app = make_app(RateLimiter(ip_limit="2/minute", trusted_proxies=["10.0.0.0/8"]))
+    appended = [("x-forwarded-for", "203.0.113.9")]
+    statuses = []
+    async with client_for(app, ip="10.0.0.5") as proxy:
+        for headers in (padding + appended, appended, padding + appended):
+            statuses.append((await proxy.get("/hello", headers=headers)).status_code)
+        # Another client behind the same proxy has its own bucket.
+        other = [("x-forwarded-for", "198.51.100.1")]
+        assert (await proxy.get("/hello", headers=other)).status_code == 200
+    assert statuses == [200, 200, 429]
+
+
+@pytest.mark.parametrize("trust", [True, False])
+async def test_trust_unix_socket_gives_each_forwarded_client_its_own_bucket(trust: bool) -> None:
+    # uvicorn --uds: scope["client"] is None, and the proxy on the socket sets X-Forwarded-For.
+    app = make_app(RateLimiter(ip_limit="2/minute", trust_unix_socket=trust))
+    transport = httpx.ASGITransport(app=app, client=None)  # type: ignore[arg-type]
+    statuses = []
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as proxy:
+        for client in ("203.0.113.9", "203.0.113.9", "198.51.100.1", "203.0.113.9"):
+            headers = {"x-forwarded-for": client}
+            statuses.append((await proxy.get("/hello", headers=headers)).status_code)
+    # Without the option, every client shares the "unknown" bucket.
+    assert statuses == ([200, 200, 200, 429] if trust else [200, 200, 429, 429])
 
 
 @pytest.mark.parametrize(
@@ -628,6 +666,7 @@ async def test_per_level_memory_state_uses_fake_clock() -> None:
         ({"user_limit": "1/second", "tiers": {"free": "1/second"}}, "user_limit"),
         ({"trusted_proxies": ["10.0.0.1/8"]}, "trusted_proxies"),
         ({"ipv6_prefix": 0}, "ipv6_prefix"),
+        ({"trust_unix_socket": "yes"}, "trust_unix_socket"),
         ({"composite_limits": [CompositeLimit(("user",), "1/second")]}, "composite_limits.parts"),
         ({"shadow": "ip"}, "shadow"),
         ({"backend": object()}, "backend"),
