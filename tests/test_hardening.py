@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from http_helpers import client_for
 from starlette.authentication import BaseUser
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fastapi_ratelimit import RateLimiter, RateLimitMiddleware
+from fastapi_ratelimit import MemoryBackend, RateLimit, RateLimiter, RateLimitMiddleware, rate_limit
 from fastapi_ratelimit.limiter import user_identity
 
 # -- 1. user objects whose identity raises ----------------------------------------------------
@@ -151,3 +151,28 @@ async def test_a_failing_tier_resolver_means_the_default_tier_not_a_500() -> Non
     async with client_for(app) as client:
         statuses = [(await client.get("/hello")).status_code for _ in range(3)]
     assert statuses == [200, 200, 429]
+
+
+# -- 2. a decorator and a guard with the same rate and scope on one route ---------------------
+
+
+@pytest.mark.parametrize("middleware", [True, False])
+async def test_decorator_and_router_guard_with_the_same_limit_count_once(
+    middleware: bool,
+) -> None:
+    limiter = RateLimiter(backend=MemoryBackend())
+    router = APIRouter(dependencies=[Depends(RateLimit("3/minute", scope="ip", limiter=limiter))])
+
+    @router.get("/both")
+    @rate_limit("3/minute", scope="ip", limiter=limiter)
+    async def both() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    app = FastAPI()
+    app.include_router(router)
+    if middleware:
+        app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    async with client_for(app) as client:
+        statuses = [(await client.get("/both")).status_code for _ in range(4)]
+    # Counted once (not a 500 under the middleware, not twice without it).
+    assert statuses == [200, 200, 200, 429]
