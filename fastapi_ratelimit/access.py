@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ from loguru import logger
 
 from .context import RequestContext
 from .control import ControlStore, Mirror, PollPolicy, live
-from .errors import ConfigurationError
+from .errors import ConfigurationError, check_ttl
 from .keys import KeyBuilder
 
 __all__ = ["AccessLists", "ListEntry"]
@@ -54,15 +55,19 @@ class ListEntry:
     def from_mapping(cls, data: Mapping[str, Any]) -> ListEntry | None:
         try:
             expires = data.get("expires_at")
+            expires_at = None if expires is None else float(expires)
+            added_at = float(data.get("added_at", 0.0))
             return cls(
                 str(data["kind"]),
                 str(data["value"]),
                 str(data.get("reason", "")),
                 str(data.get("added_by", "")),
-                float(data.get("added_at", 0.0)),
-                None if expires is None else float(expires),
+                added_at if math.isfinite(added_at) else 0.0,
+                # Stored before TTLs were checked: an infinite expiry is no expiry (and
+                # would break every listing: JSON has no inf, gmtime() overflows).
+                expires_at if expires_at is not None and math.isfinite(expires_at) else None,
             )
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             return None
 
 
@@ -218,8 +223,7 @@ class AccessLists:
     ) -> ListEntry:
         mirror = self._mirror(list_name)
         normalised = self.normalise(kind, value)
-        if ttl is not None and not (isinstance(ttl, (int, float)) and ttl > 0):
-            raise ConfigurationError("ttl", ttl, "must be a number of seconds > 0 or None")
+        ttl = check_ttl(ttl)
         now = time.time()
         entry = ListEntry(
             kind,

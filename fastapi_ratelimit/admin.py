@@ -25,21 +25,26 @@ from .limiter import RateLimiter
 __all__ = ["admin_router"]
 
 
+# TTLs are checked where they are used (errors.check_ttl: finite, > 0, <= 10 years), which
+# answers a 422 naming the field. Not with Field(gt=..., allow_inf_nan=False): FastAPI's 422
+# echoes the input, and an inf or NaN input can't be encoded as JSON (a 500 instead).
+
+
 class TierBody(BaseModel):
     tier: str = Field(max_length=64)
-    ttl: float | None = Field(default=None, gt=0)
+    ttl: float | None = None
 
 
 class EntryBody(BaseModel):
     kind: Literal["ip", "user", "api_key"]
     value: str = Field(min_length=1, max_length=4096)
     reason: str = Field(default="", max_length=500)
-    ttl: float | None = Field(default=None, gt=0)
+    ttl: float | None = None
 
 
 class OverrideBody(BaseModel):
     factor: float = Field(gt=0, le=10)
-    ttl: float | None = Field(default=None, gt=0)
+    ttl: float | None = None
 
 
 class IdentityBody(BaseModel):

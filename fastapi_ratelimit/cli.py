@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("identity")
         if action == "set":
             sub.add_argument("tier")
-            sub.add_argument("--ttl", type=float, help="seconds until it lapses")
+            sub.add_argument("--ttl", type=_ttl, help="seconds until it lapses")
             sub.add_argument(
                 "--tiers",
                 default=",".join(DEFAULT_TIERS),
@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         add.add_argument("kind", choices=["ip", "user", "api_key"])
         add.add_argument("value", help="an IP or CIDR range, a user id, or an API key")
         add.add_argument("--reason", default="")
-        add.add_argument("--ttl", type=float, help="seconds until it lapses")
+        add.add_argument("--ttl", type=_ttl, help="seconds until it lapses")
         add.add_argument("--allow-any-network", action="store_true", help="accept /0")
         remove = actions.add_parser("remove")
         remove.add_argument("kind", choices=["ip", "user", "api_key"])
@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     override_actions = override.add_subparsers(dest="action", required=True)
     set_override = override_actions.add_parser("set", help="e.g. 'override set 0.5 --ttl 600'")
     set_override.add_argument("factor", type=float)
-    set_override.add_argument("--ttl", type=float, help="seconds until it lapses")
+    set_override.add_argument("--ttl", type=_ttl, help="seconds until it lapses")
     override_actions.add_parser("get")
     override_actions.add_parser("clear")
     commands.add_parser("cleanup", help="delete expired list entries")
@@ -252,6 +252,19 @@ async def _stats(backend: Any) -> dict[str, Any]:
     return {"keys": dict(sorted(counts.items())), "total_keys": sum(counts.values()), **sizes}
 
 
+def _ttl(text: str) -> float:
+    """``--ttl``: finite seconds in (0, 10 years]; anything else is a usage error (exit 2)."""
+    from .errors import ConfigurationError, check_ttl
+
+    try:
+        seconds = check_ttl(float(text), "--ttl")
+    except ValueError as exc:  # ConfigurationError is one; float("x") too
+        reason = exc.reason if isinstance(exc, ConfigurationError) else "must be a number"
+        raise argparse.ArgumentTypeError(f"{reason} (got {text!r})") from None
+    assert seconds is not None
+    return seconds
+
+
 def _print(args: argparse.Namespace, result: Any) -> None:
     if args.json:
         print(json.dumps(result, sort_keys=True, default=str))
@@ -268,7 +281,10 @@ def _print(args: argparse.Namespace, result: Any) -> None:
 
 def _short(value: Any) -> str:
     if isinstance(value, float) and value > 1e9:
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+        try:
+            return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+        except (OverflowError, OSError, ValueError):  # inf, or past year 9999
+            return str(value)
     return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from loguru import logger
 
 from .control import ControlStore, Mirror, PollPolicy, every, live, stop
-from .errors import ConfigurationError
+from .errors import ConfigurationError, check_ttl
 from .policy import Policy
 from .rate import Rate
 
@@ -333,8 +333,7 @@ class DynamicLimits:
             raise ConfigurationError("backend", None, "does not store operator state")
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 10:
             raise ConfigurationError("factor", factor, "must be a number in (0, 10]")
-        if ttl is not None and not (isinstance(ttl, (int, float)) and ttl > 0):
-            raise ConfigurationError("ttl", ttl, "must be a number of seconds > 0 or None")
+        ttl = check_ttl(ttl)
         now = time.time()
         entry = {"factor": factor, "set_by": by, "expires_at": None if ttl is None else now + ttl}
         await self._store.control_put("override", "all", json.dumps(entry))

@@ -12,6 +12,8 @@ whose ``allowed`` is ``False``.
 
 from __future__ import annotations
 
+import math
+
 __all__ = ["BackendError", "ConfigurationError", "RateLimitError"]
 
 
@@ -44,3 +46,32 @@ class BackendError(RateLimitError):
 def _short_repr(value: object, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+#: The longest TTL accepted anywhere (allow/block entries, stored tiers, overrides): ten
+#: years. Beyond that a TTL is a mistake (or ``inf``), and an absurd expiry breaks whatever
+#: later formats it; without a TTL an entry is permanent anyway.
+MAX_TTL = 10 * 365 * 86400.0
+
+
+def check_ttl(ttl: object, field: str = "ttl") -> float | None:
+    """``ttl`` as seconds, or ``None`` (no expiry). Rejects (:class:`ConfigurationError`
+    naming ``field``) anything but a finite number in ``(0, MAX_TTL]``: ``inf``, ``1e400``,
+    NaN, zero, negatives, booleans, strings."""
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise ConfigurationError(field, ttl, "must be a number of seconds > 0 or None")
+    try:
+        seconds = float(ttl)
+    except OverflowError:  # an int too large for a float
+        seconds = math.inf
+    if not math.isfinite(seconds):
+        raise ConfigurationError(field, ttl, "must be a finite number of seconds")
+    if seconds <= 0:
+        raise ConfigurationError(field, ttl, "must be a number of seconds > 0 or None")
+    if seconds > MAX_TTL:
+        raise ConfigurationError(
+            field, ttl, f"must be at most {MAX_TTL:.0f} seconds (10 years); omit it for no expiry"
+        )
+    return seconds

@@ -9,6 +9,7 @@ import asyncio
 import inspect
 import math
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, cast
@@ -79,27 +80,94 @@ class _EndpointPlan(NamedTuple):
 _MAX_PLANS = 4096
 
 
+#: Longest user identity keyed on; a longer one is treated as anonymous (keyed by IP).
+_MAX_USER_IDENTITY = 1024
+#: (what, type name) pairs already logged: each odd user shape is logged once per process.
+_warned_users: set[tuple[str, str]] = set()
+
+
+def _warn_user_once(what: str, kind: type, exc: BaseException | None = None) -> None:
+    # No user data in the message: only where it happened and the types involved.
+    key = (what, kind.__qualname__)
+    if key in _warned_users or len(_warned_users) >= 256:
+        return
+    _warned_users.add(key)
+    if exc is None:
+        logger.warning("rate limit: unusable user identity from {} ({})", what, key[1])
+    else:
+        logger.warning(
+            "rate limit: {} failed on a {} ({}): the user is treated as anonymous or the "
+            "next attribute is tried",
+            what,
+            key[1],
+            type(exc).__name__,
+        )
+
+
 def _default_user(scope: Scope) -> str | None:
     # request.state.user (set by an auth middleware), then Starlette's AuthenticationMiddleware.
+    # No user object, however odd, may fail the request: anything unusable is anonymous.
     state = scope.get("state")
     user = state.get("user") if isinstance(state, dict) else None
     if user is None:
         user = scope.get("user")
-        if user is None or not getattr(user, "is_authenticated", True):
+        if user is None:
+            return None
+        try:
+            authenticated = bool(getattr(user, "is_authenticated", True))
+        except Exception as exc:
+            _warn_user_once("user.is_authenticated", type(user), exc)
+            return None
+        if not authenticated:
             return None
     return user_identity(user)
 
 
+def _identity_string(value: Any, attribute: str, kind: type) -> str | None:
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, bool) or not isinstance(value, (int, uuid.UUID)):
+        # Only strings, integers and UUIDs are identities: str() of anything else is
+        # arbitrary code (or a repr with an address in it, a new "user" per object).
+        _warn_user_once(f"user.{attribute}", kind)
+        return None
+    else:
+        try:
+            text = str(value)
+        except Exception as exc:  # an int too long to convert (ValueError)
+            _warn_user_once(f"user.{attribute}", kind, exc)
+            return None
+    if not text or len(text) > _MAX_USER_IDENTITY:
+        _warn_user_once(f"user.{attribute}", kind)
+        return None
+    return text
+
+
 def user_identity(user: Any) -> str | None:
-    """A user object, id or name -> the string the user level is keyed on."""
+    """A user object, id or name -> the string the user level is keyed on.
+
+    Never raises: an attribute that raises or holds something that is not a string, integer
+    or UUID is logged once (per type, without the value) and the next attribute is tried;
+    with none usable the user is anonymous (``None``)."""
     if user is None or isinstance(user, bool):
         return None
-    if isinstance(user, (str, int)):
-        return str(user)
+    if isinstance(user, (str, int, uuid.UUID)):
+        return _identity_string(user, "self", type(user))
+    kind = type(user)
     for attribute in ("id", "user_id", "identity", "username", "email", "sub"):
-        value = user.get(attribute) if isinstance(user, Mapping) else getattr(user, attribute, None)
-        if value is not None and not callable(value):
-            return str(value)
+        try:
+            if isinstance(user, Mapping):
+                value = user.get(attribute)
+            else:
+                value = getattr(user, attribute, None)
+        except Exception as exc:
+            _warn_user_once(f"user.{attribute}", kind, exc)
+            continue
+        if value is None or callable(value):
+            continue
+        text = _identity_string(value, attribute, kind)
+        if text is not None:
+            return text
     return None
 
 
@@ -353,7 +421,13 @@ class RateLimiter:
         user = _default_user(scope)
         if self._user_resolver is not None:
             connection = HTTPConnection(scope)
-            user = user_identity(await _maybe_await(self._user_resolver(connection)))
+            try:
+                resolved = await _maybe_await(self._user_resolver(connection))
+            except Exception as exc:
+                # A failing resolver must not fail the request: the caller is anonymous.
+                _warn_user_once("user_resolver()", type(self._user_resolver), exc)
+                resolved = None
+            user = user_identity(resolved)
         api_key = self._api_key_of(scope)
         tier: Tier | None = None
         key_tier: Tier | None = None
@@ -362,7 +436,12 @@ class RateLimiter:
                 name = None
                 if self._tier_resolver is not None:
                     connection = connection or HTTPConnection(scope)
-                    name = await _maybe_await(self._tier_resolver(connection))
+                    try:
+                        name = await _maybe_await(self._tier_resolver(connection))
+                    except Exception as exc:
+                        # As for an unknown tier: the default tier applies, never a 500.
+                        _warn_user_once("tier_resolver()", type(self._tier_resolver), exc)
+                        name = None
                 if name is None and self.tier_store is not None:
                     name = await self.tier_store.lookup("user", user)
                 tier = self._tier_named(name)
@@ -461,9 +540,11 @@ class RateLimiter:
         assert self._tiers is not None
         if name is None:
             return self._tiers[self._default_tier]
-        tier = self._tiers.get(str(name))
+        if not isinstance(name, str):
+            name = str(name) if isinstance(name, int) and not isinstance(name, bool) else "?"
+        tier = self._tiers.get(name)
         if tier is None:
-            self._unknown_tier(str(name))
+            self._unknown_tier(name)
             return self._tiers[self._default_tier]
         return tier
 

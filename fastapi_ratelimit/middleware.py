@@ -23,6 +23,7 @@ from typing import Any
 from starlette.requests import HTTPConnection
 
 from ._types import ASGIApp, Message, Receive, Scope, Send
+from .backends.base import storage_key
 from .context import SCOPE_KEY, RequestContext
 from .decision import Verdict
 from .dynamic import LoadMonitor
@@ -112,6 +113,7 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         checks = limiter.level_checks(context)
+        seen: set[tuple[object, ...]] | None = None
         for limit in _route_limits(context.route):
             if limit.limiter is not None and limit.limiter is not limiter:
                 continue  # bound to another limiter: it checks for itself
@@ -119,6 +121,15 @@ class RateLimitMiddleware:
             check = limit.check(context, key_value)
             context.handled = context.handled | {id(limit)}
             if check is not None:
+                # A decorator and a guard with the same rate and scope on one route are one
+                # limit: the same storage key twice in one backend call would be refused
+                # (backends.base.ensure_distinct), a 500 on every request. Count it once.
+                if seen is None:
+                    seen = {storage_key(c) for c in checks}
+                key = storage_key(check)
+                if key in seen:
+                    continue
+                seen.add(key)
                 checks.append(check)
                 if limit.refund_when is not None:
                     context.refundable = (*context.refundable, (limit, check))

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
-from .backends.base import Check
+from .backends.base import Check, storage_key
 from .context import SCOPE_KEY, RequestContext
 from .errors import BackendError, ConfigurationError
 from .headers import rate_limit_headers, retry_after_value
@@ -179,6 +179,11 @@ async def enforce(
     check = limit.check(context, await limit.key_value(connection), user)
     if check is None:
         return
+    if context.charged:
+        # A decorator and a guard with the same rate and scope are one limit: count it once.
+        key = storage_key(check)
+        if any(storage_key(c) == key for c in context.charged):
+            return
     try:
         verdict = await limiter.run([check], context)
     except BackendError:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from loguru import logger
 
 from .control import ControlStore, Mirror, PollPolicy, live
-from .errors import ConfigurationError
+from .errors import ConfigurationError, check_ttl
 from .keys import KeyBuilder
 from .policy import Algorithm, Policy
 from .rate import Rate, parse_rate
@@ -164,8 +164,7 @@ class TierStore:
         ttl: float | None = None,
         by: str = "",
     ) -> None:
-        if ttl is not None and not (isinstance(ttl, (int, float)) and ttl > 0):
-            raise ConfigurationError("ttl", ttl, "must be a number of seconds > 0 or None")
+        ttl = check_ttl(ttl)
         now = time.time()
         entry = {
             "tier": tier,

@@ -95,6 +95,13 @@ def make_decision(
     )
 
 
+def storage_key(check: Check) -> tuple[object, ...]:
+    """What the backends key a check's state by: two checks with the same one are one limit
+    (and may not appear twice in one call, see :func:`ensure_distinct`)."""
+    policy = check.policy
+    return (check.scope, policy.bucket, policy.code, check.identity)
+
+
 def ensure_distinct(keys: Sequence[Hashable]) -> None:
     # Two checks on one key would both read the same state and the second write would
     # overwrite the first: refuse rather than undercount.
