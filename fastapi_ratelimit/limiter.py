@@ -80,6 +80,7 @@ class _EndpointPlan(NamedTuple):
 _MAX_PLANS = 4096
 
 
+_OBJECT_STR: Any = object.__str__
 #: Longest user identity keyed on; a longer one is treated as anonymous (keyed by IP).
 _MAX_USER_IDENTITY = 1024
 #: (what, type name) pairs already logged: each odd user shape is logged once per process.
@@ -126,16 +127,21 @@ def _default_user(scope: Scope) -> str | None:
 def _identity_string(value: Any, attribute: str, kind: type) -> str | None:
     if isinstance(value, str):
         text = value
-    elif isinstance(value, bool) or not isinstance(value, (int, uuid.UUID)):
-        # Only strings, integers and UUIDs are identities: str() of anything else is
-        # arbitrary code (or a repr with an address in it, a new "user" per object).
+    elif isinstance(value, bool) or (
+        not isinstance(value, int) and getattr(type(value), "__str__", None) is _OBJECT_STR
+    ):
+        # Integers, and ids whose type defines its own string form (UUIDs, ObjectIds, ...),
+        # are identities; anything else would be a repr (with an address in it, a new "user"
+        # per object) or a container's.
         _warn_user_once(f"user.{attribute}", kind)
         return None
     else:
         try:
             text = str(value)
-        except Exception as exc:  # an int too long to convert (ValueError)
+        except Exception as exc:  # a __str__ that raises, an int too long to convert
             _warn_user_once(f"user.{attribute}", kind, exc)
+            return None
+        if not isinstance(text, str):
             return None
     if not text or len(text) > _MAX_USER_IDENTITY:
         _warn_user_once(f"user.{attribute}", kind)

@@ -103,6 +103,13 @@ class RaisingEverywhere:
         raise ValueError("secret-user-data")
 
 
+class ObjectIdLike:
+    """An id type with a string form of its own, as bson.ObjectId has."""
+
+    def __str__(self) -> str:
+        return "65a1f0c2e4b0a1b2c3d4e5f6"
+
+
 class BadAuthenticated:
     @property
     def is_authenticated(self) -> bool:
@@ -122,6 +129,7 @@ class BadAuthenticated:
         (Odd(id=10**5000), None),  # str() of it raises ValueError
         (Odd(id=""), None),
         (Odd(id=7), "7"),
+        (Odd(id=ObjectIdLike()), "65a1f0c2e4b0a1b2c3d4e5f6"),
         ({"sub": "dave"}, "dave"),
     ],
 )
