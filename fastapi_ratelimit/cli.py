@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--redis-url", help="default: $RATELIMIT_REDIS_URL or $REDIS_URL")
     parser.add_argument("--cluster", action="store_true", help="the URL is a Cluster node")
     parser.add_argument("--prefix", default="rl", help="key prefix the app uses (default rl)")
+    parser.add_argument(
+        "--key-secret",
+        help="the app's key_secret, if it sets one (default: $RATELIMIT_KEY_SECRET); without "
+        "it, API keys, users and IPs hash to keys the app never uses",
+    )
     parser.add_argument("--ipv6-prefix", type=int, default=64, help="IPv6 bucketing prefix")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--by", default=os.environ.get("USER", "cli"), help="operator name")
@@ -126,7 +131,15 @@ async def _run(args: argparse.Namespace, url: str) -> tuple[Any, bool]:
     from .backends.redis import RedisBackend
     from .tiers import TierStore
 
-    backend = RedisBackend.from_url(url, cluster=args.cluster, prefix=args.prefix, timeout=5.0)
+    secret = args.key_secret or os.environ.get("RATELIMIT_KEY_SECRET") or None
+    backend = RedisBackend.from_url(
+        url,
+        cluster=args.cluster,
+        prefix=args.prefix,
+        timeout=5.0,
+        key_secret=secret.encode("utf-8") if secret else None,
+    )
+    args.keyed = secret is not None
     try:
         keys = backend.key_builder
         if args.command == "tier":
@@ -213,6 +226,11 @@ async def _inspect_or_reset(args: argparse.Namespace, backend: Any) -> tuple[Any
             if args.command == "reset":
                 await client.delete(key)
             found.append(item)
+    if not found:
+        # Nothing under these identities' hash. The likeliest cause besides "no traffic yet":
+        # the app hashes with a key_secret this command was not given.
+        hint = "" if args.keyed else " (if the app sets key_secret, pass --key-secret)"
+        print(f"fastapi-ratelimit: no counters found for this identity{hint}", file=sys.stderr)
     if args.command == "reset":
         return {"reset": len(found), "levels": found}, bool(found)
     return found, bool(found)

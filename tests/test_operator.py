@@ -435,6 +435,57 @@ def test_cli_end_to_end(redis_url: str) -> None:
     assert not any("mallory" in k or "alice" in k for k in keys)
 
 
+@pytest.mark.redis
+def test_cli_key_secret_reaches_what_the_app_hashes(redis_url: str) -> None:
+    """An app with key_secret hashes API keys, users and IPs with it: a CLI block or reset
+    without the same secret would touch keys the app never reads (and used to say "done")."""
+    secret = "s3cret-for-keys"
+
+    async def statuses(key: str) -> list[int]:
+        limiter = RateLimiter(
+            backend=RedisBackend.from_url(redis_url, timeout=5.0, key_secret=secret.encode()),
+            api_key_limit="5/minute",
+            access_lists=True,
+        )
+        try:
+            async with client_for(work_app(limiter)) as client:
+                return [
+                    (await client.get("/work", headers={"x-api-key": key})).status_code
+                    for _ in range(2)
+                ]
+        finally:
+            await limiter.aclose()
+
+    assert cli(redis_url, "block", "add", "api_key", "sk_unkeyed").returncode == 0
+    assert asyncio.run(statuses("sk_unkeyed")) == [200, 200]  # the unkeyed digest: no effect
+    blocked = cli(redis_url, "--key-secret", secret, "block", "add", "api_key", "sk_keyed")
+    assert blocked.returncode == 0, blocked.stderr
+    assert asyncio.run(statuses("sk_keyed")) == [403, 403]
+
+    # Counters of a keyed app: found with the secret (also from the environment), and a
+    # search without it says what is likely missing.
+    assert asyncio.run(statuses("sk_counted")) == [200, 200]
+    missing = cli(redis_url, "inspect", "--api-key", "sk_counted")
+    assert missing.returncode == 1
+    assert "--key-secret" in missing.stderr
+    argv = [sys.executable, "-m", "fastapi_ratelimit.cli", "--redis-url", redis_url, "--json"]
+    argv += ["inspect", "--api-key", "sk_counted"]
+    env_cli = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "RATELIMIT_KEY_SECRET": secret},
+        check=False,
+    )
+    assert env_cli.returncode == 0, env_cli.stderr
+    assert [x["scope"] for x in json.loads(env_cli.stdout)] == ["api_key"]
+    too_long = cli(redis_url, "--key-secret", "x" * 65, "stats")
+    assert too_long.returncode == 2
+    assert "key_secret" in too_long.stderr
+    assert "x" * 65 not in too_long.stderr
+
+
 def test_cli_errors_name_the_problem_and_hide_passwords() -> None:
     unreachable = cli("redis://:hunter2@127.0.0.1:1/0", "stats")
     assert unreachable.returncode == 2
