@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,27 +30,21 @@ import bench_http as bh
 IPS = 200  # clients, each soon over 5/minute
 
 
-@dataclass(frozen=True)
-class FloodVariant:
-    id: str
-    module: str
-    env: tuple[tuple[str, str], ...] = ()
-    redis: bool = False
-
-
 VARIANTS = (
-    FloodVariant("bare", "app_bare"),
-    FloodVariant(
+    bh.Variant("bare", "app_bare", ""),
+    bh.Variant(
         "frl-redis-5, denial cache",
         "app_frl_redis_5",
-        (("BENCH_IP_LIMIT", "5/minute"),),
+        "",
         redis=True,
+        env=(("BENCH_IP_LIMIT", "5/minute"),),
     ),
-    FloodVariant(
+    bh.Variant(
         "frl-redis-5, no denial cache",
         "app_frl_redis_5",
-        (("BENCH_IP_LIMIT", "5/minute"), ("BENCH_DENIAL_CACHE", "0")),
+        "",
         redis=True,
+        env=(("BENCH_IP_LIMIT", "5/minute"), ("BENCH_DENIAL_CACHE", "0")),
     ),
 )
 
@@ -87,23 +79,10 @@ def main() -> int:
     parser.add_argument("--markdown", default=str(bh.RESULTS / "flood.md"))
     args = parser.parse_args()
 
-    log_dir = tempfile.mkdtemp(prefix="bench-flood-")
-    servers: dict[str, tuple[bh.AppServer, bh.RedisServer | None]] = {}
     results: dict[str, list[dict[str, float]]] = {v.id: [] for v in VARIANTS}
-    try:
-        for v in VARIANTS:
-            redis_server = None
-            env = dict(bh.os.environ)
-            if v.redis:
-                redis_server = bh.RedisServer(args.redis_server, args.client_cpu)
-                redis_server.start()
-                env["BENCH_REDIS_URL"] = redis_server.url
-            variant = bh.Variant(v.id, v.module, v.id, redis=v.redis)
-            app = bh.AppServer(variant, args.server_cpu, log_dir, {**env, **dict(v.env)})
-            app.start()
-            servers[v.id] = (app, redis_server)
-            # Warm up: every client goes over its limit.
-            run_wrk(args, app.url, 2)
+    with bh.serving(VARIANTS, args.server_cpu, args.redis_server, args.client_cpu) as servers:
+        for app, _ in servers.values():
+            run_wrk(args, app.url, 2)  # warm-up: every client goes over its limit
         for round_no in range(1, args.rounds + 1):
             for v in VARIANTS:
                 app, redis_server = servers[v.id]
@@ -119,11 +98,6 @@ def main() -> int:
                     f"{sample['redis_per_request']:.3f} Redis commands per request"
                 )
                 time.sleep(0.5)
-    finally:
-        for app, redis_server in servers.values():
-            app.stop()
-            if redis_server is not None:
-                redis_server.stop()
 
     bare = statistics.median(s["rps"] for s in results["bare"])
     lines = [

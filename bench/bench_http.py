@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -596,6 +596,38 @@ class AppServer:
     def stop(self) -> None:
         process, self.process = self.process, None
         stop_process(process)
+
+
+#: A started variant: its server, and its own redis-server when it needs one.
+Served = tuple["AppServer", "RedisServer | None"]
+
+
+@contextlib.contextmanager
+def serving(
+    variants: Sequence[Variant], app_cpu: int | str, redis_binary: str, redis_cpu: int | str
+) -> Iterator[dict[str, Served]]:
+    """Start every variant's uvicorn (each Redis variant with a redis-server of its own, at
+    ``BENCH_REDIS_URL``), and stop them all on the way out. For the smaller benchmarks."""
+    log_dir = tempfile.mkdtemp(prefix="bench-")
+    servers: dict[str, Served] = {}
+    started: list[AppServer | RedisServer] = []
+    try:
+        for variant in variants:
+            env = dict(os.environ)
+            redis_server = None
+            if variant.redis:
+                redis_server = RedisServer(redis_binary, redis_cpu)
+                started.append(redis_server)
+                redis_server.start()
+                env["BENCH_REDIS_URL"] = redis_server.url
+            app = AppServer(variant, app_cpu, log_dir, {**env, **dict(variant.env)})
+            started.append(app)
+            app.start()
+            servers[variant.id] = (app, redis_server)
+        yield servers
+    finally:
+        for server in started:
+            server.stop()
 
 
 def _get(port: int, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,20 +46,9 @@ def main() -> int:
     # bench_http's wrk_argv reads these; here nothing is pinned to one core.
     wrk_args = argparse.Namespace(wrk=args.wrk, threads=1, connections=64, client_cpu=CPUS)
 
-    log_dir = tempfile.mkdtemp(prefix="bench-workers-")
-    servers: dict[str, tuple[bh.AppServer, bh.RedisServer | None]] = {}
     results: dict[str, list[tuple[float, float]]] = {v.id: [] for v in VARIANTS}
-    try:
-        for v in VARIANTS:
-            env = dict(bh.os.environ)
-            redis_server = None
-            if v.redis:
-                redis_server = bh.RedisServer(args.redis_server, CPUS)
-                redis_server.start()
-                env["BENCH_REDIS_URL"] = redis_server.url
-            app = bh.AppServer(v, CPUS, log_dir, env)
-            app.start()
-            servers[v.id] = (app, redis_server)
+    with bh.serving(VARIANTS, CPUS, args.redis_server, CPUS) as servers:
+        for app, _ in servers.values():
             bh.run_wrk(wrk_args, bh.PRODUCTION, app.url, 1)  # warm-up: every worker started
         for round_no in range(1, args.rounds + 1):
             for v in VARIANTS:
@@ -70,11 +58,6 @@ def main() -> int:
                 results[v.id].append((rps, p99))
                 bh.log(f"round {round_no} {v.id}: {rps:,.0f} req/s, p99 {p99:.1f} ms")
                 time.sleep(0.5)
-    finally:
-        for app, redis_server in servers.values():
-            app.stop()
-            if redis_server is not None:
-                redis_server.stop()
 
     def median(vid: str, i: int) -> float:
         return statistics.median(sample[i] for sample in results[vid])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -65,3 +68,19 @@ def work_app(limiter: Any) -> Any:
 
     app.add_middleware(RateLimitMiddleware, limiter=limiter)
     return app
+
+
+def cli(
+    url: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``fastapi-ratelimit --redis-url URL ARGS`` (no Redis URL from this environment;
+    ``env`` adds variables)."""
+    base = {k: v for k, v in os.environ.items() if "REDIS_URL" not in k}
+    return subprocess.run(
+        [sys.executable, "-m", "fastapi_ratelimit.cli", "--redis-url", url, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base, **(env or {})},
+        check=False,
+    )

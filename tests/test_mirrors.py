@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -21,7 +18,7 @@ from typing import Any
 
 import pytest
 from faultproxy import FaultProxy
-from http_helpers import client_for, work_app
+from http_helpers import cli, client_for, work_app
 from loguru import logger
 from servers import RedisServer
 
@@ -209,18 +206,6 @@ async def test_idle_polling_with_lists_reads_only_the_version() -> None:
 
 
 # -- the lists, configured: a block from anywhere applies everywhere ----------------------------
-
-
-def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if "REDIS_URL" not in k}
-    return subprocess.run(
-        [sys.executable, "-m", "fastapi_ratelimit.cli", "--redis-url", url, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
 
 
 @pytest.mark.redis

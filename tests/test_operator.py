@@ -15,7 +15,7 @@ import pytest
 import redis
 from conftest import BACKEND_KINDS
 from fastapi import FastAPI, Header, HTTPException
-from http_helpers import client_for, policies, remaining, work_app
+from http_helpers import cli, client_for, policies, remaining, work_app
 from loguru import logger
 
 from fastapi_ratelimit import (
@@ -378,18 +378,6 @@ async def test_admin_with_a_custom_dependency() -> None:
         admin_router(RateLimiter(), token="short")
 
 
-def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if "REDIS_URL" not in k}
-    return subprocess.run(
-        [sys.executable, "-m", "fastapi_ratelimit.cli", "--redis-url", url, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
-
-
 @pytest.mark.redis
 def test_cli_end_to_end(redis_url: str) -> None:
     added = cli(redis_url, "--json", "allow", "add", "ip", "10.0.0.0/8", "--reason", "office")
@@ -468,15 +456,13 @@ def test_cli_key_secret_reaches_what_the_app_hashes(redis_url: str) -> None:
     missing = cli(redis_url, "inspect", "--api-key", "sk_counted")
     assert missing.returncode == 1
     assert "--key-secret" in missing.stderr
-    argv = [sys.executable, "-m", "fastapi_ratelimit.cli", "--redis-url", redis_url, "--json"]
-    argv += ["inspect", "--api-key", "sk_counted"]
-    env_cli = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "RATELIMIT_KEY_SECRET": secret},
-        check=False,
+    env_cli = cli(
+        redis_url,
+        "--json",
+        "inspect",
+        "--api-key",
+        "sk_counted",
+        env={"RATELIMIT_KEY_SECRET": secret},
     )
     assert env_cli.returncode == 0, env_cli.stderr
     assert [x["scope"] for x in json.loads(env_cli.stdout)] == ["api_key"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,17 +11,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from servers import free_port
 
 pytestmark = pytest.mark.redis
 
 APPS = Path(__file__).resolve().parent / "apps"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def start_workers(redis_url: str, port: int) -> subprocess.Popen[bytes]:

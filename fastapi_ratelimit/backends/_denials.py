@@ -51,11 +51,8 @@ class DenialCache:
         self._verdicts: dict[tuple[str, ...], tuple[Sequence[Check], float, Verdict]] = {}
 
     def __len__(self) -> int:
+        # Also its truth: callers skip building keys while it is empty.
         return len(self._entries)
-
-    def __bool__(self) -> bool:
-        # Truthy while it holds anything: callers skip building keys when it is empty.
-        return bool(self._entries)
 
     def now(self) -> float:
         return self._clock()

@@ -178,6 +178,9 @@ class MemoryBackend:
         """
         if scope in _RAW_SCOPES and type(identity) is str and len(identity) <= _RAW_MAX:
             return (scope, bucket, code, identity)
+        return self._hashed_key(scope, bucket, code, identity)
+
+    def _hashed_key(self, scope: str, bucket: str, code: str, identity: Identity) -> str:
         keys = self._keys
         key = keys.cached.get((scope, bucket, code, identity))
         return key if key is not None else keys.key(scope, bucket, code, identity)
@@ -204,7 +207,7 @@ class MemoryBackend:
         """
         now = self._clock.now_us()
         data = self._data
-        store_key = self._store_key
+        hashed_key = self._hashed_key
         floor = math.floor
         rows = []
         seen: list[_StoreKey] = []
@@ -213,10 +216,11 @@ class MemoryBackend:
             policy, scope, identity, cost = check  # one unpacking: cheaper than 4 lookups
             if policy.algorithm is not _SC:
                 return None
+            # _store_key, inline: this runs per level of every request.
             if scope in _RAW_SCOPES and type(identity) is str and len(identity) <= _RAW_MAX:
                 key: _StoreKey = (scope, policy.bucket, policy.code, identity)
             else:
-                key = store_key(scope, policy.bucket, policy.code, identity)
+                key = hashed_key(scope, policy.bucket, policy.code, identity)
             rate = policy.rate
             if rate.period_us != window:  # levels mostly share a window: its math once
                 window = rate.period_us

@@ -261,9 +261,8 @@ class RedisBackend:
         :mod:`~fastapi_ratelimit.backends._denials`), or ``None``. Costs nothing while no
         client is over its limit."""
         denials = self._denials
-        if not denials:
+        if denials is None or not denials:  # empty while no client is over its limit
             return None
-        assert denials is not None
         return denials.lookup(checks, [self.key_for(c) for c in checks])
 
     async def peek(self, checks: Sequence[Check]) -> Verdict:
