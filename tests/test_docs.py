@@ -188,3 +188,15 @@ async def test_the_plots_show_what_the_concepts_page_says() -> None:
         assert 14 <= between(bucket, 16, 30) <= 15
     for algorithm in Algorithm:
         assert (DOCS / "img" / f"{algorithm.value}.png").is_file()
+
+
+def test_the_api_reference_covers_every_public_name() -> None:
+    import fastapi_ratelimit
+
+    documented = set(re.findall(r"^::: fastapi_ratelimit\.(?:\w+\.)*(\w+)$", _reference(), re.M))
+    missing = set(fastapi_ratelimit.__all__) - documented - {"__version__"}
+    assert not missing, f"add to docs/reference.md: {sorted(missing)}"
+
+
+def _reference() -> str:
+    return (DOCS / "reference.md").read_text(encoding="utf-8")
