@@ -57,16 +57,25 @@ check() {
 }
 
 lint_and_type() {
-  check "ruff check" "$VENV/bin/ruff" check fastapi_ratelimit tests examples bench scripts
-  check "ruff format" "$VENV/bin/ruff" format --check fastapi_ratelimit tests examples bench scripts
+  check "ruff check" "$VENV/bin/ruff" check fastapi_ratelimit tests examples bench scripts docs
+  check "ruff format" "$VENV/bin/ruff" format --check fastapi_ratelimit tests examples bench scripts docs
   check "mypy" "$VENV/bin/mypy"
+}
+
+# The documentation site must build with --strict (broken links and missing API references
+# fail); into a temporary directory, since the built site is never committed.
+docs_build() {
+  local site
+  site="$(mktemp -d)"
+  NO_MKDOCS_2_WARNING=1 check "mkdocs build" "$VENV/bin/mkdocs" build --strict --quiet --site-dir "$site"
+  rm -rf "$site"
 }
 
 case "$MODE" in
   locked | setup)
     VENV=.venv
     # --locked: fail when uv.lock no longer matches pyproject.toml, rather than re-resolving.
-    "$UV" sync -q --locked --extra dev --extra bench --python "$PYTHON"
+    "$UV" sync -q --locked --extra dev --extra bench --extra docs --python "$PYTHON"
     ;;
   latest)
     VENV=.venv-latest
@@ -103,12 +112,14 @@ fi
 if [ "$MODE" = lowest ]; then
   # The linters' own lowest releases reach no user: lint and type-check with the locked
   # toolchain (a separate environment), and test the library on the lowest versions.
-  "$UV" sync -q --locked --extra dev --extra bench --python "$PYTHON"
+  "$UV" sync -q --locked --extra dev --extra bench --extra docs --python "$PYTHON"
   VENV=.venv lint_and_type
   VENV=.venv-lowest
 else
   lint_and_type
 fi
+# The docs toolchain is locked; only the locked mode builds the site.
+if [ "$MODE" = locked ]; then docs_build; fi
 check "pytest" "$VENV/bin/python" -m pytest "$@"
 
 if [ "${#FAILED[@]}" -gt 0 ]; then
