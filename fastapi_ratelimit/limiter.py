@@ -33,6 +33,7 @@ from .errors import BackendError, ConfigurationError
 from .headers import HeaderStyle, parse_header_style, rate_limit_headers, retry_after_value
 from .identity import ClientIP, api_key_from_scope, ip_identity, parse_ip
 from .keys import KeyBuilder
+from .node_breakers import NodeBreakers
 from .policy import Algorithm, Policy
 from .rate import Rate, parse_rate
 from .responses import (
@@ -332,6 +333,11 @@ class RateLimiter:
         if breaker is not None and not isinstance(breaker, CircuitBreaker):
             raise ConfigurationError("breaker", breaker, "must be a CircuitBreaker or None")
         self.breaker = breaker
+        #: A Redis Cluster's breakers, one per master (see node_breakers.py): a node that is
+        #: down fails open or closed alone, and the others keep limiting.
+        self.node_breakers: NodeBreakers | None = None
+        if breaker is not None and getattr(self.backend, "cluster", False) is True:
+            self.node_breakers = NodeBreakers(breaker, cast(Any, self.backend))
         if endpoint_breaker is not None and not isinstance(endpoint_breaker, EndpointBreaker):
             raise ConfigurationError(
                 "endpoint_breaker", endpoint_breaker, "must be an EndpointBreaker"
@@ -626,6 +632,8 @@ class RateLimiter:
             known = cached_denial(checks)
             if known is not None:
                 return cast(Verdict, known)
+        if self.node_breakers is not None:
+            return await self.node_breakers.hit(checks, self._refuses, self._fallback)
         breaker = self.breaker
         probe = False
         # An idle breaker (closed, nothing failed lately) needs no call either way.
@@ -660,7 +668,7 @@ class RateLimiter:
             if now - self._last_failure_log > 10:
                 self._last_failure_log = now
                 logger.warning("rate-limit backend failed: {}", error)
-        if any(self._failure_policy(c.scope) == "deny" for c in checks):
+        if self._refuses(checks):
             raise error or BackendError("rate-limit backend circuit open")
         if self._fallback is not None:
             # Per-process limits at the same policies: an outage is not a free-for-all.
@@ -670,7 +678,13 @@ class RateLimiter:
     def _failure_policy(self, scope: str) -> str:
         return self._on_error.get(scope, self._on_error_default)
 
+    def _refuses(self, checks: Sequence[Check]) -> bool:
+        """Whether the failure policy refuses a request whose ``checks`` can't be decided."""
+        return any(self._failure_policy(c.scope) == "deny" for c in checks)
+
     def retry_after_unavailable(self) -> int:
+        if self.node_breakers is not None:
+            return self.node_breakers.retry_after()
         return self.breaker.retry_after() if self.breaker is not None else 1
 
     async def _wait_and_retry(self, checks: Sequence[Check], verdict: Verdict) -> Verdict | None:

@@ -236,6 +236,23 @@ class RedisBackend:
         policy = check.policy
         return self._keys.key(check.scope, policy.bucket, policy.code, check.identity)
 
+    @property
+    def cluster(self) -> bool:
+        """Whether the client is a Redis Cluster (the limiter then breaks per node)."""
+        return self._cluster
+
+    def node_of(self, check: Check) -> str:
+        """Cluster: the address of the master holding ``check``'s key, as the client's slot
+        map has it; ``""`` until that map is loaded (and always, outside a cluster)."""
+        if not self._cluster or not self._initialized:
+            return ""
+        client = cast(RedisCluster, self._client)
+        try:
+            node = client.get_node_from_key(self.key_for(check))
+        except RedisClusterException:  # a slot the map does not cover (yet)
+            return ""
+        return node.name if node is not None else ""
+
     # -- the Backend protocol ----------------------------------------------------------------
 
     async def hit(self, checks: Sequence[Check]) -> Verdict:
