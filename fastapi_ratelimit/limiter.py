@@ -33,6 +33,7 @@ from .errors import BackendError, ConfigurationError
 from .headers import HeaderStyle, parse_header_style, rate_limit_headers, retry_after_value
 from .identity import ClientIP, api_key_from_scope, ip_identity, parse_ip
 from .keys import KeyBuilder
+from .limit_overrides import LimitOverrides, target_key
 from .node_breakers import NodeBreakers
 from .policy import Algorithm, Policy
 from .rate import Rate, parse_rate
@@ -228,6 +229,9 @@ class RateLimiter:
             its configuration uses: lists, stored tiers, overrides, shared breakers (seconds,
             at most 1). Nothing that is not configured is mirrored or polled.
         allow_any_network: let the lists hold ``0.0.0.0/0`` and ``::/0``.
+        limit_overrides: apply the limits changed at run time (:meth:`set_limit`, the admin
+            API, the CLI) to the levels this limiter has. Off by default: then no instance
+            mirrors or polls them. Turn it on in every instance that must apply them.
     """
 
     def __init__(
@@ -267,6 +271,7 @@ class RateLimiter:
         access_lists: bool = False,
         refresh_interval: float = 0.5,
         allow_any_network: bool = False,
+        limit_overrides: bool = False,
     ) -> None:
         try:
             algorithm = Algorithm(algorithm)
@@ -369,7 +374,11 @@ class RateLimiter:
         self.tier_store: TierStore | None = None
         # Fixed at construction; whether the backend is the memory one is read per request.
         self._may_run_now = (
-            dynamic is None and not self._shadow_all and not self._shadow and not self._delays
+            dynamic is None
+            and not self._shadow_all
+            and not self._shadow
+            and not self._delays
+            and not limit_overrides
         )
         #: :meth:`after_response` has work after every response (a breaker to feed, refunds
         #: by status to look at), not only when a request asks for it.
@@ -405,6 +414,27 @@ class RateLimiter:
                 )
             if self._tiers is not None:
                 self.tier_store = TierStore(store, keys, refresh_interval, polling)
+        if not isinstance(limit_overrides, bool):
+            raise ConfigurationError("limit_overrides", limit_overrides, "must be True or False")
+        if limit_overrides and store is None:
+            raise ConfigurationError(
+                "limit_overrides", limit_overrides, "needs a backend that stores operator state"
+            )
+        self.limit_overrides: LimitOverrides | None = None
+        if limit_overrides and store is not None:
+            levels = {
+                level: policy
+                for level, policy in (
+                    ("global", self._global),
+                    ("ip", self._ip),
+                    ("api_key", self._api_key),
+                    ("user", self._user),
+                )
+                if policy is not None
+            }
+            for endpoint, policy in self._endpoints.items():
+                levels[target_key("endpoint", endpoint)] = policy
+            self.limit_overrides = LimitOverrides(store, levels, refresh_interval, polling)
         if self.endpoint_breaker is not None:
             self.endpoint_breaker.bind(store, refresh_interval, polling)
         if self.dynamic is not None:
@@ -572,6 +602,8 @@ class RateLimiter:
         """Decide ``checks`` (one backend call for the enforced ones) and record the decisions
         in ``context``. Returns ``None`` when the backend failed and the policy is to allow;
         raises :class:`BackendError` when it failed and the policy is to deny."""
+        if self.limit_overrides is not None:
+            checks = await self.limit_overrides.apply(checks)
         if self.dynamic is not None:
             checks = await self._scaled_checks(checks, context)
             denial = await self._penalty(context)
@@ -803,6 +835,8 @@ class RateLimiter:
             await self.endpoint_breaker.aclose()
         if self.dynamic is not None:
             await self.dynamic.aclose()
+        if self.limit_overrides is not None:
+            await self.limit_overrides.aclose()
         await self.backend.aclose()
 
     # -- operator API (also behind the admin router and the CLI) ------------------------------
@@ -874,6 +908,33 @@ class RateLimiter:
     async def blocked(self) -> list[ListEntry]:
         return await self._lists().entries("block")
 
+    def _limit_overrides(self) -> LimitOverrides:
+        if self.limit_overrides is None:
+            raise ConfigurationError(
+                "limit_overrides",
+                False,
+                "this limiter does not apply limits changed at run time: pass "
+                "limit_overrides=True (on every instance that must apply them)",
+            )
+        return self.limit_overrides
+
+    async def set_limit(
+        self, level: str, rate: str, *, endpoint: str | None = None, by: str = ""
+    ) -> None:
+        """Change one level's limit on every instance (within ``refresh_interval``), without
+        a restart; counters carry over. ``level``: ``"global"``, ``"ip"``, ``"api_key"``,
+        ``"user"`` or ``"endpoint"`` with ``endpoint`` naming an ``endpoint_limits`` key.
+        An invalid rate raises :class:`ConfigurationError` and changes nothing."""
+        await self._limit_overrides().set(target_key(level, endpoint), rate, by=by)
+
+    async def clear_limit(self, level: str, *, endpoint: str | None = None, by: str = "") -> bool:
+        """Go back to the configured limit of a level, on every instance."""
+        return await self._limit_overrides().clear(target_key(level, endpoint), by=by)
+
+    async def changed_limits(self) -> dict[str, dict[str, Any]]:
+        """The limits changed at run time: ``{"ip": {"rate": "200/minute", ...}}``."""
+        return await self._limit_overrides().entries()
+
     async def cleanup(self) -> int:
         """Remove expired list entries from the backend."""
         return await self._lists().cleanup()
@@ -942,6 +1003,8 @@ class RateLimiter:
             checks.insert(0, Check(self._global, "global", "", 1))
         if not checks:
             return []
+        if self.limit_overrides is not None:
+            checks = list(await self.limit_overrides.apply(checks))
         return list((await self.backend.peek(checks)).decisions)
 
     async def reset(
