@@ -25,49 +25,62 @@ def _serve_partial_slots(cluster: RedisCluster, value: str) -> None:
                 client.config_set("cluster-require-full-coverage", value)
 
 
-@pytest.mark.parametrize("policy", ["allow", "deny"])
+@pytest.mark.parametrize("policy", ["allow", "deny", "fallback"])
 async def test_one_master_down_fails_only_its_own_keys(
     policy: str, cluster_url: str, redis_cluster: RedisCluster
 ) -> None:
     limiter = RateLimiter(
         backend=RedisBackend.from_url(cluster_url, cluster=True, timeout=0.5),
-        ip_limit="3/minute",
-        on_backend_error=policy,
+        global_limit="100000/day",
+        ip_limit="3/day",
+        on_backend_error="deny" if policy == "deny" else "allow",
+        fallback=policy == "fallback",
         # A long cooldown: no probe reaches the dead master while the test runs.
         breaker=CircuitBreaker(failure_threshold=3, cooldown=600),
     )
     backend = limiter.backend
     assert isinstance(backend, RedisBackend)
     app = work_app(limiter)
-    ips = [f"198.51.100.{i}" for i in range(1, 41)]
     async with client_for(app, ip="192.0.2.1") as client:
         assert (await client.get("/work")).status_code == 200  # loads the slot map
 
     def node_of(ip: str) -> str:
-        (check,) = limiter.level_checks(limiter.operator_context(ip=ip))
-        return backend.node_of(check)
+        _, ip_check = limiter.level_checks(limiter.operator_context(ip=ip))
+        return backend.node_of(ip_check)
 
-    dead = redis_cluster.nodes[1]
-    dead_name = f"{dead.host}:{dead.port}"
+    global_check = limiter.level_checks(limiter.operator_context())[0]
+    assert global_check.scope == "global"
+
+    # A master that does not hold the global level: every request has a level on a healthy
+    # master, and the clients whose IP level lives on the dead one have one there too.
+    names = [f"{node.host}:{node.port}" for node in redis_cluster.nodes]
+    index = next(i for i, name in enumerate(names) if name != backend.node_of(global_check))
+    dead_name = names[index]
+    ips = [f"198.51.100.{i}" for i in range(1, 41)]
     on_dead = [ip for ip in ips if node_of(ip) == dead_name]
     healthy = [ip for ip in ips if node_of(ip) not in ("", dead_name)]
     assert on_dead
     assert healthy
     _serve_partial_slots(redis_cluster, "no")
     try:
-        redis_cluster.stop_node(1)
+        redis_cluster.stop_node(index)
         statuses: dict[str, list[int]] = {}
         # The dead master's clients first: with one breaker, they would open it for all.
         for ip in on_dead + healthy:
             async with client_for(app, ip=ip) as client:
                 statuses[ip] = [(await client.get("/work")).status_code for _ in range(4)]
+        (global_level,) = (await backend.peek([global_check])).decisions
     finally:
         _serve_partial_slots(redis_cluster, "yes")
         await limiter.aclose()
-    expected_dead = [200] * 4 if policy == "allow" else [503] * 4
-    assert {ip: statuses[ip] for ip in on_dead} == dict.fromkeys(on_dead, expected_dead)
+    expected_dead = {"allow": [200] * 4, "deny": [503] * 4, "fallback": [200, 200, 200, 429]}
+    assert {ip: statuses[ip] for ip in on_dead} == dict.fromkeys(on_dead, expected_dead[policy])
     # Every client on a healthy master is still limited: three admitted, then 429.
     assert {ip: statuses[ip] for ip in healthy} == {ip: [200, 200, 200, 429] for ip in healthy}
+    # The global level counted exactly the admitted requests: a request refused for its
+    # dead-master level (deny) or by the fallback gave back what the healthy master took.
+    admitted = 1 + sum(status == 200 for codes in statuses.values() for status in codes)
+    assert global_level.remaining == 100000 - admitted
     assert limiter.node_breakers is not None
     states = {node: b.state for node, b in limiter.node_breakers.by_node.items() if node}
     assert states.pop(dead_name) == "open"
