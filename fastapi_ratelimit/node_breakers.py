@@ -13,9 +13,10 @@ Standalone Redis and Sentinel keep the limiter's one breaker: there is one maste
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, cast
+
+from loguru import logger
 
 from .backends.base import Backend, Check
 from .breaker import CircuitBreaker
@@ -81,19 +82,19 @@ class NodeBreakers:
         except BaseException:
             _abandon(calls)  # cancelled: no answer about any node
             raise
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, BackendError):
+                _abandon(calls)  # a bug, or cancelled: no answer about the backend
+                raise result
         failure: BackendError | None = None
         backend: Backend = self._backend
         # (indices, verdict, the backend that gave it)
         answered: list[tuple[list[int], Verdict, Backend]] = []
-        for (breaker, group, probe), result in zip(calls, results, strict=True):
-            if isinstance(result, BackendError):
+        for (breaker, group, _), result in zip(calls, results, strict=True):
+            if isinstance(result, BaseException):
                 breaker.record_failure()
                 down.extend(group)
-                failure = result
-            elif isinstance(result, BaseException):
-                if probe:
-                    breaker.abandon_probe()
-                raise result
+                failure = cast(BackendError, result)
             else:
                 if not breaker.idle:
                     breaker.record_success()
@@ -139,6 +140,8 @@ async def _refund(
     for group, verdict, backend in answered:
         if verdict.allowed:
             refunded.extend(group)
-            with contextlib.suppress(BackendError):
+            try:
                 await backend.refund([checks[i] for i in group])
+            except BackendError as exc:
+                logger.warning("could not refund a cluster node after a denial: {}", exc)
     return refunded
