@@ -394,6 +394,8 @@ class RateLimiter:
         # mirrors poll through the breaker and log their health as one.
         store = self.backend if isinstance(self.backend, ControlStore) else None
         polling = PollPolicy(self.breaker)
+        if self.node_breakers is not None:
+            polling.breaker_for = self.node_breakers.for_namespace
         if not isinstance(access_lists, bool):
             raise ConfigurationError("access_lists", access_lists, "must be True or False")
         if access_lists and store is None:

@@ -6,6 +6,7 @@ limited any more and under ``deny`` everybody gets 503. Here each master has a b
 own (same settings, made on first sight of the node): only the checks whose keys live on a
 master that is down follow the failure policy, while the levels on healthy masters are still
 decided, all-or-nothing among themselves (a denial refunds the levels that were admitted).
+The mirrors of operator state poll through the breaker of the node that holds their namespace.
 
 Standalone Redis and Sentinel keep the limiter's one breaker: there is one master to break.
 """
@@ -29,10 +30,12 @@ __all__ = ["NodeBreakers"]
 class _NodeMapped(Backend, Protocol):
     def node_of(self, check: Check) -> str: ...
 
+    def control_node(self, namespace: str) -> str: ...
+
 
 class NodeBreakers:
     """The per-node breakers of one limiter. ``by_node[""]`` is the limiter's own breaker: it
-    guards calls made before the client knows the slot map (and the mirrors' polls)."""
+    guards the calls made before the client knows the slot map."""
 
     def __init__(self, breaker: CircuitBreaker, backend: _NodeMapped) -> None:
         self._template = breaker
@@ -45,6 +48,11 @@ class NodeBreakers:
         if found is None:
             found = self.by_node[node] = self._template.for_node(node)
         return found
+
+    def for_namespace(self, namespace: str) -> CircuitBreaker:
+        """The breaker of the node holding an operator-state namespace (for the mirrors'
+        polls, see control.PollPolicy)."""
+        return self.breaker(self._backend.control_node(namespace))
 
     def retry_after(self) -> int:
         """Seconds until the first open breaker probes again (1 when none is open)."""

@@ -37,6 +37,9 @@ async def test_one_master_down_fails_only_its_own_keys(
         fallback=policy == "fallback",
         # A long cooldown: no probe reaches the dead master while the test runs.
         breaker=CircuitBreaker(failure_threshold=3, cooldown=600),
+        # A mirror polling often: its polls go through the breaker of its namespace's node.
+        limit_overrides=True,
+        refresh_interval=0.05,
     )
     backend = limiter.backend
     assert isinstance(backend, RedisBackend)
@@ -51,10 +54,12 @@ async def test_one_master_down_fails_only_its_own_keys(
     global_check = limiter.level_checks(limiter.operator_context())[0]
     assert global_check.scope == "global"
 
-    # A master that does not hold the global level: every request has a level on a healthy
-    # master, and the clients whose IP level lives on the dead one have one there too.
+    # The master holding the mirrored namespace, which does not hold the global level (the
+    # key hashes say so): every request has a level on a healthy master, and the clients
+    # whose IP level lives on the dead one have one there too.
     names = [f"{node.host}:{node.port}" for node in redis_cluster.nodes]
-    index = next(i for i, name in enumerate(names) if name != backend.node_of(global_check))
+    index = names.index(backend.control_node("limits"))
+    assert names[index] != backend.node_of(global_check)
     dead_name = names[index]
     ips = [f"198.51.100.{i}" for i in range(1, 41)]
     on_dead = [ip for ip in ips if node_of(ip) == dead_name]
