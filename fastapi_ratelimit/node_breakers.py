@@ -55,9 +55,10 @@ class NodeBreakers:
         return self.breaker(self._backend.control_node(namespace))
 
     def retry_after(self) -> int:
-        """Seconds until the first open breaker probes again (1 when none is open)."""
-        waits = [b.retry_after() for b in self.by_node.values() if b.state == "open"]
-        return min(waits, default=1)
+        """Seconds until every open breaker has probed again (1 when none is open): the 503
+        does not say which node refused, so the longest wait, never one that is too short.
+        (A breaker of a node no longer routed to stays open, but its wait is over: 1.)"""
+        return max((b.retry_after() for b in self.by_node.values() if b.state == "open"), default=1)
 
     async def hit(
         self,

@@ -4,6 +4,8 @@ limited (issue 14, item 5)."""
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 import redis
 from http_helpers import client_for, work_app
@@ -11,6 +13,7 @@ from servers import RedisCluster
 
 from fastapi_ratelimit import RateLimiter, RedisBackend
 from fastapi_ratelimit.breaker import CircuitBreaker
+from fastapi_ratelimit.node_breakers import NodeBreakers
 
 pytestmark = [pytest.mark.redis, pytest.mark.cluster]
 
@@ -131,3 +134,13 @@ async def test_standalone_and_sentinel_keep_one_breaker(redis_url: str) -> None:
         assert limiter.node_breakers is None
         assert limiter.breaker is not None
         await limiter.aclose()
+
+
+def test_a_503_waits_for_the_longest_open_breaker() -> None:
+    now = [0.0]
+    template = CircuitBreaker(failure_threshold=1, cooldown=10, clock=lambda: now[0])
+    breakers = NodeBreakers(template, cast(Any, None))  # no call reaches the backend here
+    breakers.breaker("10.0.0.1:6379").record_failure()  # open at 0, since failed over
+    now[0] = 30.0
+    breakers.breaker("10.0.0.2:6379").record_failure()  # open at 30
+    assert breakers.retry_after() == 10
