@@ -47,6 +47,15 @@ class OverrideBody(BaseModel):
     ttl: float | None = None
 
 
+class LimitTarget(BaseModel):
+    level: Literal["global", "ip", "api_key", "user", "endpoint"]
+    endpoint: str | None = Field(default=None, max_length=1024)
+
+
+class LimitBody(LimitTarget):
+    rate: str = Field(max_length=200)
+
+
 class IdentityBody(BaseModel):
     ip: str | None = Field(default=None, max_length=100)
     user: str | None = Field(default=None, max_length=1024)
@@ -126,6 +135,26 @@ def admin_router(
     async def clear_override(operator: Operator) -> dict[str, bool]:
         return {"cleared": await _call(_dynamic(limiter).clear_override(by=who(operator)))}
 
+    @router.get("/limits")
+    async def changed_limits(operator: Operator) -> dict[str, Any]:
+        _limits_on(limiter)
+        return {"limits": await _call(limiter.changed_limits())}
+
+    @router.put("/limits")
+    async def set_limit(body: LimitBody, operator: Operator) -> dict[str, Any]:
+        # In the body, not the URL: an endpoint holds spaces and slashes.
+        _limits_on(limiter)
+        await _call(
+            limiter.set_limit(body.level, body.rate, endpoint=body.endpoint, by=who(operator))
+        )
+        return body.model_dump()
+
+    @router.post("/limits/clear")
+    async def clear_limit(body: LimitTarget, operator: Operator) -> dict[str, bool]:
+        _limits_on(limiter)
+        cleared = limiter.clear_limit(body.level, endpoint=body.endpoint, by=who(operator))
+        return {"cleared": await _call(cleared)}
+
     @router.post("/lists/cleanup")
     async def cleanup(operator: Operator) -> dict[str, int]:
         _lists_on(limiter)
@@ -178,6 +207,15 @@ def _lists_on(limiter: RateLimiter) -> None:
     if limiter.lists is None:
         raise HTTPException(
             409, "this limiter applies no allow/block lists (RateLimiter(access_lists=True))"
+        )
+
+
+def _limits_on(limiter: RateLimiter) -> None:
+    if limiter.limit_overrides is None:
+        raise HTTPException(
+            409,
+            "this limiter applies no limits changed at run time "
+            "(RateLimiter(limit_overrides=True))",
         )
 
 

@@ -93,6 +93,7 @@ class CircuitBreaker:
         _positive("breaker.cooldown", cooldown)
         if not (isinstance(failure_rate, (int, float)) and 0 < failure_rate <= 1):
             raise ConfigurationError("breaker.failure_rate", failure_rate, "must be in (0, 1]")
+        self._settings = (failure_threshold, failure_rate, min_calls, window, cooldown)
         self._threshold = failure_threshold
         self._rate = failure_rate
         self._min_calls = min_calls
@@ -107,6 +108,25 @@ class CircuitBreaker:
         #: callers skip :meth:`record_success` (and :meth:`allow_call` is surely true).
         self.idle = True
         self.listeners: list[Callable[[State], None]] = []
+        #: What its log lines name: empty for the whole backend, a node's address for one of
+        #: the per-node breakers of a Redis Cluster (see :meth:`for_node`).
+        self.node = ""
+
+    def for_node(self, node: str) -> CircuitBreaker:
+        """A closed breaker with these settings for one node of a Redis Cluster. It shares
+        the listeners (and the clock) of this one."""
+        threshold, rate, min_calls, window, cooldown = self._settings
+        twin = CircuitBreaker(
+            failure_threshold=threshold,
+            failure_rate=rate,
+            min_calls=min_calls,
+            window=window,
+            cooldown=cooldown,
+            clock=self._clock,
+        )
+        twin.listeners = self.listeners
+        twin.node = node
+        return twin
 
     @property
     def state(self) -> State:
@@ -182,7 +202,8 @@ class CircuitBreaker:
             log = logger.info
         else:  # a probe's comings and goings while the backend is down
             log = logger.debug
-        log("rate-limit backend circuit breaker: {} -> {}", previous, state)
+        where = f" (node {self.node})" if self.node else ""
+        log("rate-limit backend circuit breaker{}: {} -> {}", where, previous, state)
         for listener in self.listeners:
             listener(state)
 

@@ -12,7 +12,8 @@ The URL comes from ``--redis-url``, else ``RATELIMIT_REDIS_URL`` or ``REDIS_URL`
 
 A change applies, within about a second, on every instance whose limiter uses the feature:
 lists need ``RateLimiter(access_lists=True)``, stored tiers ``tiers=...``, the override
-``dynamic=...``. Instances without it never read that state.
+``dynamic=...``, changed limits (``limit set ip 200/minute``) ``limit_overrides=True``.
+Instances without it never read that state.
 """
 
 from __future__ import annotations
@@ -94,6 +95,20 @@ def _parser() -> argparse.ArgumentParser:
     set_override.add_argument("--ttl", type=_ttl, help="seconds until it lapses")
     override_actions.add_parser("get")
     override_actions.add_parser("clear")
+    limit = commands.add_parser(
+        "limit",
+        help="change one level's limit at run time (apps with RateLimiter(limit_overrides=True))",
+    )
+    limit_actions = limit.add_subparsers(dest="action", required=True)
+    for action in ("set", "clear"):
+        sub = limit_actions.add_parser(
+            action, help="e.g. 'limit set ip 200/minute', 'limit clear endpoint --endpoint ...'"
+        )
+        sub.add_argument("level", choices=["global", "ip", "api_key", "user", "endpoint"])
+        if action == "set":
+            sub.add_argument("rate", help="e.g. 200/minute")
+        sub.add_argument("--endpoint", help="the endpoint_limits key, e.g. 'POST /ocr/process'")
+    limit_actions.add_parser("list")
     commands.add_parser("cleanup", help="delete expired list entries")
     for name in ("inspect", "reset"):
         sub = commands.add_parser(name, help=f"{name} the counters of one identity")
@@ -191,6 +206,17 @@ async def _run(args: argparse.Namespace, url: str) -> tuple[Any, bool]:
                 return {"cleared": cleared}, cleared
             finally:
                 await dynamic.aclose()
+        if args.command == "limit":
+            from .limit_overrides import NAMESPACE, store_limit, stored_limits, target_key
+
+            if args.action == "list":
+                return await stored_limits(backend), True
+            key = target_key(args.level, args.endpoint)
+            if args.action == "set":
+                await store_limit(backend, key, args.rate, by=args.by)
+                return {"level": key, "rate": args.rate}, True
+            cleared = bool(await backend.control_delete(NAMESPACE, [key]))
+            return {"cleared": cleared}, cleared
         if args.command == "cleanup":
             lists = AccessLists(backend, keys, ipv6_prefix=args.ipv6_prefix)
             return {"removed": await lists.cleanup()}, True

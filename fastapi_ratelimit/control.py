@@ -65,6 +65,9 @@ class PollPolicy:
 
     def __init__(self, breaker: CircuitBreaker | None = None) -> None:
         self.breaker = breaker
+        #: The breaker a namespace's polls go through: on a Redis Cluster, the limiter makes
+        #: it that of the node holding the namespace (see node_breakers.py).
+        self.breaker_for: Callable[[str], CircuitBreaker | None] = lambda _: self.breaker
         self._failing: set[str] = set()
 
     def failed(self, namespace: str, error: Exception) -> None:
@@ -156,7 +159,7 @@ class Mirror:
         """One refresh through the circuit breaker (the loop's, and the first load): skipped
         while the breaker refuses calls; the version check's outcome counts like a
         request's."""
-        breaker = self._policy.breaker
+        breaker = self._policy.breaker_for(self._namespace)
         if breaker is None:
             await self.refresh()
             return

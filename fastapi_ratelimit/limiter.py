@@ -33,6 +33,8 @@ from .errors import BackendError, ConfigurationError
 from .headers import HeaderStyle, parse_header_style, rate_limit_headers, retry_after_value
 from .identity import ClientIP, api_key_from_scope, ip_identity, parse_ip
 from .keys import KeyBuilder
+from .limit_overrides import LimitOverrides, target_key
+from .node_breakers import NodeBreakers
 from .policy import Algorithm, Policy
 from .rate import Rate, parse_rate
 from .responses import (
@@ -227,6 +229,9 @@ class RateLimiter:
             its configuration uses: lists, stored tiers, overrides, shared breakers (seconds,
             at most 1). Nothing that is not configured is mirrored or polled.
         allow_any_network: let the lists hold ``0.0.0.0/0`` and ``::/0``.
+        limit_overrides: apply the limits changed at run time (:meth:`set_limit`, the admin
+            API, the CLI) to the levels this limiter has. Off by default: then no instance
+            mirrors or polls them. Turn it on in every instance that must apply them.
     """
 
     def __init__(
@@ -266,6 +271,7 @@ class RateLimiter:
         access_lists: bool = False,
         refresh_interval: float = 0.5,
         allow_any_network: bool = False,
+        limit_overrides: bool = False,
     ) -> None:
         try:
             algorithm = Algorithm(algorithm)
@@ -332,6 +338,11 @@ class RateLimiter:
         if breaker is not None and not isinstance(breaker, CircuitBreaker):
             raise ConfigurationError("breaker", breaker, "must be a CircuitBreaker or None")
         self.breaker = breaker
+        #: A Redis Cluster's breakers, one per master (see node_breakers.py): a node that is
+        #: down fails open or closed alone, and the others keep limiting.
+        self.node_breakers: NodeBreakers | None = None
+        if breaker is not None and getattr(self.backend, "cluster", False) is True:
+            self.node_breakers = NodeBreakers(breaker, cast(Any, self.backend))
         if endpoint_breaker is not None and not isinstance(endpoint_breaker, EndpointBreaker):
             raise ConfigurationError(
                 "endpoint_breaker", endpoint_breaker, "must be an EndpointBreaker"
@@ -363,7 +374,11 @@ class RateLimiter:
         self.tier_store: TierStore | None = None
         # Fixed at construction; whether the backend is the memory one is read per request.
         self._may_run_now = (
-            dynamic is None and not self._shadow_all and not self._shadow and not self._delays
+            dynamic is None
+            and not self._shadow_all
+            and not self._shadow
+            and not self._delays
+            and not limit_overrides
         )
         #: :meth:`after_response` has work after every response (a breaker to feed, refunds
         #: by status to look at), not only when a request asks for it.
@@ -379,6 +394,8 @@ class RateLimiter:
         # mirrors poll through the breaker and log their health as one.
         store = self.backend if isinstance(self.backend, ControlStore) else None
         polling = PollPolicy(self.breaker)
+        if self.node_breakers is not None:
+            polling.breaker_for = self.node_breakers.for_namespace
         if not isinstance(access_lists, bool):
             raise ConfigurationError("access_lists", access_lists, "must be True or False")
         if access_lists and store is None:
@@ -399,6 +416,27 @@ class RateLimiter:
                 )
             if self._tiers is not None:
                 self.tier_store = TierStore(store, keys, refresh_interval, polling)
+        if not isinstance(limit_overrides, bool):
+            raise ConfigurationError("limit_overrides", limit_overrides, "must be True or False")
+        if limit_overrides and store is None:
+            raise ConfigurationError(
+                "limit_overrides", limit_overrides, "needs a backend that stores operator state"
+            )
+        self.limit_overrides: LimitOverrides | None = None
+        if limit_overrides and store is not None:
+            levels = {
+                level: policy
+                for level, policy in (
+                    ("global", self._global),
+                    ("ip", self._ip),
+                    ("api_key", self._api_key),
+                    ("user", self._user),
+                )
+                if policy is not None
+            }
+            for endpoint, policy in self._endpoints.items():
+                levels[target_key("endpoint", endpoint)] = policy
+            self.limit_overrides = LimitOverrides(store, levels, refresh_interval, polling)
         if self.endpoint_breaker is not None:
             self.endpoint_breaker.bind(store, refresh_interval, polling)
         if self.dynamic is not None:
@@ -566,6 +604,8 @@ class RateLimiter:
         """Decide ``checks`` (one backend call for the enforced ones) and record the decisions
         in ``context``. Returns ``None`` when the backend failed and the policy is to allow;
         raises :class:`BackendError` when it failed and the policy is to deny."""
+        if self.limit_overrides is not None:
+            checks = await self.limit_overrides.apply(checks)
         if self.dynamic is not None:
             checks = await self._scaled_checks(checks, context)
             denial = await self._penalty(context)
@@ -626,6 +666,8 @@ class RateLimiter:
             known = cached_denial(checks)
             if known is not None:
                 return cast(Verdict, known)
+        if self.node_breakers is not None:
+            return await self.node_breakers.hit(checks, self._refuses, self._fallback)
         breaker = self.breaker
         probe = False
         # An idle breaker (closed, nothing failed lately) needs no call either way.
@@ -660,7 +702,7 @@ class RateLimiter:
             if now - self._last_failure_log > 10:
                 self._last_failure_log = now
                 logger.warning("rate-limit backend failed: {}", error)
-        if any(self._failure_policy(c.scope) == "deny" for c in checks):
+        if self._refuses(checks):
             raise error or BackendError("rate-limit backend circuit open")
         if self._fallback is not None:
             # Per-process limits at the same policies: an outage is not a free-for-all.
@@ -670,7 +712,13 @@ class RateLimiter:
     def _failure_policy(self, scope: str) -> str:
         return self._on_error.get(scope, self._on_error_default)
 
+    def _refuses(self, checks: Sequence[Check]) -> bool:
+        """Whether the failure policy refuses a request whose ``checks`` can't be decided."""
+        return any(self._failure_policy(c.scope) == "deny" for c in checks)
+
     def retry_after_unavailable(self) -> int:
+        if self.node_breakers is not None:
+            return self.node_breakers.retry_after()
         return self.breaker.retry_after() if self.breaker is not None else 1
 
     async def _wait_and_retry(self, checks: Sequence[Check], verdict: Verdict) -> Verdict | None:
@@ -789,6 +837,8 @@ class RateLimiter:
             await self.endpoint_breaker.aclose()
         if self.dynamic is not None:
             await self.dynamic.aclose()
+        if self.limit_overrides is not None:
+            await self.limit_overrides.aclose()
         await self.backend.aclose()
 
     # -- operator API (also behind the admin router and the CLI) ------------------------------
@@ -860,6 +910,33 @@ class RateLimiter:
     async def blocked(self) -> list[ListEntry]:
         return await self._lists().entries("block")
 
+    def _limit_overrides(self) -> LimitOverrides:
+        if self.limit_overrides is None:
+            raise ConfigurationError(
+                "limit_overrides",
+                False,
+                "this limiter does not apply limits changed at run time: pass "
+                "limit_overrides=True (on every instance that must apply them)",
+            )
+        return self.limit_overrides
+
+    async def set_limit(
+        self, level: str, rate: str, *, endpoint: str | None = None, by: str = ""
+    ) -> None:
+        """Change one level's limit on every instance (within ``refresh_interval``), without
+        a restart; counters carry over. ``level``: ``"global"``, ``"ip"``, ``"api_key"``,
+        ``"user"`` or ``"endpoint"`` with ``endpoint`` naming an ``endpoint_limits`` key.
+        An invalid rate raises :class:`ConfigurationError` and changes nothing."""
+        await self._limit_overrides().set(target_key(level, endpoint), rate, by=by)
+
+    async def clear_limit(self, level: str, *, endpoint: str | None = None, by: str = "") -> bool:
+        """Go back to the configured limit of a level, on every instance."""
+        return await self._limit_overrides().clear(target_key(level, endpoint), by=by)
+
+    async def changed_limits(self) -> dict[str, dict[str, Any]]:
+        """The limits changed at run time: ``{"ip": {"rate": "200/minute", ...}}``."""
+        return await self._limit_overrides().entries()
+
     async def cleanup(self) -> int:
         """Remove expired list entries from the backend."""
         return await self._lists().cleanup()
@@ -928,6 +1005,8 @@ class RateLimiter:
             checks.insert(0, Check(self._global, "global", "", 1))
         if not checks:
             return []
+        if self.limit_overrides is not None:
+            checks = list(await self.limit_overrides.apply(checks))
         return list((await self.backend.peek(checks)).decisions)
 
     async def reset(

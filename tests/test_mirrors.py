@@ -98,6 +98,7 @@ class CountingStore(MemoryBackend):
 FEATURES: dict[str, tuple[Callable[[], dict[str, Any]], set[str]]] = {
     "nothing": (dict, set()),
     "lists": (lambda: {"access_lists": True}, {"allow", "block"}),
+    "limit overrides": (lambda: {"limit_overrides": True}, {"limits"}),
     "tiers": (lambda: {"tiers": DEFAULT_TIERS}, {"tiers"}),
     "endpoint breaker": (lambda: {"endpoint_breaker": EndpointBreaker()}, {"breakers"}),
     "dynamic": (lambda: {"dynamic": DynamicLimits()}, {"override"}),

@@ -236,6 +236,30 @@ class RedisBackend:
         policy = check.policy
         return self._keys.key(check.scope, policy.bucket, policy.code, check.identity)
 
+    @property
+    def cluster(self) -> bool:
+        """Whether the client is a Redis Cluster (the limiter then breaks per node)."""
+        return self._cluster
+
+    def node_of(self, check: Check) -> str:
+        """Cluster: the address of the master holding ``check``'s key, as the client's slot
+        map has it; ``""`` until that map is loaded (and always, outside a cluster)."""
+        return self._node(self.key_for(check))
+
+    def control_node(self, namespace: str) -> str:
+        """:meth:`node_of` for the hash of an operator-state namespace."""
+        return self._node(self._control_key(namespace))
+
+    def _node(self, key: str) -> str:
+        if not self._cluster or not self._initialized:
+            return ""
+        client = cast(RedisCluster, self._client)
+        try:
+            node = client.get_node_from_key(key)
+        except RedisClusterException:  # a slot the map does not cover (yet)
+            return ""
+        return node.name if node is not None else ""
+
     # -- the Backend protocol ----------------------------------------------------------------
 
     async def hit(self, checks: Sequence[Check]) -> Verdict:
