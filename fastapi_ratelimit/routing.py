@@ -35,14 +35,23 @@ class ResolvedRoute:
 
 
 _UNMATCHED = ResolvedRoute(UNMATCHED, None)
-# (routes id, routes count, type, method, root_path, path) -> (routes, ResolvedRoute). Emptied
-# when full, so random paths cost a route scan, never memory. The value holds the routes list
-# itself: while cached it cannot be freed and its id reused; the count catches added routes.
-_cache: dict[tuple[int, int, str, str, str, str], tuple[object, ResolvedRoute]] = {}
+# (routes id, routes count, type, method, root_path, path, host) -> (routes, ResolvedRoute).
+# The key holds everything matching reads, so what one client sends decides only its own
+# entry. Emptied when full, so random paths cost a route scan, never memory. The value holds
+# the routes list itself: while cached it cannot be freed and its id reused; the count
+# catches added routes.
+_cache: dict[tuple[int, int, str, str, str, str, bytes], tuple[object, ResolvedRoute]] = {}
+# routes id -> (routes, routes count, whether a Host route is anywhere in the tree).
+_host_routed: dict[int, tuple[object, int, bool]] = {}
+#: A longer Host header is matched but not cached (it cannot be a real host name).
+_MAX_CACHED_HOST = 256
 
 
 def resolve_route(routes: Sequence[BaseRoute], scope: Scope) -> ResolvedRoute:
     """Match ``scope`` against ``routes`` the way Starlette's router will."""
+    # Only where Host routes exist does the Host header change the match: elsewhere it is
+    # left out of the key, so hostile hosts cannot churn the cache.
+    host = _host_header(scope) if _uses_host(routes) else b""
     cache_key = (
         id(routes),
         len(routes),
@@ -50,6 +59,7 @@ def resolve_route(routes: Sequence[BaseRoute], scope: Scope) -> ResolvedRoute:
         scope.get("method", ""),
         scope.get("root_path", ""),
         scope["path"],
+        host,
     )
     cached = _cache.get(cache_key)
     if cached is not None and cached[0] is routes:
@@ -59,10 +69,44 @@ def resolve_route(routes: Sequence[BaseRoute], scope: Scope) -> ResolvedRoute:
     found = ResolvedRoute(
         found.template, found.route, endpoint_key(request_method(scope), found.template)
     )
-    if len(_cache) >= _CACHE_SIZE:
-        _cache.clear()
-    _cache[cache_key] = (routes, found)
+    if len(host) <= _MAX_CACHED_HOST:
+        if len(_cache) >= _CACHE_SIZE:
+            _cache.clear()
+        _cache[cache_key] = (routes, found)
     return found
+
+
+def _uses_host(routes: Sequence[BaseRoute]) -> bool:
+    known = _host_routed.get(id(routes))
+    if known is not None and known[0] is routes and known[1] == len(routes):
+        return known[2]
+    found = _has_host(routes, 0)
+    if len(_host_routed) >= 64:  # one entry per app (and per routes list)
+        _host_routed.clear()
+    _host_routed[id(routes)] = (routes, len(routes), found)
+    return found
+
+
+def _has_host(routes: Iterable[BaseRoute], depth: int) -> bool:
+    if depth > 16:
+        return True  # deeper than any real app: assume the worst (key on the host)
+    for route in routes:
+        if isinstance(route, Host):
+            return True
+        if isinstance(route, Mount) and _has_host(route.routes, depth + 1):
+            return True
+        contexts = getattr(route, "effective_route_contexts", None)
+        if callable(contexts) and _has_host(_flattened(contexts()), depth + 1):
+            return True
+    return False
+
+
+def _host_header(scope: Scope) -> bytes:
+    # The first Host header: the one Starlette's Host route reads.
+    for name, value in scope.get("headers") or ():
+        if name == b"host":
+            return value if isinstance(value, bytes) else b""
+    return b""
 
 
 def request_method(scope: Scope) -> str:
