@@ -4,13 +4,24 @@ bound, or put a raw API key anywhere it could be read back."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import math
+import time
+
 import httpx
+import pytest
+import redis.asyncio
+from http_helpers import client_for, policies
+from servers import RedisServer
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Host, Mount, Route, Router
 
-from fastapi_ratelimit import RateLimiter, RateLimitMiddleware
+from fastapi_ratelimit import RateLimiter, RateLimitMiddleware, RedisBackend
+from fastapi_ratelimit.breaker import EndpointBreaker
+from fastapi_ratelimit.dynamic import BehaviourTracker, DynamicLimits
 
 # -- 5. the route cache keys on everything routing reads -----------------------------------
 
@@ -49,3 +60,145 @@ async def test_a_bogus_host_never_changes_the_route_other_clients_resolve_to() -
             # After them, the attacker's request is still a 404 of its own (unmatched, not
             # the endpoint the others' requests left in the cache).
             assert (await client.post(path, headers=evil)).status_code == 404
+
+
+# -- 6, 3, 10. the penalty box: digests, expiry, no reload per entry, never a 5xx -----------
+
+
+def behaviour_app(limiter: RateLimiter) -> Starlette:
+    app = Starlette(routes=[Route("/work", _ok)])
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    return app
+
+
+def hgetall_calls(server: RedisServer) -> int:
+    stats = server.info("commandstats").get("cmdstat_hgetall", "calls=0")
+    return int(stats.split(",")[0].partition("=")[2])
+
+
+async def _penalise(app: Starlette, ip: str, key: str) -> None:
+    async with client_for(app, ip=ip) as client:
+        headers = {"x-api-key": key}
+        assert (await client.get("/work", headers=headers)).status_code == 200
+        for _ in range(2):
+            assert (await client.get("/work", headers=headers)).status_code == 429
+        boxed = await client.get("/work", headers=headers)
+        assert boxed.json()["violated-policies"] == ["penalty-box"]
+
+
+@pytest.mark.redis
+async def test_the_penalty_box_holds_digests_that_expire_and_are_applied_without_a_reload(
+    redis_url: str, redis_server: RedisServer, redis_client: redis.asyncio.Redis
+) -> None:
+    behaviour = BehaviourTracker(penalty_violations=2, penalty_duration=1.0)
+    limiter = RateLimiter(
+        backend=RedisBackend.from_url(redis_url),
+        ip_limit="1/minute",
+        dynamic=DynamicLimits(behaviour=behaviour),
+        refresh_interval=1.0,
+    )
+    app = behaviour_app(limiter)
+    clients = 40
+    reloads_before, started = hgetall_calls(redis_server), time.monotonic()
+    for i in range(clients):
+        await _penalise(app, f"198.51.100.{i}", f"sk_live_SECRET{i:04}")
+    reloads = hgetall_calls(redis_server) - reloads_before
+    # A new entry applies where it was set without re-reading the box: only the refresh
+    # loop reads it, at most once per refresh_interval (before: once per new entry).
+    assert reloads <= (time.monotonic() - started) / 1.0 + 2 < clients
+
+    # Nothing the clients sent is in Redis: no key name, hash field or value.
+    secrets = [b"sk_live_SECRET", b"198.51.100."]
+    box: dict[bytes, bytes] = {}
+    async for name in redis_client.scan_iter(count=1000):
+        assert not any(s in name for s in secrets)
+        if await redis_client.type(name) == b"hash":
+            fields = await redis_client.hgetall(name)
+            for field, value in fields.items():
+                assert not any(s in field or s in value for s in secrets)
+            if b"penalty" in name:
+                box = fields
+    entries = {field: json.loads(value) for field, value in box.items() if field != b"#version"}
+    assert len(entries) == clients
+    assert all(len(field) == 32 for field in entries)  # digests
+    assert all(math.isfinite(entry["expires_at"]) for entry in entries.values())
+
+    # Expired entries go: the next penalty prunes them, cleanup() removes what is left.
+    deadline = max(entry["expires_at"] for entry in entries.values())
+    await asyncio.sleep(deadline - time.time() + 0.01)  # wall-clock expiry, nothing else
+    await _penalise(app, "198.51.100.250", "sk_live_SECRET_last")
+    key = (await redis_client.keys("*penalty*"))[0]
+    assert await redis_client.hlen(key) == 2  # the new entry and "#version"
+    last = json.loads(
+        next(v for f, v in (await redis_client.hgetall(key)).items() if f != b"#version")
+    )
+    await asyncio.sleep(last["expires_at"] - time.time() + 0.01)
+    assert await limiter.cleanup() == 1
+    assert await redis_client.hlen(key) == 1
+    await limiter.aclose()
+
+
+async def test_a_made_up_api_key_never_escapes_the_penalty_box_or_the_abusive_factor() -> None:
+    behaviour = BehaviourTracker(penalty_violations=2, penalty_duration=300)
+    limiter = RateLimiter(
+        ip_limit="100/minute",
+        api_key_limit="1/minute",
+        dynamic=DynamicLimits(behaviour=behaviour),
+    )
+    app = behaviour_app(limiter)
+    async with client_for(app, ip="198.51.100.9") as client:
+        statuses = [
+            (await client.get("/work", headers={"x-api-key": "k1"})).status_code for _ in range(3)
+        ]
+        assert statuses == [200, 429, 429]
+        for i in range(3):
+            fresh = await client.get("/work", headers={"x-api-key": f"random-{i}"})
+            assert fresh.status_code == 429
+            assert fresh.json()["violated-policies"] == ["penalty-box"]
+
+
+async def test_a_made_up_api_key_keeps_the_abusive_factor() -> None:
+    limiter = RateLimiter(
+        ip_limit="100/minute",
+        api_key_limit="10/minute",
+        dynamic=DynamicLimits(behaviour=BehaviourTracker()),
+    )
+    app = behaviour_app(limiter)
+    async with client_for(app, ip="198.51.100.10") as client:
+        for _ in range(30):  # 10 allowed, 20 refused: over half refused, abusive
+            await client.get("/work", headers={"x-api-key": "k1"})
+        fresh = await client.get("/work", headers={"x-api-key": "random"})
+        assert policies(fresh)["api_key"]["q"] == 3  # 10 x 0.3, not a fresh record's 10
+
+
+@pytest.mark.redis
+async def test_allow_never_answers_503_when_redis_dies_with_a_penalty_box() -> None:
+    server = RedisServer(name="redis-dying")
+    server.start()
+    try:
+        behaviour = BehaviourTracker(penalty_violations=2, penalty_duration=300)
+        backend = RedisBackend.from_url(server.url, timeout=0.5)
+        limiter = RateLimiter(
+            backend=backend,
+            ip_limit="1/minute",
+            endpoint_breaker=EndpointBreaker(min_requests=2),
+            dynamic=DynamicLimits(behaviour=behaviour),
+            on_backend_error="allow",
+            fallback=True,
+            shadow={"global"},
+            global_limit="1000/minute",
+        )
+        app = behaviour_app(limiter)
+        async with client_for(app, ip="198.51.100.11") as client:
+            assert (await client.get("/work")).status_code == 200  # the mirrors are loaded
+            server.stop()
+            statuses = [(await client.get("/work")).status_code for _ in range(12)]
+            # The fallback limits per process; the penalty cannot be shared, but it still
+            # applies here, and nothing becomes a 503.
+            assert 503 not in statuses
+            assert statuses[-1] == 429
+            assert limiter.breaker is not None
+            assert limiter.breaker.state != "closed"
+        await limiter.aclose()
+    finally:
+        server.close()
