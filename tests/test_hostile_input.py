@@ -8,6 +8,7 @@ import asyncio
 import json
 import math
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -15,6 +16,7 @@ import redis.asyncio
 from http_helpers import client_for, policies
 from servers import RedisServer
 from starlette.applications import Starlette
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Host, Mount, Route, Router
@@ -22,6 +24,7 @@ from starlette.routing import Host, Mount, Route, Router
 from fastapi_ratelimit import RateLimiter, RateLimitMiddleware, RedisBackend
 from fastapi_ratelimit.breaker import EndpointBreaker
 from fastapi_ratelimit.dynamic import BehaviourTracker, DynamicLimits
+from fastapi_ratelimit.identity import MAX_QUERY_BYTES, api_key_from_scope
 
 # -- 5. the route cache keys on everything routing reads -----------------------------------
 
@@ -202,3 +205,101 @@ async def test_allow_never_answers_503_when_redis_dies_with_a_penalty_box() -> N
         await limiter.aclose()
     finally:
         server.close()
+
+
+# -- 2. the query-string API key: every field read, the value the app sees ----------------
+
+
+def query_key_app(limiter: RateLimiter) -> Starlette:
+    async def echo(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(request.query_params.get("api_key", ""))
+
+    app = Starlette(routes=[Route("/echo", echo)])
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    return app
+
+
+def query_limiter() -> RateLimiter:
+    return RateLimiter(
+        api_key_limit="1/minute",
+        api_key_header=None,
+        api_key_query="api_key",
+        access_lists=True,
+    )
+
+
+async def test_padding_the_query_string_never_hides_the_api_key() -> None:
+    limiter = query_limiter()
+    await limiter.block("api_key", "blocked-key")
+    app = query_key_app(limiter)
+    padding = "&" * 100 + "x=1&" * 100
+    async with client_for(app) as client:
+        assert (await client.get(f"/echo?{padding}api_key=blocked-key")).status_code == 403
+        first = await client.get(f"/echo?{padding}api_key=real")
+        assert (first.status_code, first.text) == (200, "real")
+        assert (await client.get(f"/echo?api_key=real&{padding}")).status_code == 429
+
+
+async def test_a_decoy_before_the_api_key_counts_for_nothing() -> None:
+    app = query_key_app(query_limiter())
+    async with client_for(app) as client:
+        first = await client.get("/echo?api_key=decoy-1&api_key=real")
+        assert (first.status_code, first.text) == (200, "real")  # what the app sees: the last
+        second = await client.get("/echo?api_key=decoy-2&api_key=real")
+        assert second.status_code == 429  # the real key's level, whatever the decoy
+        assert (await client.get("/echo?api_key=real&api_key=other")).status_code == 200
+
+
+async def test_an_oversized_query_string_is_a_400_not_a_request_without_its_key() -> None:
+    app = query_key_app(query_limiter())
+    # Raw ASGI: httpx refuses URLs this long (some servers do not).
+    query = b"x=" + b"a" * MAX_QUERY_BYTES + b"&api_key=real"
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/echo",
+        "raw_path": b"/echo",
+        "root_path": "",
+        "query_string": query,
+        "headers": [(b"host", b"testserver")],
+        "client": ("203.0.113.7", 1),
+        "server": ("testserver", 80),
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    start = sent[0]
+    assert start["status"] == 400
+    assert (b"content-type", b"application/problem+json") in start["headers"]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        b"api_key=a&api_key=b",
+        b"api_key=a&api_key=",
+        b"api_key=a&api_key",
+        b"api%5Fkey=enc&x=1",
+        b"api_key=a+b%20c",
+        b"api_key=%ZZ%E2%82%AC%FF",
+        b"api_key=a=b",
+        b"&&&api_key=%20padded%20&&&",
+        b"api_key=a;api_key=b",
+        b"api+key=no&api_key=yes",
+        b"API_KEY=no",
+    ],
+)
+def test_the_query_key_is_exactly_the_value_the_app_reads(query: bytes) -> None:
+    seen_by_app = QueryParams(query).get("api_key")
+    expected = (seen_by_app or "").strip(" \t") or None
+    scope = {"headers": [], "query_string": query}
+    assert api_key_from_scope(scope, b"", "api_key") == expected
