@@ -5,6 +5,10 @@ The endpoint level and the cost table are keyed by the *route template* plus met
 endpoint, and a client cannot mint new buckets by inventing paths. Routes added with
 ``include_router`` (FastAPI flattens them), mounted sub-apps and hosts are followed.
 Unmatched requests (404s) share one ``"<METHOD> <unmatched>"`` endpoint.
+
+Methods are a client's choice too (h11 accepts 8,000-character ones): an endpoint key holds
+a standard method, one the matched route declares, or ``"OTHER"``, so methods cannot mint
+endpoints either.
 """
 
 from __future__ import annotations
@@ -21,7 +25,16 @@ from .costs import endpoint_key
 __all__ = ["ResolvedRoute", "request_method", "resolve_route"]
 
 UNMATCHED = "<unmatched>"
+#: The method of an endpoint key for a method that is neither standard nor declared by the
+#: route it matched.
+OTHER_METHOD = "OTHER"
+_STANDARD_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT", "WEBSOCKET")
+)
+#: Most entries in the route cache; paths longer than _MAX_CACHED_PATH are resolved, never
+#: cached, so the cache holds at most about 4096 x (512 + 256) bytes of client input.
 _CACHE_SIZE = 4096
+_MAX_CACHED_PATH = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +78,20 @@ def resolve_route(routes: Sequence[BaseRoute], scope: Scope) -> ResolvedRoute:
     if cached is not None and cached[0] is routes:
         return cached[1]
     found = _search(routes, scope, "") or _UNMATCHED
+    method = request_method(scope)
+    if method is OTHER_METHOD and found.route is not None:
+        # A method outside the standard set keeps its name only where the app declares it.
+        declared = getattr(found.route, "methods", None)
+        raw = scope.get("method")
+        if isinstance(raw, str) and isinstance(declared, (set, frozenset)) and raw in declared:
+            method = raw
     # The endpoint string is built here, once per cached path, not per request.
-    found = ResolvedRoute(
-        found.template, found.route, endpoint_key(request_method(scope), found.template)
-    )
-    if len(host) <= _MAX_CACHED_HOST:
+    found = ResolvedRoute(found.template, found.route, endpoint_key(method, found.template))
+    if (
+        method is not OTHER_METHOD
+        and len(host) <= _MAX_CACHED_HOST
+        and len(cache_key[5]) <= _MAX_CACHED_PATH
+    ):
         if len(_cache) >= _CACHE_SIZE:
             _cache.clear()
         _cache[cache_key] = (routes, found)
@@ -110,9 +132,13 @@ def _host_header(scope: Scope) -> bytes:
 
 
 def request_method(scope: Scope) -> str:
-    """The method an endpoint key uses: a WebSocket handshake is ``"WEBSOCKET"``."""
-    method = scope.get("method", "WEBSOCKET") if scope["type"] == "http" else "WEBSOCKET"
-    return method if isinstance(method, str) else "WEBSOCKET"
+    """The method an endpoint key uses: a WebSocket handshake is ``"WEBSOCKET"``, a method
+    outside the standard set is :data:`OTHER_METHOD` (see :func:`resolve_route` for methods
+    a route declares)."""
+    if scope["type"] != "http":
+        return "WEBSOCKET"
+    method = scope.get("method")
+    return method if isinstance(method, str) and method in _STANDARD_METHODS else OTHER_METHOD
 
 
 def _search(routes: Iterable[BaseRoute], scope: Scope, prefix: str) -> ResolvedRoute | None:

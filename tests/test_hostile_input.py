@@ -5,8 +5,11 @@ bound, or put a raw API key anywhere it could be read back."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import math
+import random
+import string
 import time
 from typing import Any
 
@@ -21,9 +24,17 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Host, Mount, Route, Router
 
-from fastapi_ratelimit import RateLimiter, RateLimitMiddleware, RedisBackend
-from fastapi_ratelimit.breaker import EndpointBreaker
-from fastapi_ratelimit.dynamic import BehaviourTracker, DynamicLimits
+from fastapi_ratelimit import (
+    DEFAULT_TIERS,
+    CompositeLimit,
+    MemoryBackend,
+    RateLimiter,
+    RateLimitMiddleware,
+    RedisBackend,
+    routing,
+)
+from fastapi_ratelimit.breaker import MAX_ENDPOINTS, EndpointBreaker
+from fastapi_ratelimit.dynamic import BehaviourTracker, DynamicLimits, LoadMonitor
 from fastapi_ratelimit.identity import MAX_QUERY_BYTES, api_key_from_scope
 
 # -- 5. the route cache keys on everything routing reads -----------------------------------
@@ -303,3 +314,138 @@ def test_the_query_key_is_exactly_the_value_the_app_reads(query: bytes) -> None:
     expected = (seen_by_app or "").strip(" \t") or None
     scope = {"headers": [], "query_string": query}
     assert api_key_from_scope(scope, b"", "api_key") == expected
+
+
+# -- 7. bounded per-process memory under hostile input (the class-level test) --------------
+
+#: RSS growth allowed while 100k hostile requests go through an app with every feature on,
+#: every structure at its default bound (README "Security": the figure measured is quoted
+#: there).
+RSS_CEILING = 160 * 1024 * 1024
+
+
+def everything_app(limiter: RateLimiter) -> Starlette:
+    async def fail(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("down", status_code=500)
+
+    api = Router(
+        routes=[
+            Route("/ocr/process", _ok, methods=["POST"]),
+            Mount("/v1", routes=[Route("/jobs/{id}", _ok, methods=["GET", "POST"])]),
+        ]
+    )
+    app = Starlette(
+        routes=[
+            Host("api.example.com", app=api),
+            Route("/items/{id}", _ok, methods=["GET", "POST", "PURGE"]),
+            Route("/fail", fail, methods=["GET"]),
+        ]
+    )
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    return app
+
+
+def hostile_scope(rng: random.Random, i: int) -> dict[str, Any]:
+    def junk(n: int) -> str:
+        return "".join(rng.choices(string.ascii_letters, k=n))
+
+    kind = i % 4
+    method = ["GET", "POST", junk(rng.randint(8, 2000)), "PURGE"][kind]
+    path = ["/items/" + junk(8), "/" + junk(rng.randint(1, 2000)), "/v1/jobs/1", "/fail"][
+        i // 4 % 4
+    ]
+    host = ["api.example.com", junk(rng.randint(1, 300)) + ".example", "testserver"][i % 3]
+    # A few recurring clients (they end up in the penalty box), and a new one for the rest.
+    ip = f"192.0.2.{i % 50}" if i % 10 == 0 else f"2001:db8:{i:x}::1"
+    headers = [
+        (b"host", host.encode()),
+        (b"x-forwarded-for", ip.encode()),
+        (b"x-api-key", junk(rng.randint(1, 4000)).encode()),
+        (b"x-user", junk(rng.randint(1, 64)).encode()),
+    ]
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"api_key=" + junk(64).encode(),
+        "headers": headers,
+        "client": ("10.0.0.1", 40000),
+        "server": ("testserver", 80),
+    }
+
+
+def _user_from_header(connection: Any) -> str | None:
+    return connection.headers.get("x-user")
+
+
+async def test_100k_hostile_requests_keep_every_structure_under_its_bound() -> None:
+    psutil = pytest.importorskip("psutil")
+    backend = MemoryBackend()
+    behaviour = BehaviourTracker(penalty_violations=2)
+    breaker = EndpointBreaker(min_requests=2)
+    limiter = RateLimiter(
+        backend=backend,
+        global_limit="10000000/minute",
+        ip_limit="5/minute",
+        api_key_limit="5/minute",
+        endpoint_limits={"POST /ocr/process": "100000/minute", "* /items/{id}": "100000/minute"},
+        composite_limits=[CompositeLimit(("ip", "endpoint"), "100/minute")],
+        costs={"POST /ocr/process": 2},
+        tiers=DEFAULT_TIERS,
+        user_resolver=_user_from_header,
+        api_key_query="api_key",
+        access_lists=True,
+        endpoint_breaker=breaker,
+        dynamic=DynamicLimits(load=LoadMonitor(sampler=lambda: (10.0, 10.0)), behaviour=behaviour),
+        trusted_proxies=["10.0.0.0/8"],
+    )
+    await limiter.block("ip", "198.51.100.0/24")  # the lists are not empty: they are read
+    app = everything_app(limiter)
+    statuses: dict[int, int] = {}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses[message["status"]] = statuses.get(message["status"], 0) + 1
+
+    rng = random.Random(13)
+    process = psutil.Process()
+    for i in range(2000):  # warm up: imports, caches of fixed size, the allocator's arenas
+        await app(hostile_scope(rng, i), receive, send)
+    gc.collect()
+    rss_before = process.memory_info().rss
+    for i in range(2000, 100_000):
+        await app(hostile_scope(rng, i), receive, send)
+    gc.collect()
+    growth = process.memory_info().rss - rss_before
+
+    assert not any(500 < status < 600 and status != 503 for status in statuses), statuses
+    assert statuses.get(429, 0) > 0  # the recurring clients were limited (and boxed)
+    # Each structure at or under its documented bound, whatever the clients sent.
+    assert len(routing._cache) <= 4096
+    assert all(len(key[5]) <= 512 and len(key[6]) <= 256 for key in routing._cache)
+    endpoints = set(limiter._plans)
+    assert len(endpoints) <= 64  # route templates x methods, never client strings
+    assert all(len(endpoint) <= 64 for endpoint in endpoints)
+    assert "OTHER /items/{id}" in endpoints
+    assert "PURGE /items/{id}" in endpoints  # a method the route declares keeps its name
+    assert len(breaker._windows) <= MAX_ENDPOINTS
+    assert set(breaker._windows) <= endpoints
+    assert len(breaker._local_open) <= MAX_ENDPOINTS
+    assert len(behaviour._stats) <= 100_000
+    assert len(behaviour._violations) <= 100_000
+    assert len(behaviour._penalised) <= 100_000
+    assert all(len(key) == 32 for key in behaviour._stats)  # digests, not client input
+    assert len(backend) <= backend.max_keys
+    assert len(backend.key_builder.cached) <= 8192
+    assert len(limiter._client_ip._cache) <= 4096
+    assert len(limiter._client_ip._chains) <= 4096
+    assert growth < RSS_CEILING, f"RSS grew by {growth / 2**20:.0f} MiB"
+    await limiter.aclose()
