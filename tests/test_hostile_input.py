@@ -16,13 +16,15 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio
-from http_helpers import client_for, policies
+from fastapi import FastAPI
+from http_helpers import client_for, policies, work_app
 from servers import RedisServer
 from starlette.applications import Starlette
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Host, Mount, Route, Router
+from uvicorn.protocols.utils import get_path_with_query_string
 
 from fastapi_ratelimit import (
     DEFAULT_TIERS,
@@ -33,6 +35,7 @@ from fastapi_ratelimit import (
     RedisBackend,
     routing,
 )
+from fastapi_ratelimit.admin import admin_router
 from fastapi_ratelimit.breaker import MAX_ENDPOINTS, EndpointBreaker
 from fastapi_ratelimit.dynamic import BehaviourTracker, DynamicLimits, LoadMonitor
 from fastapi_ratelimit.identity import MAX_QUERY_BYTES, api_key_from_scope
@@ -449,3 +452,63 @@ async def test_100k_hostile_requests_keep_every_structure_under_its_bound() -> N
     assert len(limiter._client_ip._chains) <= 4096
     assert growth < RSS_CEILING, f"RSS grew by {growth / 2**20:.0f} MiB"
     await limiter.aclose()
+
+
+# -- 12a. the admin API takes raw API keys in bodies, never in URLs ------------------------
+
+ADMIN_TOKEN = "s3cret-admin-token-0123"
+RAW_KEY = "sk_live_0123456789abcdef"
+
+
+class AccessLog:
+    """Records each request's URL as uvicorn's access log prints it."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.lines: list[str] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            self.lines.append(get_path_with_query_string(scope))
+        await self.app(scope, receive, send)
+
+
+async def test_the_admin_api_never_needs_a_raw_api_key_in_a_url() -> None:
+    limiter = RateLimiter(api_key_limit="100/minute", tiers=DEFAULT_TIERS, access_lists=True)
+    admin = FastAPI()
+    admin.include_router(admin_router(limiter, token=ADMIN_TOKEN), prefix="/admin")
+    logged = AccessLog(admin)
+    auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    key = {"x-api-key": RAW_KEY}
+    async with client_for(logged) as ops, client_for(work_app(limiter)) as user:
+        body = {"kind": "api_key", "identity": RAW_KEY}
+        put = await ops.put("/admin/tiers", json={**body, "tier": "pro"}, headers=auth)
+        assert put.status_code == 200
+        got = await ops.post("/admin/tiers/get", json=body, headers=auth)
+        assert got.json()["tier"] == "pro"
+        cleared = await ops.post("/admin/tiers/clear", json=body, headers=auth)
+        assert cleared.json() == {"cleared": True}
+        entry = {"kind": "api_key", "value": RAW_KEY}
+        assert (await ops.post("/admin/block", json=entry, headers=auth)).status_code == 200
+        assert (await user.get("/work", headers=key)).status_code == 403
+        removed = await ops.post("/admin/block/remove", json=entry, headers=auth)
+        assert removed.json() == {"removed": True}
+        assert (await user.get("/work", headers=key)).status_code == 200
+        for action in ("inspect", "reset"):
+            done = await ops.post(f"/admin/{action}", json={"api_key": RAW_KEY}, headers=auth)
+            assert done.status_code == 200
+        assert len(logged.lines) == 7
+        assert not any(RAW_KEY in line for line in logged.lines)
+
+        # The URL forms take users and IPs only: an API key there is refused, not applied.
+        path_form = await ops.put(
+            f"/admin/tiers/api_key/{RAW_KEY}", json={"tier": "pro"}, headers=auth
+        )
+        assert path_form.status_code == 422
+        assert await limiter.get_tier(RAW_KEY, kind="api_key") is None
+        await ops.post("/admin/block", json=entry, headers=auth)
+        query_form = await ops.delete(
+            "/admin/block", params={"kind": "api_key", "value": RAW_KEY}, headers=auth
+        )
+        assert query_form.status_code == 422
+        assert (await user.get("/work", headers=key)).status_code == 403  # still blocked
