@@ -25,7 +25,7 @@ from typing import Literal
 
 from loguru import logger
 
-from .control import ControlStore, Mirror, PollPolicy, live, live_json
+from .control import ControlStore, Mirror, PollPolicy, live, remove_expired
 from .errors import ConfigurationError
 
 __all__ = ["CircuitBreaker", "EndpointBreaker"]
@@ -295,10 +295,7 @@ class EndpointBreaker:
         """Delete closed (expired) shared breakers from the backend; returns how many."""
         if self._store is None or self._mirror is None:
             return 0
-        _, raw = await self._store.control_load("breakers")
-        now = time.time()
-        stale = [name for name, value in raw.items() if not live_json(value, now)]
-        removed = await self._store.control_delete("breakers", stale) if stale else 0
+        removed = await remove_expired(self._store, "breakers")
         await self._mirror.refresh()
         return removed
 

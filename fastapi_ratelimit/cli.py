@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     set_override.add_argument("--ttl", type=_ttl, help="seconds until it lapses")
     override_actions.add_parser("get")
     override_actions.add_parser("clear")
-    commands.add_parser("cleanup", help="delete expired list entries")
+    commands.add_parser("cleanup", help="delete expired list, penalty and breaker entries")
     for name in ("inspect", "reset"):
         sub = commands.add_parser(name, help=f"{name} the counters of one identity")
         sub.add_argument("--ip")
@@ -192,8 +192,14 @@ async def _run(args: argparse.Namespace, url: str) -> tuple[Any, bool]:
             finally:
                 await dynamic.aclose()
         if args.command == "cleanup":
+            from .control import remove_expired
+
             lists = AccessLists(backend, keys, ipv6_prefix=args.ipv6_prefix)
-            return {"removed": await lists.cleanup()}, True
+            count = await lists.cleanup()
+            # Expired penalties and closed endpoint breakers shared by the apps, too.
+            for namespace in ("penalty", "breakers"):
+                count += await remove_expired(backend, namespace)
+            return {"removed": count}, True
         if args.command in ("inspect", "reset"):
             return await _inspect_or_reset(args, backend)
         return await _stats(backend), True

@@ -291,6 +291,14 @@ def live(entry: Mapping[str, Any], now: float) -> bool:
     return expires is None or (isinstance(expires, (int, float)) and expires > now)
 
 
+async def remove_expired(store: ControlStore, namespace: str) -> int:
+    """Delete a namespace's expired (and unreadable) entries; returns how many."""
+    _, raw = await store.control_load(namespace)
+    now = time.time()
+    stale = [key for key, value in raw.items() if not live_json(value, now)]
+    return await store.control_delete(namespace, stale) if stale else 0
+
+
 def live_json(value: str, now: float) -> bool:
     """Whether a stored entry (JSON) is unexpired; unreadable ones count as expired."""
     try:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from .control import ControlStore, Mirror, PollPolicy, every, live, live_json, stop
+from .control import ControlStore, Mirror, PollPolicy, every, live, remove_expired, stop
 from .errors import ConfigurationError, check_ttl
 from .keys import KeyBuilder
 from .policy import Policy
@@ -339,10 +339,7 @@ class BehaviourTracker:
         """Delete expired penalty-box entries from the backend; returns how many."""
         if self._store is None or self._box is None:
             return 0
-        _, raw = await self._store.control_load("penalty")
-        now = time.time()
-        stale = [key for key, value in raw.items() if not live_json(value, now)]
-        removed = await self._store.control_delete("penalty", stale) if stale else 0
+        removed = await remove_expired(self._store, "penalty")
         await self._box.refresh()
         return removed
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis.asyncio
 from fastapi import FastAPI
-from http_helpers import client_for, policies, work_app
+from http_helpers import cli, client_for, policies, work_app
 from servers import RedisServer
 from starlette.applications import Starlette
 from starlette.datastructures import QueryParams
@@ -512,3 +512,18 @@ async def test_the_admin_api_never_needs_a_raw_api_key_in_a_url() -> None:
         )
         assert query_form.status_code == 422
         assert (await user.get("/work", headers=key)).status_code == 403  # still blocked
+
+
+@pytest.mark.redis
+async def test_the_cli_cleanup_removes_expired_penalties_and_breakers(redis_url: str) -> None:
+    backend = RedisBackend.from_url(redis_url)
+    now = time.time()
+    for namespace in ("penalty", "breakers"):
+        await backend.control_put(namespace, "gone", json.dumps({"expires_at": now - 1}))
+        await backend.control_put(namespace, "kept", json.dumps({"expires_at": now + 600}))
+    done = await asyncio.to_thread(cli, redis_url, "--json", "cleanup")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"removed": 2}
+    for namespace in ("penalty", "breakers"):
+        assert set((await backend.control_load(namespace))[1]) == {"kept"}
+    await backend.aclose()
