@@ -40,6 +40,9 @@ __all__ = ["BehaviourTracker", "DynamicLimits", "LoadMonitor", "LoadThresholds",
 _STEP = 0.05
 #: Seconds between prunings of the penalty box (and between its log lines).
 _PRUNE_EVERY = 10.0
+#: Most entries in the shared penalty box: every instance reloads it whole when it changes
+#: (at most once per refresh_interval), so its size is CPU on every instance.
+MAX_SHARED_PENALTIES = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +193,9 @@ class BehaviourTracker:
 
     The penalty box holds digests too (keyed like the storage keys, so raw API keys and IPs
     never reach the backend), each with its expiry: expired entries are pruned by the next
-    penalty written (at most every 10 s) and by ``RateLimiter.cleanup()``. A new penalty
+    penalty written (at most every 10 s) and by ``RateLimiter.cleanup()``. It holds at most
+    about :data:`MAX_SHARED_PENALTIES` entries; beyond that a penalty applies on the instance
+    that set it only. A new penalty
     applies at once on the instance that set it, without re-reading the box, and on the
     others within ``refresh_interval``. Writing it goes through the circuit breaker and
     never fails a request.
@@ -228,6 +233,9 @@ class BehaviourTracker:
         self._pruned_at = 0.0
         self._logged_at = 0.0
         self._unlogged = 0
+        self._generation_seen = -1
+        self._written = 0
+        self._warned_full = False
 
     def bind(
         self,
@@ -280,7 +288,7 @@ class BehaviourTracker:
         now = time.time()
         times = self._violations.get(key, [])
         times = [t for t in times if t > now - self.penalty_window] + [now]
-        if len(self._violations) >= self._max:
+        if key not in self._violations and len(self._violations) >= self._max:
             self._violations.popitem(last=False)
         self._violations[key] = times
         if len(times) < self.penalty_violations:
@@ -293,6 +301,8 @@ class BehaviourTracker:
         self._log_penalty(now)
         entry = json.dumps({"expires_at": until, "violations": len(times)})
         stale = [name for name in self._expired(now) if name != key]
+        if not self._room_to_share(key, len(stale)):
+            return  # the shared box is full: this instance alone refuses the client
 
         async def share() -> None:
             await store.control_put("penalty", key, entry)
@@ -300,6 +310,26 @@ class BehaviourTracker:
                 await store.control_delete("penalty", stale)
 
         await self._polling.call("sharing a penalty", share)
+
+    def _room_to_share(self, key: str, freed: int) -> bool:
+        # The box every instance reloads when it changes stays under MAX_SHARED_PENALTIES
+        # (give or take what other instances add within one refresh): its size is what the
+        # mirror holds plus what this instance wrote since the mirror last changed.
+        box = self._box
+        if box is None:
+            return True
+        if box.generation != self._generation_seen:
+            self._generation_seen, self._written = box.generation, 0
+        if key in box.entries or len(box.entries) + self._written - freed < MAX_SHARED_PENALTIES:
+            self._written += 1
+            return True
+        if not self._warned_full:
+            self._warned_full = True
+            logger.warning(
+                "penalty box: {} entries shared, new penalties apply on this instance only",
+                MAX_SHARED_PENALTIES,
+            )
+        return False
 
     def _expired(self, now: float) -> list[str]:
         # Pruning scans the whole box: at most once per 10 s (or penalty_duration), so a flood

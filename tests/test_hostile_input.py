@@ -33,6 +33,7 @@ from fastapi_ratelimit import (
     RateLimiter,
     RateLimitMiddleware,
     RedisBackend,
+    dynamic,
     routing,
 )
 from fastapi_ratelimit.admin import admin_router
@@ -527,3 +528,20 @@ async def test_the_cli_cleanup_removes_expired_penalties_and_breakers(redis_url:
     for namespace in ("penalty", "breakers"):
         assert set((await backend.control_load(namespace))[1]) == {"kept"}
     await backend.aclose()
+
+
+async def test_the_shared_penalty_box_stays_under_its_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dynamic, "MAX_SHARED_PENALTIES", 5)
+    backend = MemoryBackend()
+    limiter = RateLimiter(
+        backend=backend,
+        ip_limit="1/minute",
+        dynamic=DynamicLimits(behaviour=BehaviourTracker(penalty_violations=2)),
+    )
+    app = behaviour_app(limiter)
+    for i in range(8):
+        await _penalise(app, f"198.51.100.{i}", f"key-{i}")  # each one is boxed
+    assert len((await backend.control_load("penalty"))[1]) == 5
+    await limiter.aclose()
