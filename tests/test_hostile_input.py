@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from http_helpers import cli, client_for, policies, work_app
 from servers import RedisServer
 from starlette.applications import Starlette
@@ -30,6 +30,7 @@ from fastapi_ratelimit import (
     DEFAULT_TIERS,
     CompositeLimit,
     MemoryBackend,
+    RateLimit,
     RateLimiter,
     RateLimitMiddleware,
     RedisBackend,
@@ -265,18 +266,17 @@ async def test_a_decoy_before_the_api_key_counts_for_nothing() -> None:
         assert (await client.get("/echo?api_key=real&api_key=other")).status_code == 200
 
 
-async def test_an_oversized_query_string_is_a_400_not_a_request_without_its_key() -> None:
-    app = query_key_app(query_limiter())
-    # Raw ASGI: httpx refuses URLs this long (some servers do not).
-    query = b"x=" + b"a" * MAX_QUERY_BYTES + b"&api_key=real"
+async def raw_get(app: Any, path: str, query: bytes) -> dict[str, Any]:
+    """One GET through raw ASGI (httpx refuses URLs as long as some servers accept); returns
+    the response's start message."""
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
         "method": "GET",
         "scheme": "http",
-        "path": "/echo",
-        "raw_path": b"/echo",
+        "path": path,
+        "raw_path": path.encode(),
         "root_path": "",
         "query_string": query,
         "headers": [(b"host", b"testserver")],
@@ -292,9 +292,30 @@ async def test_an_oversized_query_string_is_a_400_not_a_request_without_its_key(
         sent.append(message)
 
     await app(scope, receive, send)
-    start = sent[0]
+    return sent[0]
+
+
+OVERSIZED_QUERY = b"x=" + b"a" * MAX_QUERY_BYTES + b"&api_key=real"
+
+
+async def test_an_oversized_query_string_is_a_400_not_a_request_without_its_key() -> None:
+    start = await raw_get(query_key_app(query_limiter()), "/echo", OVERSIZED_QUERY)
     assert start["status"] == 400
     assert (b"content-type", b"application/problem+json") in start["headers"]
+
+
+async def test_a_route_guard_without_the_middleware_answers_an_oversized_query_400() -> None:
+    limiter = RateLimiter(api_key_header=None, api_key_query="api_key")
+    app = FastAPI()
+
+    @app.get(
+        "/guarded", dependencies=[Depends(RateLimit("5/minute", scope="api_key", limiter=limiter))]
+    )
+    async def guarded() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    assert (await raw_get(app, "/guarded", b"api_key=real"))["status"] == 200
+    assert (await raw_get(app, "/guarded", OVERSIZED_QUERY))["status"] == 400
 
 
 @pytest.mark.parametrize(
