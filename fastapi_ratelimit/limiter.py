@@ -763,28 +763,30 @@ class RateLimiter:
             await self.endpoint_breaker.record(context.endpoint, status)
         if self.breaker is not None and self.breaker.state != "closed":
             return  # the backend is down: refunds would only add latency
-        refunds: list[Check] = []
-        # Route limits with a cost of their own are refunded by their own rule.
-        charged = [c for c in context.charged if c.cost == context.cost]
-        if self.refund_when is not None and charged and self.refund_when(status):
-            refunds.extend(charged)
-            charged = []
-        for limit, check in context.refundable:
-            if limit.refund_when is not None and limit.refund_when(status):
-                refunds.append(check)
-        reported = context.reported_cost
-        if reported is not None and charged and reported != context.cost:
-            delta = reported - context.cost
-            if delta < 0:
-                refunds.extend(c._replace(cost=-delta) for c in charged)
-            else:
-                # Charged afterwards where quota is left; denied means nothing is taken.
-                extra = [c._replace(cost=delta) for c in charged]
-                await self._polling.call(
-                    "charging a reported cost", lambda: self.backend.hit(extra)
-                )
-        if refunds:
-            await self._polling.call("a refund", lambda: self.backend.refund(refunds))
+        try:
+            refunds: list[Check] = []
+            # Route limits with a cost of their own are refunded by their own rule.
+            charged = [c for c in context.charged if c.cost == context.cost]
+            if self.refund_when is not None and charged and self.refund_when(status):
+                refunds.extend(charged)
+                charged = []
+            for limit, check in context.refundable:
+                if limit.refund_when is not None and limit.refund_when(status):
+                    refunds.append(check)
+            reported = context.reported_cost
+            if reported is not None and charged and reported != context.cost:
+                delta = reported - context.cost
+                if delta < 0:
+                    refunds.extend(c._replace(cost=-delta) for c in charged)
+                else:
+                    # Charged afterwards where quota is left; denied means nothing is taken.
+                    extra = [c._replace(cost=delta) for c in charged]
+                    await self._polling.call("charging a cost", lambda: self.backend.hit(extra))
+            if refunds:
+                # Through the breaker: a failing backend is not waited on after every response.
+                await self._polling.call("a refund", lambda: self.backend.refund(refunds))
+        except Exception as exc:  # a refund_when that raises: the response is already sent
+            logger.warning("rate-limit adjustment after the response failed: {!r}", exc)
 
     async def aclose(self) -> None:
         """Stop background refreshes and close the backend. Call it from the app's lifespan
