@@ -195,10 +195,9 @@ class BehaviourTracker:
     never reach the backend), each with its expiry: expired entries are pruned by the next
     penalty written (at most every 10 s) and by ``RateLimiter.cleanup()``. It holds at most
     about :data:`MAX_SHARED_PENALTIES` entries; beyond that a penalty applies on the instance
-    that set it only. A new penalty
-    applies at once on the instance that set it, without re-reading the box, and on the
-    others within ``refresh_interval``. Writing it goes through the circuit breaker and
-    never fails a request.
+    that set it only. A new penalty applies at once on the instance that set it, without
+    re-reading the box, and on the others within ``refresh_interval``. Writing it goes through
+    the circuit breaker and never fails a request.
     """
 
     def __init__(
@@ -272,7 +271,7 @@ class BehaviourTracker:
         stats = self._stats.get(key)
         if stats is None or stats[0] != hour:
             stats = [hour, 0, 0]
-            if len(self._stats) >= self._max:
+            if key not in self._stats and len(self._stats) >= self._max:
                 self._stats.popitem(last=False)
         self._stats[key] = stats
         self._stats.move_to_end(key)
