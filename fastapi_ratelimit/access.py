@@ -24,7 +24,7 @@ from typing import Any, Literal
 from loguru import logger
 
 from .context import RequestContext
-from .control import ControlStore, Mirror, PollPolicy, live
+from .control import ControlStore, Mirror, PollPolicy, live, live_json
 from .errors import ConfigurationError, check_ttl
 from .keys import KeyBuilder
 
@@ -283,7 +283,7 @@ class AccessLists:
         now = time.time()
         for name in ("allow", "block"):
             _, raw = await self._store.control_load(name)
-            stale = [key for key, value in raw.items() if not _live_json(value, now)]
+            stale = [key for key, value in raw.items() if not live_json(value, now)]
             if stale:
                 removed += await self._store.control_delete(name, stale)
                 await self._mirrors[name].refresh()
@@ -340,14 +340,6 @@ class AccessLists:
         if mirror is None:
             raise ConfigurationError("list", list_name, "must be 'allow' or 'block'")
         return mirror
-
-
-def _live_json(value: str, now: float) -> bool:
-    try:
-        data = json.loads(value)
-    except ValueError:
-        return False
-    return isinstance(data, dict) and live(data, now)
 
 
 def _shown(kind: str, value: str) -> str:

@@ -6,6 +6,11 @@
 It refuses everything unless you configure a ``token`` (sent as ``Authorization: Bearer``)
 or your own ``dependency`` (for example your app's admin check). Every change writes an
 audit line through loguru.
+
+Raw API keys travel only in request bodies, never in a URL: URLs end up in access logs
+(uvicorn prints the path and query of every request). The routes that name an identity in the
+path or the query take users and IPs only; their body forms (``PUT /tiers``,
+``POST /tiers/get``, ``POST /tiers/clear``, ``POST /block/remove``, ...) take every kind.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real annotations of
@@ -33,6 +38,21 @@ __all__ = ["admin_router"]
 class TierBody(BaseModel):
     tier: str = Field(max_length=64)
     ttl: float | None = None
+
+
+class TierRef(BaseModel):
+    kind: Literal["user", "api_key"]
+    identity: str = Field(min_length=1, max_length=4096)
+
+
+class TierSetBody(TierRef):
+    tier: str = Field(max_length=64)
+    ttl: float | None = None
+
+
+class EntryRef(BaseModel):
+    kind: Literal["ip", "user", "api_key"]
+    value: str = Field(min_length=1, max_length=4096)
 
 
 class EntryBody(BaseModel):
@@ -98,15 +118,14 @@ def admin_router(
     def who(operator: Any) -> str:
         return operator if isinstance(operator, str) else "admin"
 
+    # Users by path (a user id is no secret); every kind, API keys included, by body.
     @router.get("/tiers/{kind}/{identity}")
-    async def get_tier(
-        kind: Literal["user", "api_key"], identity: str, operator: Operator
-    ) -> dict[str, Any]:
+    async def get_tier(kind: Literal["user"], identity: str, operator: Operator) -> dict[str, Any]:
         return {"kind": kind, "tier": await _call(limiter.get_tier(identity, kind=kind))}
 
     @router.put("/tiers/{kind}/{identity}")
     async def set_tier(
-        kind: Literal["user", "api_key"], identity: str, body: TierBody, operator: Operator
+        kind: Literal["user"], identity: str, body: TierBody, operator: Operator
     ) -> dict[str, Any]:
         await _call(
             limiter.set_tier(identity, body.tier, kind=kind, ttl=body.ttl, by=who(operator))
@@ -115,9 +134,28 @@ def admin_router(
 
     @router.delete("/tiers/{kind}/{identity}")
     async def clear_tier(
-        kind: Literal["user", "api_key"], identity: str, operator: Operator
+        kind: Literal["user"], identity: str, operator: Operator
     ) -> dict[str, bool]:
         return {"cleared": await _call(limiter.clear_tier(identity, kind=kind, by=who(operator)))}
+
+    @router.post("/tiers/get")
+    async def get_tier_by_body(body: TierRef, operator: Operator) -> dict[str, Any]:
+        tier = await _call(limiter.get_tier(body.identity, kind=body.kind))
+        return {"kind": body.kind, "tier": tier}
+
+    @router.put("/tiers")
+    async def set_tier_by_body(body: TierSetBody, operator: Operator) -> dict[str, Any]:
+        await _call(
+            limiter.set_tier(
+                body.identity, body.tier, kind=body.kind, ttl=body.ttl, by=who(operator)
+            )
+        )
+        return {"kind": body.kind, "tier": body.tier, "ttl": body.ttl}
+
+    @router.post("/tiers/clear")
+    async def clear_tier_by_body(body: TierRef, operator: Operator) -> dict[str, bool]:
+        cleared = await _call(limiter.clear_tier(body.identity, kind=body.kind, by=who(operator)))
+        return {"cleared": cleared}
 
     for list_name in ("allow", "block"):
         _list_routes(router, limiter, list_name, Operator, who)
@@ -192,15 +230,23 @@ def _list_routes(
 
     async def remove_entry(
         operator: operator_type,
-        kind: Literal["ip", "user", "api_key"] = Query(),
+        # Not api_key: the query string is in every access log (use POST .../remove).
+        kind: Literal["ip", "user"] = Query(),
         value: str = Query(min_length=1, max_length=4096),
     ) -> dict[str, bool]:
         _lists_on(limiter)
         return {"removed": await _call(remove(kind, value, by=who(operator)))}
 
+    async def remove_entry_by_body(body: EntryRef, operator: operator_type) -> dict[str, bool]:
+        _lists_on(limiter)
+        return {"removed": await _call(remove(body.kind, body.value, by=who(operator)))}
+
     router.add_api_route(f"/{name}", list_entries, methods=["GET"], name=f"list_{name}")
     router.add_api_route(f"/{name}", add_entry, methods=["POST"], name=f"add_{name}")
     router.add_api_route(f"/{name}", remove_entry, methods=["DELETE"], name=f"remove_{name}")
+    router.add_api_route(
+        f"/{name}/remove", remove_entry_by_body, methods=["POST"], name=f"remove_{name}_by_body"
+    )
 
 
 def _lists_on(limiter: RateLimiter) -> None:

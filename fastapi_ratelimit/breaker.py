@@ -25,12 +25,17 @@ from typing import Literal
 
 from loguru import logger
 
-from .control import ControlStore, Mirror, PollPolicy, live
+from .control import ControlStore, Mirror, PollPolicy, live, remove_expired
 from .errors import ConfigurationError
 
 __all__ = ["CircuitBreaker", "EndpointBreaker"]
 
 State = Literal["closed", "open", "half_open"]
+
+#: Most endpoints an :class:`EndpointBreaker` keeps a window for (or holds open) per process.
+#: Endpoints are route templates and a fixed set of methods (see ``costs.endpoint_key``), so
+#: a real app stays far below; a window is at most about 4 KB.
+MAX_ENDPOINTS = 4096
 
 
 def _positive(field: str, value: object, *, integer: bool = False) -> None:
@@ -238,6 +243,7 @@ class EndpointBreaker:
         self._windows: dict[str, _Window] = {}
         self._store: ControlStore | None = None
         self._mirror: Mirror | None = None
+        self._polling = PollPolicy()
         self._local_open: dict[str, float] = {}
 
     def bind(
@@ -247,6 +253,8 @@ class EndpointBreaker:
         polling: PollPolicy | None = None,
     ) -> None:
         self._store = store
+        if polling is not None:
+            self._polling = polling
         if store is not None:
             self._mirror = Mirror(store, "breakers", refresh_interval, polling)
 
@@ -267,7 +275,7 @@ class EndpointBreaker:
         """Count one response; open the endpoint when it fails too often."""
         window = self._windows.get(endpoint)
         if window is None:
-            if len(self._windows) >= 10_000:  # endpoints are route templates: few
+            if len(self._windows) >= MAX_ENDPOINTS:  # endpoints are route templates: few
                 self._windows.clear()
             window = self._windows[endpoint] = _Window(self.window)
         now = time.time()
@@ -276,6 +284,12 @@ class EndpointBreaker:
         if calls >= self.min_requests and failures / calls >= self.threshold:
             window.clear()
             until = now + self.open_for
+            # Opening is rare (it takes min_requests responses): a scan here is cheap.
+            for name, closes in list(self._local_open.items()):
+                if closes <= now:
+                    del self._local_open[name]
+            if len(self._local_open) >= MAX_ENDPOINTS:
+                del self._local_open[next(iter(self._local_open))]
             self._local_open[endpoint] = until
             logger.warning(
                 "endpoint circuit breaker open: {} ({} of {} failed) for {}s",
@@ -284,12 +298,27 @@ class EndpointBreaker:
                 calls,
                 self.open_for,
             )
-            if self._store is not None:
-                entry = {"expires_at": until, "failures": failures, "calls": calls}
-                try:
-                    await self._store.control_put("breakers", endpoint, json.dumps(entry))
-                except Exception as exc:  # the local breaker still holds
-                    logger.warning("could not share the open breaker: {!r}", exc)
+            store = self._store
+            if store is not None:
+                entry = json.dumps({"expires_at": until, "failures": failures, "calls": calls})
+                entries = self._mirror.entries if self._mirror is not None else {}
+                stale = [n for n, e in entries.items() if n != endpoint and not live(e, now)]
+
+                async def share() -> None:
+                    await store.control_put("breakers", endpoint, entry)
+                    if stale:  # breakers that closed since: the shared namespace stays small
+                        await store.control_delete("breakers", stale)
+
+                # Through the limiter's breaker; on failure the local breaker still holds.
+                await self._polling.call("sharing an open endpoint breaker", share)
+
+    async def cleanup(self) -> int:
+        """Delete closed (expired) shared breakers from the backend; returns how many."""
+        if self._store is None or self._mirror is None:
+            return 0
+        removed = await remove_expired(self._store, "breakers")
+        await self._mirror.refresh()
+        return removed
 
     async def aclose(self) -> None:
         if self._mirror is not None:

@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("rate", help="e.g. 200/minute")
         sub.add_argument("--endpoint", help="the endpoint_limits key, e.g. 'POST /ocr/process'")
     limit_actions.add_parser("list")
-    commands.add_parser("cleanup", help="delete expired list entries")
+    commands.add_parser("cleanup", help="delete expired list, penalty and breaker entries")
     for name in ("inspect", "reset"):
         sub = commands.add_parser(name, help=f"{name} the counters of one identity")
         sub.add_argument("--ip")
@@ -218,8 +218,14 @@ async def _run(args: argparse.Namespace, url: str) -> tuple[Any, bool]:
             cleared = bool(await backend.control_delete(NAMESPACE, [key]))
             return {"cleared": cleared}, cleared
         if args.command == "cleanup":
+            from .control import remove_expired
+
             lists = AccessLists(backend, keys, ipv6_prefix=args.ipv6_prefix)
-            return {"removed": await lists.cleanup()}, True
+            count = await lists.cleanup()
+            # Expired penalties and closed endpoint breakers shared by the apps, too.
+            for namespace in ("penalty", "breakers"):
+                count += await remove_expired(backend, namespace)
+            return {"removed": count}, True
         if args.command in ("inspect", "reset"):
             return await _inspect_or_reset(args, backend)
         return await _stats(backend), True

@@ -20,8 +20,9 @@ import asyncio
 import contextlib
 import inspect
 import json
+import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from loguru import logger
 
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from .breaker import CircuitBreaker
 
 __all__ = ["ControlStore", "Mirror", "PollPolicy"]
+
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -88,6 +91,46 @@ class PollPolicy:
     def forget(self, namespace: str) -> None:
         """A mirror stopped: its failures no longer count."""
         self._failing.discard(namespace)
+
+    async def call(self, what: str, call: Callable[[], Awaitable[T]]) -> T | None:
+        """A backend call made on the request path besides the rate-limit check itself (a
+        penalty or an open endpoint breaker to share, a refund, a shadow level): through the
+        breaker like a request, never raising. Skipped (``None``) while the breaker is open;
+        a failure counts towards opening it, is logged at most once per 10 s and gives
+        ``None``, so no such call can turn a request into a 5xx or wait on a dead backend
+        the breaker already gave up on."""
+        breaker = self.breaker
+        probe = False
+        if breaker is not None and not breaker.idle:
+            if not breaker.allow_call():
+                return None
+            probe = breaker.state == "half_open"
+        try:
+            result = await call()
+        except BackendError as exc:
+            if breaker is not None:
+                breaker.record_failure()
+            self._log_write_failure(what, exc)
+            return None
+        except BaseException as exc:
+            if probe:
+                assert breaker is not None
+                breaker.abandon_probe()
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the caller is going away
+            self._log_write_failure(what, exc)
+            return None
+        if breaker is not None and not breaker.idle:
+            breaker.record_success()
+        return result
+
+    _last_write_failure = 0.0
+
+    def _log_write_failure(self, what: str, error: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last_write_failure > 10:
+            self._last_write_failure = now
+            logger.warning("rate limit: {} failed, carrying on without it: {!r}", what, error)
 
 
 class Mirror:
@@ -249,3 +292,20 @@ async def stop(task: asyncio.Task[Any] | None) -> None:
 def live(entry: Mapping[str, Any], now: float) -> bool:
     expires = entry.get("expires_at")
     return expires is None or (isinstance(expires, (int, float)) and expires > now)
+
+
+async def remove_expired(store: ControlStore, namespace: str) -> int:
+    """Delete a namespace's expired (and unreadable) entries; returns how many."""
+    _, raw = await store.control_load(namespace)
+    now = time.time()
+    stale = [key for key, value in raw.items() if not live_json(value, now)]
+    return await store.control_delete(namespace, stale) if stale else 0
+
+
+def live_json(value: str, now: float) -> bool:
+    """Whether a stored entry (JSON) is unexpired; unreadable ones count as expired."""
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and live(data, now)

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from .control import ControlStore, Mirror, PollPolicy, every, live, stop
+from .control import ControlStore, Mirror, PollPolicy, every, live, remove_expired, stop
 from .errors import ConfigurationError, check_ttl
+from .keys import KeyBuilder
 from .policy import Policy
 from .rate import Rate
 
@@ -37,6 +38,11 @@ __all__ = ["BehaviourTracker", "DynamicLimits", "LoadMonitor", "LoadThresholds",
 
 #: Factors are rounded to this step, so scaled policies are few and cached.
 _STEP = 0.05
+#: Seconds between prunings of the penalty box (and between its log lines).
+_PRUNE_EVERY = 10.0
+#: Most entries in the shared penalty box: every instance reloads it whole when it changes
+#: (at most once per refresh_interval), so its size is CPU on every instance.
+MAX_SHARED_PENALTIES = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +183,22 @@ class LoadMonitor:
 
 class BehaviourTracker:
     """Per-client requests and rejections over the last hour (per instance, bounded), the
-    resulting factor, and the penalty box (shared through the backend)."""
+    resulting factor, and the penalty box (shared through the backend).
+
+    A client is a record name such as ``"ip:203.0.113.7"`` or ``"user:42"``; the limiter
+    passes the records a request matches (its IP, and its user when authenticated, never an
+    API key it cannot validate) and applies the worst of them. Records are kept as fixed-size
+    digests, never as what the client sent: at most ``max_clients`` of them per instance
+    (about 300 bytes each), whatever the clients send.
+
+    The penalty box holds digests too (keyed like the storage keys, so raw API keys and IPs
+    never reach the backend), each with its expiry: expired entries are pruned by the next
+    penalty written (at most every 10 s) and by ``RateLimiter.cleanup()``. It holds at most
+    about :data:`MAX_SHARED_PENALTIES` entries; beyond that a penalty applies on the instance
+    that set it only. A new penalty applies at once on the instance that set it, without
+    re-reading the box, and on the others within ``refresh_interval``. Writing it goes through
+    the circuit breaker and never fails a request.
+    """
 
     def __init__(
         self,
@@ -199,11 +220,21 @@ class BehaviourTracker:
         self.penalty_window = penalty_window
         self.penalty_duration = penalty_duration
         self._max = max_clients
-        # client -> [hour, requests, rejected, recent violation times...]
+        # All three keyed on the record's digest. client -> [hour, requests, rejected]
         self._stats: OrderedDict[str, list[float]] = OrderedDict()
         self._violations: OrderedDict[str, list[float]] = OrderedDict()
+        #: Penalties this instance set: digest -> until (the box's mirror catches up later).
+        self._penalised: dict[str, float] = {}
+        self._keys = KeyBuilder()
         self._store: ControlStore | None = None
+        self._polling = PollPolicy()
         self._box: Mirror | None = None
+        self._pruned_at = 0.0
+        self._logged_at = 0.0
+        self._unlogged = 0
+        self._generation_seen = -1
+        self._written = 0
+        self._warned_full = False
 
     def bind(
         self,
@@ -212,11 +243,16 @@ class BehaviourTracker:
         polling: PollPolicy | None = None,
     ) -> None:
         self._store = store
+        keys = getattr(store, "key_builder", None)
+        if isinstance(keys, KeyBuilder):
+            self._keys = keys  # the storage keys' hash, key_secret included
+        if polling is not None:
+            self._polling = polling
         if store is not None and self.penalty_violations is not None:
             self._box = Mirror(store, "penalty", refresh_interval, polling)
 
     def factor(self, client: str) -> float:
-        stats = self._stats.get(client)
+        stats = self._stats.get(self._keys.digest(client))
         if stats is None or stats[0] != _hour():
             return 1.0
         requests, rejected = stats[1], stats[2]
@@ -230,45 +266,111 @@ class BehaviourTracker:
         return 1.0
 
     async def record(self, client: str, allowed: bool) -> None:
+        key = self._keys.digest(client)
         hour = _hour()
-        stats = self._stats.get(client)
+        stats = self._stats.get(key)
         if stats is None or stats[0] != hour:
             stats = [hour, 0, 0]
-            if len(self._stats) >= self._max:
+            if key not in self._stats and len(self._stats) >= self._max:
                 self._stats.popitem(last=False)
-        self._stats[client] = stats
-        self._stats.move_to_end(client)
+        self._stats[key] = stats
+        self._stats.move_to_end(key)
         stats[1] += 1
         if not allowed:
             stats[2] += 1
-            await self._violation(client)
+            await self._violation(key)
 
-    async def _violation(self, client: str) -> None:
-        if self.penalty_violations is None or self._store is None:
+    async def _violation(self, key: str) -> None:
+        store = self._store
+        if self.penalty_violations is None or store is None:
             return
         now = time.time()
-        times = self._violations.get(client, [])
+        times = self._violations.get(key, [])
         times = [t for t in times if t > now - self.penalty_window] + [now]
-        if len(self._violations) >= self._max:
+        if key not in self._violations and len(self._violations) >= self._max:
             self._violations.popitem(last=False)
-        self._violations[client] = times
-        if len(times) >= self.penalty_violations:
-            self._violations.pop(client, None)
-            entry = {"expires_at": now + self.penalty_duration, "violations": len(times)}
-            logger.warning("penalty box: a client is refused for {}s", self.penalty_duration)
-            await self._store.control_put("penalty", client, json.dumps(entry))
-            if self._box is not None:
-                await self._box.refresh()
+        self._violations[key] = times
+        if len(times) < self.penalty_violations:
+            return
+        self._violations.pop(key, None)
+        until = now + self.penalty_duration
+        if key not in self._penalised and len(self._penalised) >= self._max:
+            del self._penalised[next(iter(self._penalised))]
+        self._penalised[key] = until  # applies here at once, without re-reading the box
+        self._log_penalty(now)
+        entry = json.dumps({"expires_at": until, "violations": len(times)})
+        stale = [name for name in self._expired(now) if name != key]
+        if not self._room_to_share(key, len(stale)):
+            return  # the shared box is full: this instance alone refuses the client
+
+        async def share() -> None:
+            await store.control_put("penalty", key, entry)
+            if stale:
+                await store.control_delete("penalty", stale)
+
+        await self._polling.call("sharing a penalty", share)
+
+    def _room_to_share(self, key: str, freed: int) -> bool:
+        # The box every instance reloads when it changes stays under MAX_SHARED_PENALTIES
+        # (give or take what other instances add within one refresh): its size is what the
+        # mirror holds plus what this instance wrote since the mirror last changed.
+        box = self._box
+        if box is None:
+            return True
+        if box.generation != self._generation_seen:
+            self._generation_seen, self._written = box.generation, 0
+        if key in box.entries or len(box.entries) + self._written - freed < MAX_SHARED_PENALTIES:
+            self._written += 1
+            return True
+        if not self._warned_full:
+            self._warned_full = True
+            logger.warning(
+                "penalty box: {} entries shared, new penalties apply on this instance only",
+                MAX_SHARED_PENALTIES,
+            )
+        return False
+
+    def _expired(self, now: float) -> list[str]:
+        # Pruning scans the whole box: at most once per 10 s (or penalty_duration), so a flood
+        # of penalties costs one scan per 10 s, not one per penalty.
+        if self._box is None or now - self._pruned_at < min(_PRUNE_EVERY, self.penalty_duration):
+            return []
+        self._pruned_at = now
+        for key, until in list(self._penalised.items()):
+            if until <= now:
+                del self._penalised[key]
+        return [key for key, entry in self._box.entries.items() if not live(entry, now)][:1000]
+
+    def _log_penalty(self, now: float) -> None:
+        # One line per 10 s however many clients are boxed: clients must not flood the logs.
+        self._unlogged += 1
+        if now - self._logged_at >= _PRUNE_EVERY:
+            logger.warning(
+                "penalty box: {} client(s) refused for {}s", self._unlogged, self.penalty_duration
+            )
+            self._logged_at, self._unlogged = now, 0
 
     async def penalty_until(self, client: str) -> float | None:
         if self._box is None:
             return None
+        key = self._keys.digest(client)
+        now = time.time()
+        until = self._penalised.get(key)
         await self._box.ensure_loaded()
-        entry = self._box.entries.get(client)
-        if entry is None or not live(entry, time.time()):
-            return None
-        until = entry.get("expires_at")
-        return float(until) if isinstance(until, (int, float)) else None
+        entry = self._box.entries.get(key)
+        if entry is not None and live(entry, now):
+            shared = entry.get("expires_at")
+            if isinstance(shared, (int, float)) and math.isfinite(shared):
+                until = max(until or 0.0, float(shared))
+        return until if until is not None and until > now else None
+
+    async def cleanup(self) -> int:
+        """Delete expired penalty-box entries from the backend; returns how many."""
+        if self._store is None or self._box is None:
+            return 0
+        removed = await remove_expired(self._store, "penalty")
+        await self._box.refresh()
+        return removed
 
     async def aclose(self) -> None:
         if self._box is not None:

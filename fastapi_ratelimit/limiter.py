@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, NamedTuple, cast
 
 from loguru import logger
@@ -393,7 +394,8 @@ class RateLimiter:
         # Operator state is mirrored only for what is configured (see control.py); the
         # mirrors poll through the breaker and log their health as one.
         store = self.backend if isinstance(self.backend, ControlStore) else None
-        polling = PollPolicy(self.breaker)
+        #: Every backend call on the request path besides the check goes through it.
+        self._polling = polling = PollPolicy(self.breaker)
         if self.node_breakers is not None:
             polling.breaker_for = self.node_breakers.for_namespace
         if not isinstance(access_lists, bool):
@@ -627,7 +629,8 @@ class RateLimiter:
             return None
         self._record(verdict, enforced, context)
         if self.dynamic is not None and self.dynamic.behaviour is not None:
-            await self.dynamic.behaviour.record(_client(context), verdict.allowed)
+            for record in _records(context):
+                await self.dynamic.behaviour.record(record, verdict.allowed)
         return verdict
 
     @property
@@ -748,7 +751,8 @@ class RateLimiter:
         factor = await dynamic.global_factor()
         client_factor = 1.0
         if dynamic.behaviour is not None:
-            client_factor = dynamic.behaviour.factor(_client(context))
+            # The worst record the request matches: a fresh identity never sheds a bad one.
+            client_factor = min(dynamic.behaviour.factor(r) for r in _records(context))
         context.reduced = factor < 1.0
         if factor == 1.0 and client_factor == 1.0:
             return list(checks)
@@ -764,7 +768,11 @@ class RateLimiter:
         behaviour = self.dynamic.behaviour
         if behaviour is None:
             return None
-        until = await behaviour.penalty_until(_client(context))
+        until = None
+        for record in _records(context):
+            found = await behaviour.penalty_until(record)
+            if found is not None:
+                until = max(until or 0.0, found)
         if until is None:
             return None
         wait = max(until - time.time(), 0.001)
@@ -820,11 +828,13 @@ class RateLimiter:
                     refunds.extend(c._replace(cost=-delta) for c in charged)
                 else:
                     # Charged afterwards where quota is left; denied means nothing is taken.
-                    await self.backend.hit([c._replace(cost=delta) for c in charged])
+                    extra = [c._replace(cost=delta) for c in charged]
+                    await self._polling.call("charging a cost", lambda: self.backend.hit(extra))
             if refunds:
-                await self.backend.refund(refunds)
-        except BackendError as exc:
-            logger.warning("rate-limit adjustment after the response failed: {}", exc)
+                # Through the breaker: a failing backend is not waited on after every response.
+                await self._polling.call("a refund", lambda: self.backend.refund(refunds))
+        except Exception as exc:  # a refund_when that raises: the response is already sent
+            logger.warning("rate-limit adjustment after the response failed: {!r}", exc)
 
     async def aclose(self) -> None:
         """Stop background refreshes and close the backend. Call it from the app's lifespan
@@ -938,8 +948,17 @@ class RateLimiter:
         return await self._limit_overrides().entries()
 
     async def cleanup(self) -> int:
-        """Remove expired list entries from the backend."""
-        return await self._lists().cleanup()
+        """Remove expired entries from the backend: allow/block lists, the penalty box and
+        shared endpoint breakers (those this limiter uses). Returns how many."""
+        behaviour = self.dynamic.behaviour if self.dynamic is not None else None
+        if self.lists is None and behaviour is None and self.endpoint_breaker is None:
+            self._lists()  # nothing to clean: say what is missing
+        removed = await self.lists.cleanup() if self.lists is not None else 0
+        if behaviour is not None:
+            removed += await behaviour.cleanup()
+        if self.endpoint_breaker is not None:
+            removed += await self.endpoint_breaker.cleanup()
+        return removed
 
     def operator_context(
         self,
@@ -1041,11 +1060,12 @@ class RateLimiter:
     async def _run_shadow(self, checks: list[Check], context: RequestContext) -> None:
         # Each shadow level is charged on its own: a shadow denial must not stop the others
         # from counting, and must never block.
+        # Through the breaker, like the enforced levels: a dead backend is not waited on.
         results = await asyncio.gather(
-            *(self.backend.hit([c]) for c in checks), return_exceptions=True
+            *(self._polling.call("a shadow level", partial(self.backend.hit, [c])) for c in checks)
         )
         for check, result in zip(checks, results, strict=True):
-            if isinstance(result, Verdict) and not result.allowed:
+            if result is not None and not result.allowed:
                 logger.info(
                     "shadow rate limit would deny: {} {} ({})",
                     context.endpoint,
@@ -1122,12 +1142,13 @@ def _composite_identity(parts: tuple[str, ...], context: RequestContext) -> tupl
 _CLIENT_SCOPES = frozenset({"ip", "user", "api_key"})
 
 
-def _client(context: RequestContext) -> str:
+def _records(context: RequestContext) -> tuple[str, ...]:
+    # Behaviour and penalties follow what the client cannot make up: its IP (as the trusted
+    # proxies give it) and its authenticated user. Never the API key: the limiter cannot tell
+    # a valid key from a random one, and a random one would be a fresh, clean record.
     if context.user is not None:
-        return f"user:{context.user}"
-    if context.api_key is not None:
-        return f"api_key:{context.api_key}"
-    return f"ip:{context.ip}"
+        return (f"ip:{context.ip}", f"user:{context.user}")
+    return (f"ip:{context.ip}",)
 
 
 def _failure_policies(value: Any) -> tuple[str, dict[str, str]]:

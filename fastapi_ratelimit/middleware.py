@@ -29,8 +29,10 @@ from .decision import Verdict
 from .dynamic import LoadMonitor
 from .errors import BackendError, ConfigurationError
 from .headers import HEADER_NAMES, HeaderStyle, rate_limit_headers
+from .identity import QUERY_TOO_LONG, QueryTooLong
 from .limiter import RateLimiter
 from .responses import (
+    bad_request_response,
     blocked_response,
     endpoint_unavailable_response,
     quota_exceeded_response,
@@ -88,10 +90,14 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limiter = self.limiter
-        if limiter.sync_context:
-            context = limiter.build_context(scope)
-        else:
-            context = await limiter.context(scope)
+        try:
+            if limiter.sync_context:
+                context = limiter.build_context(scope)
+            else:
+                context = await limiter.context(scope)
+        except QueryTooLong:
+            await self._refuse(scope, receive, send, bad_request_response(QUERY_TOO_LONG))
+            return
         context.middleware = True
         breaker = limiter.endpoint_breaker
         if breaker is not None:

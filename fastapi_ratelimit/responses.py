@@ -28,6 +28,7 @@ from .headers import retry_after_value
 __all__ = [
     "PROBLEM_JSON",
     "backend_unavailable_response",
+    "bad_request_response",
     "blocked_response",
     "endpoint_unavailable_response",
     "quota_exceeded_response",
@@ -115,6 +116,13 @@ def blocked_response() -> Response:
     }
     content = json.dumps(body, separators=(",", ":")).encode("ascii")
     return Response(content, status_code=403, media_type=PROBLEM_JSON)
+
+
+def bad_request_response(detail: str) -> Response:
+    """400 for a request the limiter cannot read safely (see ``identity.QueryTooLong``)."""
+    body = {"type": "about:blank", "title": "Bad Request", "status": 400, "detail": detail}
+    content = json.dumps(body, separators=(",", ":")).encode("ascii")
+    return Response(content, status_code=400, media_type=PROBLEM_JSON)
 
 
 def reduced_capacity_response(

@@ -23,6 +23,7 @@ from .backends.base import Check, storage_key
 from .context import SCOPE_KEY, RequestContext
 from .errors import BackendError, ConfigurationError
 from .headers import rate_limit_headers, retry_after_value
+from .identity import QUERY_TOO_LONG, QueryTooLong
 from .keys import Identity
 from .policy import Algorithm, Policy
 from .rate import Rate, parse_rate
@@ -167,7 +168,10 @@ async def enforce(
             "to the app or pass limiter= to @rate_limit / RateLimit."
         )
     if not isinstance(context, RequestContext):
-        context = await limiter.context(scope)
+        try:
+            context = await limiter.context(scope)
+        except QueryTooLong:
+            raise HTTPException(400, QUERY_TOO_LONG) from None
         scope[SCOPE_KEY] = context
         listed = await limiter.access(context)
         if listed == "block":

@@ -5,6 +5,10 @@ The endpoint level and the cost table are keyed by the *route template* plus met
 endpoint, and a client cannot mint new buckets by inventing paths. Routes added with
 ``include_router`` (FastAPI flattens them), mounted sub-apps and hosts are followed.
 Unmatched requests (404s) share one ``"<METHOD> <unmatched>"`` endpoint.
+
+Methods are a client's choice too (h11 accepts 8,000-character ones): an endpoint key holds
+a standard method, one the matched route declares, or ``"OTHER"``, so methods cannot mint
+endpoints either.
 """
 
 from __future__ import annotations
@@ -21,7 +25,16 @@ from .costs import endpoint_key
 __all__ = ["ResolvedRoute", "request_method", "resolve_route"]
 
 UNMATCHED = "<unmatched>"
+#: The method of an endpoint key for a method that is neither standard nor declared by the
+#: route it matched.
+OTHER_METHOD = "OTHER"
+_STANDARD_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT", "WEBSOCKET")
+)
+#: Most entries in the route cache; paths longer than _MAX_CACHED_PATH are resolved, never
+#: cached, so the cache holds at most about 4096 x (512 + 256) bytes of client input.
 _CACHE_SIZE = 4096
+_MAX_CACHED_PATH = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,14 +48,23 @@ class ResolvedRoute:
 
 
 _UNMATCHED = ResolvedRoute(UNMATCHED, None)
-# (routes id, routes count, type, method, root_path, path) -> (routes, ResolvedRoute). Emptied
-# when full, so random paths cost a route scan, never memory. The value holds the routes list
-# itself: while cached it cannot be freed and its id reused; the count catches added routes.
-_cache: dict[tuple[int, int, str, str, str, str], tuple[object, ResolvedRoute]] = {}
+# (routes id, routes count, type, method, root_path, path, host) -> (routes, ResolvedRoute).
+# The key holds everything matching reads, so what one client sends decides only its own
+# entry. Emptied when full, so random paths cost a route scan, never memory. The value holds
+# the routes list itself: while cached it cannot be freed and its id reused; the count
+# catches added routes.
+_cache: dict[tuple[int, int, str, str, str, str, bytes], tuple[object, ResolvedRoute]] = {}
+# routes id -> (routes, routes count, whether a Host route is anywhere in the tree).
+_host_routed: dict[int, tuple[object, int, bool]] = {}
+#: A longer Host header is matched but not cached (it cannot be a real host name).
+_MAX_CACHED_HOST = 256
 
 
 def resolve_route(routes: Sequence[BaseRoute], scope: Scope) -> ResolvedRoute:
     """Match ``scope`` against ``routes`` the way Starlette's router will."""
+    # Only where Host routes exist does the Host header change the match: elsewhere it is
+    # left out of the key, so hostile hosts cannot churn the cache.
+    host = _host_header(scope) if _uses_host(routes) else b""
     cache_key = (
         id(routes),
         len(routes),
@@ -50,25 +72,73 @@ def resolve_route(routes: Sequence[BaseRoute], scope: Scope) -> ResolvedRoute:
         scope.get("method", ""),
         scope.get("root_path", ""),
         scope["path"],
+        host,
     )
     cached = _cache.get(cache_key)
     if cached is not None and cached[0] is routes:
         return cached[1]
     found = _search(routes, scope, "") or _UNMATCHED
+    method = request_method(scope)
+    if method is OTHER_METHOD and found.route is not None:
+        # A method outside the standard set keeps its name only where the app declares it.
+        declared = getattr(found.route, "methods", None)
+        raw = scope.get("method")
+        if isinstance(raw, str) and isinstance(declared, (set, frozenset)) and raw in declared:
+            method = raw
     # The endpoint string is built here, once per cached path, not per request.
-    found = ResolvedRoute(
-        found.template, found.route, endpoint_key(request_method(scope), found.template)
-    )
-    if len(_cache) >= _CACHE_SIZE:
-        _cache.clear()
-    _cache[cache_key] = (routes, found)
+    found = ResolvedRoute(found.template, found.route, endpoint_key(method, found.template))
+    if (
+        method is not OTHER_METHOD
+        and len(host) <= _MAX_CACHED_HOST
+        and len(cache_key[5]) <= _MAX_CACHED_PATH
+    ):
+        if len(_cache) >= _CACHE_SIZE:
+            _cache.clear()
+        _cache[cache_key] = (routes, found)
     return found
 
 
+def _uses_host(routes: Sequence[BaseRoute]) -> bool:
+    known = _host_routed.get(id(routes))
+    if known is not None and known[0] is routes and known[1] == len(routes):
+        return known[2]
+    found = _has_host(routes, 0)
+    if len(_host_routed) >= 64:  # one entry per app (and per routes list)
+        _host_routed.clear()
+    _host_routed[id(routes)] = (routes, len(routes), found)
+    return found
+
+
+def _has_host(routes: Iterable[BaseRoute], depth: int) -> bool:
+    if depth > 16:
+        return True  # deeper than any real app: assume the worst (key on the host)
+    for route in routes:
+        if isinstance(route, Host):
+            return True
+        if isinstance(route, Mount) and _has_host(route.routes, depth + 1):
+            return True
+        contexts = getattr(route, "effective_route_contexts", None)
+        if callable(contexts) and _has_host(_flattened(contexts()), depth + 1):
+            return True
+    return False
+
+
+def _host_header(scope: Scope) -> bytes:
+    # The first Host header: the one Starlette's Host route reads.
+    for name, value in scope.get("headers") or ():
+        if name == b"host":
+            return value if isinstance(value, bytes) else b""
+    return b""
+
+
 def request_method(scope: Scope) -> str:
-    """The method an endpoint key uses: a WebSocket handshake is ``"WEBSOCKET"``."""
-    method = scope.get("method", "WEBSOCKET") if scope["type"] == "http" else "WEBSOCKET"
-    return method if isinstance(method, str) else "WEBSOCKET"
+    """The method an endpoint key uses: a WebSocket handshake is ``"WEBSOCKET"``, a method
+    outside the standard set is :data:`OTHER_METHOD` (see :func:`resolve_route` for methods
+    a route declares)."""
+    if scope["type"] != "http":
+        return "WEBSOCKET"
+    method = scope.get("method")
+    return method if isinstance(method, str) and method in _STANDARD_METHODS else OTHER_METHOD
 
 
 def _search(routes: Iterable[BaseRoute], scope: Scope, prefix: str) -> ResolvedRoute | None:

@@ -17,6 +17,7 @@ from fastapi_ratelimit import ConfigurationError
 from fastapi_ratelimit.identity import (
     _DOTTED_QUAD,
     ClientIP,
+    QueryTooLong,
     TrustedProxies,
     api_key_from_scope,
     ip_identity,
@@ -773,13 +774,15 @@ def test_mapped_peer_and_mapped_hop_give_the_ipv4_identity() -> None:
         # The query string is not read unless asked for.
         ([], b"api_key=from-query", {}, None),
         ([], b"api_key=from-query", {"query_param": "api_key"}, "from-query"),
-        ([], b"a=1&api_key=k%2Fx&api_key=second", {"query_param": "api_key"}, "k/x"),
+        # The last value, as Starlette and FastAPI hand the endpoint (issue 13 #2).
+        ([], b"a=1&api_key=second&api_key=k%2Fx", {"query_param": "api_key"}, "k/x"),
         ([], b"api_key=", {"query_param": "api_key"}, None),
         ([], b"api_key=+", {"query_param": "api_key"}, None),
         ([], b"api_key", {"query_param": "api_key"}, None),
         ([], b"other=1", {"query_param": "api_key"}, None),
         ([], b"", {"query_param": "api_key"}, None),
-        ([], b"&" * 100 + b"api_key=k", {"query_param": "api_key"}, None),  # too many fields
+        # Every field is read: padding never hides the key (issue 13 #2).
+        ([], b"&" * 100 + b"api_key=k", {"query_param": "api_key"}, "k"),
         ([], b"%ff%fe=1&api_key=%ff", {"query_param": "api_key"}, "\ufffd"),
         # The header wins over the query parameter; an empty header does not.
         ([("x-api-key", "h")], b"api_key=q", {"query_param": "api_key"}, "h"),
@@ -809,12 +812,18 @@ def test_api_key_from_scope(
         {"headers": [(b"x-api-key", "str")], "query_string": 42},
         {"headers": [(b"x-api-key", b"\x00\xff")]},
         {"headers": [(b"x-api-key", b"k" * 65536)]},
-        {"query_string": b"api_key=" + b"k" * 65536},
+        {"query_string": b"api_key=" + b"k" * (65536 - 8)},  # at the cap: read
     ],
 )
 def test_api_key_from_hostile_scopes_never_raises(scope: dict[str, Any]) -> None:
     result = api_key_from_scope(scope, query_param="api_key")
     assert result is None or isinstance(result, str)
+
+
+def test_a_query_string_over_the_cap_is_refused_not_read_in_part() -> None:
+    # The middleware answers it with a 400 (tests/test_hostile_input.py).
+    with pytest.raises(QueryTooLong):
+        api_key_from_scope({"query_string": b"api_key=" + b"k" * 65536}, query_param="api_key")
 
 
 # -- a real application ------------------------------------------------------------------------
