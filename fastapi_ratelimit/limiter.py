@@ -35,6 +35,7 @@ from .identity import ClientIP, api_key_from_scope, ip_identity, parse_ip
 from .keys import KeyBuilder
 from .policy import Algorithm, Policy
 from .rate import Rate, parse_rate
+from .recorder import Recorder, error_kind
 from .responses import (
     backend_unavailable_response,
     quota_exceeded_response,
@@ -180,6 +181,9 @@ def user_identity(user: Any) -> str | None:
 class RateLimiter:
     """Everything about *what* is limited, shared by all three entry points.
 
+    Metrics are off unless :class:`~fastapi_ratelimit.metrics.RateLimitMetrics` (or the
+    dashboard) sets :attr:`recorder`.
+
     Args:
         backend: where state lives (default: a new :class:`MemoryBackend`).
         global_limit: one quota for all requests (``"10000/minute"``).
@@ -228,6 +232,9 @@ class RateLimiter:
             at most 1). Nothing that is not configured is mirrored or polled.
         allow_any_network: let the lists hold ``0.0.0.0/0`` and ``::/0``.
     """
+
+    #: Counts every verdict in process when set (see recorder.py); ``None``: metrics off.
+    recorder: Recorder | None = None
 
     def __init__(
         self,
@@ -631,6 +638,8 @@ class RateLimiter:
         # An idle breaker (closed, nothing failed lately) needs no call either way.
         if breaker is not None and not breaker.idle:
             if not breaker.allow_call():
+                if self.recorder is not None:
+                    self.recorder.backend_error("circuit_open")
                 return await self._backend_down(checks, None)
             probe = breaker.state == "half_open"  # half-open lets only its one probe through
         try:
@@ -638,6 +647,8 @@ class RateLimiter:
         except BackendError as exc:
             if breaker is not None:
                 breaker.record_failure()
+            if self.recorder is not None:
+                self.recorder.backend_error(error_kind(exc))
             return await self._backend_down(checks, exc)
         except BaseException:
             # Cancelled (the client went away) or a bug: no answer about the backend. A probe
@@ -680,16 +691,21 @@ class RateLimiter:
         if budget <= 0 or self._waiting >= self._max_waiting:
             return verdict
         self._waiting += 1
+        started = time.monotonic()
+        waited = False
         try:
             while not verdict.allowed:
                 wait = verdict.retry_after
                 if time.monotonic() + wait > deadline:
-                    return verdict
+                    break
                 await asyncio.sleep(wait)
+                waited = True
                 retried = await self._hit(checks)
                 if retried is None:
                     return None
                 verdict = retried
+            if waited and self.recorder is not None:
+                self.recorder.delayed(time.monotonic() - started, verdict.allowed)
             return verdict
         finally:
             self._waiting -= 1
@@ -966,6 +982,8 @@ class RateLimiter:
             *(self.backend.hit([c]) for c in checks), return_exceptions=True
         )
         for check, result in zip(checks, results, strict=True):
+            if isinstance(result, Verdict) and self.recorder is not None:
+                self.recorder.shadow_decision(check.scope, result.allowed)
             if isinstance(result, Verdict) and not result.allowed:
                 logger.info(
                     "shadow rate limit would deny: {} {} ({})",
