@@ -152,6 +152,13 @@ async def batch(payload: Batch) -> dict[str, int]:
     return {"queued": len(payload.documents)}
 
 
+try:  # Prometheus metrics at /metrics (exempt by default) when the [prometheus] extra is in
+    from fastapi_ratelimit.metrics import RateLimitMetrics
+except ImportError:
+    pass
+else:
+    app.add_route("/metrics", RateLimitMetrics(limiter).endpoint)
+
 # Outermost last: CORS wraps the limiter, so a 429 still carries CORS headers.
 app.add_middleware(RateLimitMiddleware, limiter=limiter)
 app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
