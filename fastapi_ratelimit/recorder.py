@@ -13,6 +13,7 @@ mint series.
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ _METHODS = frozenset(
 # series rather than growing without end.
 _MAX_SERIES = 2048
 _OTHER = "other"
+# Distinct limited identities kept between two stats ticks (emptied at each).
+_MAX_LIMITED = 10_000
 
 
 class Histogram:
@@ -65,6 +68,12 @@ class Recorder:
         self.backend_errors: dict[str, int] = {}
         self.throttled: dict[bool, int] = {}
         self.delay_seconds = Histogram(DELAY_BUCKETS)
+        #: ``(scope, identity) -> denials``, raw identities, only while the live stats track
+        #: them (``None``: not tracked). They never leave the process unmasked (stats.py).
+        self.limited: dict[tuple[str, str], int] | None = None
+        #: Called once, by the first request after it is set, from the event loop: how the
+        #: live stats start their background task without a lifespan of their own.
+        self.on_first_request: Callable[[], None] | None = None
         # endpoint key -> (template, method), worked out once per endpoint.
         self._labels: dict[str, tuple[str, str]] = {}
 
@@ -73,6 +82,8 @@ class Recorder:
     def request(self, context: RequestContext, verdict: Verdict | None, seconds: float) -> None:
         """One request the limiter decided (``verdict`` None: nothing to check, or the backend
         failed and the policy let it through)."""
+        if self.on_first_request is not None:
+            self._first_request()
         labels = self._labels.get(context.endpoint) or self._endpoint_labels(context.endpoint)
         tier = context.tier
         reason = ""
@@ -87,6 +98,8 @@ class Recorder:
                     scopes[key] = count + 1
             if not verdict.allowed:
                 reason = _denied_scope(verdict)
+                if self.limited is not None:
+                    self._limited(context, reason)
         key4 = (labels[0], labels[1], tier.name if tier is not None else "none", reason)
         requests = self.requests
         requests[key4] = requests.get(key4, 0) + 1
@@ -129,6 +142,23 @@ class Recorder:
             self._labels.clear()
         self._labels[endpoint] = labels
         return labels
+
+    def _first_request(self) -> None:
+        start, self.on_first_request = self.on_first_request, None
+        if start is not None:
+            start()
+
+    def _limited(self, context: RequestContext, scope: str) -> None:
+        limited = self.limited
+        assert limited is not None
+        kind = scope.partition("+")[0]  # a composite level is keyed first on its first part
+        identity = {"ip": context.ip, "user": context.user, "api_key": context.api_key}.get(kind)
+        if identity is None:
+            return  # a shared level (global, endpoint): nobody in particular
+        key = (kind, identity)
+        if key not in limited and len(limited) >= _MAX_LIMITED:
+            return  # a flood of distinct clients: the ones already counted stay the top
+        limited[key] = limited.get(key, 0) + 1
 
     def _new_scope(self, key: tuple[str, bool]) -> None:
         if len(self.scopes) >= _MAX_SERIES:
