@@ -33,6 +33,8 @@ from .errors import BackendError, ConfigurationError
 from .headers import HeaderStyle, parse_header_style, rate_limit_headers, retry_after_value
 from .identity import ClientIP, api_key_from_scope, ip_identity, parse_ip
 from .keys import KeyBuilder
+from .logs import log_limited
+from .masking import mask_identity
 from .policy import Algorithm, Policy
 from .rate import Rate, parse_rate
 from .recorder import Recorder, error_kind
@@ -792,7 +794,13 @@ class RateLimiter:
             if refunds:
                 await self.backend.refund(refunds)
         except BackendError as exc:
-            logger.warning("rate-limit adjustment after the response failed: {}", exc)
+            log_limited(
+                "WARNING",
+                "adjustment",
+                "rate-limit adjustment after the response failed: {}",
+                exc,
+                kind=error_kind(exc),
+            )
 
     async def aclose(self) -> None:
         """Stop background refreshes and close the backend. Call it from the app's lifespan
@@ -985,11 +993,20 @@ class RateLimiter:
             if isinstance(result, Verdict) and self.recorder is not None:
                 self.recorder.shadow_decision(check.scope, result.allowed)
             if isinstance(result, Verdict) and not result.allowed:
-                logger.info(
-                    "shadow rate limit would deny: {} {} ({})",
+                # One line a second at most: a flood would deny on every request.
+                client = _masked_client(check)
+                log_limited(
+                    "INFO",
+                    "shadow",
+                    "shadow rate limit would deny: {} {} ({}) for {}",
                     context.endpoint,
                     check.policy.name,
                     check.scope,
+                    client,
+                    endpoint=context.endpoint,
+                    policy=check.policy.name,
+                    scope=check.scope,
+                    client=client,
                 )
 
     def _custom_cost(self, connection: HTTPConnection, fallback: int, multiplier: float) -> int:
@@ -1059,6 +1076,15 @@ def _composite_identity(parts: tuple[str, ...], context: RequestContext) -> tupl
 
 
 _CLIENT_SCOPES = frozenset({"ip", "user", "api_key"})
+
+
+def _masked_client(check: Check) -> str:
+    """Who a level counts, as logs may show it."""
+    kind = check.scope.partition("+")[0]
+    identity = check.identity
+    if not isinstance(identity, str) or not identity or kind not in ("ip", "user", "api_key"):
+        return check.scope  # a shared level (global, endpoint) or a composite identity
+    return mask_identity(kind, identity)
 
 
 def _client(context: RequestContext) -> str:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import ipaddress
 import json
 import time
 import uuid
@@ -28,6 +26,7 @@ from loguru import logger
 from .control import ControlStore, every, stop
 from .errors import BackendError, ConfigurationError
 from .limiter import RateLimiter
+from .masking import mask_identity
 from .recorder import Recorder
 
 __all__ = ["AlertThresholds", "LiveStats", "mask_identity"]
@@ -260,20 +259,6 @@ class LiveStats:
             state = limiter.breaker.state if limiter.breaker is not None else "none"
             states[state] = states.get(state, 0) + 1
         return states
-
-
-def mask_identity(kind: str, identity: str) -> str:
-    """How a limited client is shown: never the raw key, never the full address."""
-    if kind == "ip":
-        try:
-            address = ipaddress.ip_network(identity, strict=False)
-            prefix = 24 if address.version == 4 else 48
-            return str(address.supernet(new_prefix=min(prefix, address.prefixlen)))
-        except ValueError:
-            return "ip#" + hashlib.sha256(identity.encode("utf-8", "replace")).hexdigest()[:4]
-    if kind == "api_key":
-        return "key#" + hashlib.sha256(identity.encode("utf-8", "replace")).hexdigest()[:4]
-    return f"{kind}:{identity[:4]}…"
 
 
 def _add2(target: dict[str, list[int]], name: str, n: int, denied: int) -> None:
