@@ -13,6 +13,9 @@ Usage::
     metrics = RateLimitMetrics(limiter)
     app.add_route("/metrics", metrics.endpoint)   # "/metrics" is exempt by default
 
+With several workers, also call ``metrics.close()`` in the lifespan's shutdown, so that each
+worker writes its last second of counts before it stops.
+
 Labels are bounded: ``endpoint`` is the route template, ``method`` one of the standard methods
 (or ``OTHER``), ``scope``, ``tier`` and ``reason`` come from the configuration. Nothing is ever
 labelled by client: per-client numbers (the seed's ``tokens_remaining``) would be a series per
@@ -157,7 +160,9 @@ class RateLimitMetrics:
                 daemon=True,
             )
             self._thread.start()
-            # A worker that exits cleanly writes what it counted since the last flush.
+            # What was counted since the last write is written at exit, too. uvicorn's
+            # workers end by re-raising the signal that stopped them, which skips atexit:
+            # call close() from the app's lifespan shutdown (see the module docstring).
             atexit.register(self.close)
         else:
             self._registry = registry if registry is not None else CollectorRegistry()

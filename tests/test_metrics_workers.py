@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from servers import free_port
 
@@ -87,8 +89,16 @@ async def test_two_workers_one_sum(redis_url: str, tmp_path: Path) -> None:
         assert sums["rate_limit_check_duration_seconds_count"] == 120
         assert sums["rate_limit_active_limiters"] == 2  # one per worker, added up
         assert "127.0.0.1" not in scraped.text
+
+        # Counted just before the workers stop, after their last periodic write: each worker
+        # writes them on its way out (metrics.close() in the app's lifespan).
+        answers = await asyncio.gather(*(one() for _ in range(10)))
+        assert len(answers) == 10
     finally:
         server.terminate()
         server.wait(timeout=20)
         if server.stderr is not None:
             server.stderr.close()
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))
+    assert totals(generate_latest(registry).decode())["rate_limit_requests_total"] == 130

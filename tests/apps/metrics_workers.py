@@ -4,6 +4,8 @@ uvicorn workers. Each answer names the worker's pid."""
 
 import os
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,7 +19,15 @@ limiter = RateLimiter(
 )
 metrics = RateLimitMetrics(limiter)
 
-app = FastAPI()
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    metrics.close()  # this worker's last counts, before it stops
+    await limiter.aclose()
+
+
+app = FastAPI(lifespan=lifespan)
 app.add_middleware(RateLimitMiddleware, limiter=limiter)
 app.add_route("/metrics", metrics.endpoint)
 
