@@ -84,7 +84,11 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Requests delayed instead of refused, by outcome (allowed, denied)",
         ("outcome",),
     ),
-    "rate_limit_check_duration_seconds": ("histogram", "Time to decide a request", ()),
+    "rate_limit_check_duration_seconds": (
+        "histogram",
+        "Time to decide a request (a throttled one's wait included)",
+        (),
+    ),
     "rate_limit_throttle_delay_seconds": ("histogram", "Time a throttled request waited", ()),
     "rate_limit_active_limiters": ("gauge", "Rate limiters observed", ()),
     "rate_limit_breaker_state": (
