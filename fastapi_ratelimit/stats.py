@@ -29,7 +29,7 @@ from .limiter import RateLimiter
 from .masking import mask_identity
 from .recorder import Recorder
 
-__all__ = ["AlertThresholds", "LiveStats", "mask_identity"]
+__all__ = ["AlertThresholds", "LiveStats", "backend_summary"]
 
 _NAMESPACE = "stats"
 _STALE = 10.0  # seconds: an instance that wrote nothing for this long is gone
@@ -212,46 +212,12 @@ class LiveStats:
         say), with the block rate, the alerts and the top limited clients."""
         summaries = [self.local_summary()]
         if self._store is not None:
-            try:
-                _, entries = await self._store.control_load(_NAMESPACE)
-            except BackendError:
-                entries = {}
-            now = time.time()
-            gone = []
-            for instance, text in entries.items():
-                if instance == self.instance:
-                    continue
-                other = _parse(text)
-                if other is None or now - float(other.get("at", 0)) > _STALE:
-                    gone.append(instance)
-                elif other is not None:
-                    summaries.append(other)
-            if gone:
-                with contextlib.suppress(BackendError):
-                    await self._store.control_delete(_NAMESPACE, gone)
-        merged = _merge(summaries)
-        total, blocked = merged["total"], merged["blocked"]
-        merged["block_rate"] = round(100.0 * blocked / total, 2) if total else 0.0
-        merged["alerts"] = self.alerts(total, merged["block_rate"])
-        ranked = sorted(merged.pop("limited").items(), key=lambda item: -item[1])
-        merged["top_limited"] = [[name, n] for name, n in ranked[: self.top]]
-        merged["window"] = self._buckets.maxlen
-        merged["thresholds"] = asdict(self.thresholds)
-        return merged
+            summaries += await _instances(self._store, skip=self.instance)
+        return _finish(_merge(summaries), self.thresholds, self.top, self._buckets.maxlen)
 
     def alerts(self, total: int, block_rate: float) -> list[dict[str, Any]]:
         """The seed's three alerts for these numbers."""
-        t = self.thresholds
-        found = []
-        if block_rate > t.critical_block_rate:
-            title, limit = "High rate limit block rate", t.critical_block_rate
-            found.append(_alert("critical", title, block_rate, limit))
-        elif block_rate > t.warning_block_rate:
-            title, limit = "Elevated rate limit block rate", t.warning_block_rate
-            found.append(_alert("warning", title, block_rate, limit))
-        if total > t.requests_per_window:
-            found.append(_alert("info", "High request volume", total, t.requests_per_window))
-        return found
+        return _alerts(self.thresholds, total, block_rate)
 
     def _breakers(self) -> dict[str, int]:
         states: dict[str, int] = {}
@@ -259,6 +225,63 @@ class LiveStats:
             state = limiter.breaker.state if limiter.breaker is not None else "none"
             states[state] = states.get(state, 0) + 1
         return states
+
+
+async def backend_summary(store: ControlStore, top: int = 10) -> dict[str, Any]:
+    """The sum of what every live instance last wrote to ``store`` (for the CLI), with the
+    default alert thresholds."""
+    return _finish(_merge(await _instances(store)), AlertThresholds(), top, None)
+
+
+async def _instances(store: ControlStore, skip: str = "") -> list[dict[str, Any]]:
+    """The summaries written by the instances heard from lately; stale ones are deleted."""
+    try:
+        _, entries = await store.control_load(_NAMESPACE)
+    except BackendError:
+        return []
+    now, found, gone = time.time(), [], []
+    for instance, text in entries.items():
+        if instance == skip:
+            continue
+        other = _parse(text)
+        try:
+            fresh = other is not None and now - float(other.get("at", 0)) <= _STALE
+        except (TypeError, ValueError):
+            fresh = False
+        if other is not None and fresh:
+            found.append(other)
+        else:
+            gone.append(instance)
+    if gone:
+        with contextlib.suppress(BackendError):
+            await store.control_delete(_NAMESPACE, gone)
+    return found
+
+
+def _finish(
+    merged: dict[str, Any], thresholds: AlertThresholds, top: int, window: int | None
+) -> dict[str, Any]:
+    total, blocked = merged["total"], merged["blocked"]
+    merged["block_rate"] = round(100.0 * blocked / total, 2) if total else 0.0
+    merged["alerts"] = _alerts(thresholds, total, merged["block_rate"])
+    ranked = sorted(merged.pop("limited").items(), key=lambda item: -item[1])
+    merged["top_limited"] = [[name, n] for name, n in ranked[:top]]
+    merged["window"] = window
+    merged["thresholds"] = asdict(thresholds)
+    return merged
+
+
+def _alerts(t: AlertThresholds, total: int, block_rate: float) -> list[dict[str, Any]]:
+    found = []
+    if block_rate > t.critical_block_rate:
+        title, limit = "High rate limit block rate", t.critical_block_rate
+        found.append(_alert("critical", title, block_rate, limit))
+    elif block_rate > t.warning_block_rate:
+        title, limit = "Elevated rate limit block rate", t.warning_block_rate
+        found.append(_alert("warning", title, block_rate, limit))
+    if total > t.requests_per_window:
+        found.append(_alert("info", "High request volume", total, t.requests_per_window))
+    return found
 
 
 def _add2(target: dict[str, list[int]], name: str, n: int, denied: int) -> None:

@@ -4,6 +4,7 @@ test_dashboard_browser.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -163,3 +164,30 @@ def test_dashboard_configuration_errors() -> None:
         dashboard_app(LiveStats(RateLimiter(), flush=False), token="short")
     with pytest.raises(ConfigurationError, match="window"):
         LiveStats(RateLimiter(), window=1)
+
+
+@pytest.mark.redis
+async def test_the_cli_shows_every_instances_traffic(redis_url: str) -> None:
+    from http_helpers import cli
+
+    from fastapi_ratelimit import RedisBackend
+
+    limiters = [
+        RateLimiter(backend=RedisBackend.from_url(redis_url), ip_limit="2/minute") for _ in range(2)
+    ]
+    instances = [manual(LiveStats(limiter)) for limiter in limiters]
+    for limiter, stats in zip(limiters, instances, strict=True):
+        async with client(make_app(limiter, stats), ip="198.51.100.4") as http:
+            for _ in range(3):
+                await http.get("/items/1")
+        await stats.tick_and_flush()
+    shown = await asyncio.to_thread(cli, redis_url, "--json", "stats")
+    assert shown.returncode == 0, shown.stderr
+    traffic = json.loads(shown.stdout)["traffic"]
+    assert traffic["instances"] == 2
+    assert traffic["total"] == 6
+    assert traffic["blocked"] == 4  # one shared Redis: 2 admitted in all
+    assert traffic["top_limited"] == [["198.51.100.0/24", 4]]
+    assert "198.51.100.4" not in shown.stdout
+    for limiter in limiters:
+        await limiter.aclose()
