@@ -178,6 +178,13 @@ VARIANTS: tuple[Variant, ...] = (
         target=0.85,
     ),
     Variant(
+        "frl-memory-3-metrics",
+        "app_frl_memory_3",
+        "frl-memory-3 with Prometheus metrics on (target: 0.95 of frl-memory-3)",
+        frl_levels=3,
+        env=(("BENCH_METRICS", "1"),),
+    ),
+    Variant(
         "frl-memory-5",
         "app_frl_memory_5",
         "fastapi_ratelimit middleware, memory, 5 levels (+ API key, user via user_resolver)",
@@ -230,6 +237,16 @@ VARIANTS: tuple[Variant, ...] = (
         requires=("redis",),
         default=False,
         env=(("BENCH_MULTIPLEX", "0"),),
+    ),
+    Variant(
+        "frl-redis-5-metrics",
+        "app_frl_redis_5",
+        "frl-redis-5 with Prometheus metrics on (target: 0.95 of frl-redis-5)",
+        redis=True,
+        frl_levels=5,
+        requires=("redis",),
+        default=False,
+        env=(("BENCH_METRICS", "1"),),
     ),
     Variant(
         "limits-redis-1",

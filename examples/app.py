@@ -85,6 +85,8 @@ limiter = RateLimiter(
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
+    if metrics is not None:
+        metrics.close()  # several workers: this one's last counts
     await limiter.aclose()
 
 
@@ -151,6 +153,14 @@ async def process(request: Request) -> dict[str, str]:
 async def batch(payload: Batch) -> dict[str, int]:
     return {"queued": len(payload.documents)}
 
+
+try:  # Prometheus metrics at /metrics (exempt by default) when the [prometheus] extra is in
+    from fastapi_ratelimit.metrics import RateLimitMetrics
+except ImportError:
+    metrics = None
+else:
+    metrics = RateLimitMetrics(limiter)
+    app.add_route("/metrics", metrics.endpoint)
 
 # Outermost last: CORS wraps the limiter, so a 429 still carries CORS headers.
 app.add_middleware(RateLimitMiddleware, limiter=limiter)

@@ -299,7 +299,16 @@ async def _stats(backend: Any) -> dict[str, Any]:
     for namespace in ("allow", "block", "tiers"):
         _, entries = await backend.control_load(namespace)
         sizes[namespace] = len(entries)
-    return {"keys": dict(sorted(counts.items())), "total_keys": sum(counts.values()), **sizes}
+    from .stats import backend_summary
+
+    # What the apps' live stats (LiveStats) wrote in the last seconds, if any run.
+    traffic = await backend_summary(backend)
+    return {
+        "keys": dict(sorted(counts.items())),
+        "total_keys": sum(counts.values()),
+        **sizes,
+        "traffic": traffic,
+    }
 
 
 def _ttl(text: str) -> float:

@@ -424,6 +424,12 @@ class DynamicLimits:
         if self._override is None:
             return 1.0
         await self._override.ensure_loaded()
+        return self.override_now()
+
+    def override_now(self) -> float:
+        """The operator's factor as last mirrored, without waiting (for metrics)."""
+        if self._override is None:
+            return 1.0
         entry = self._override.entries.get("all")
         if entry is None or not live(entry, time.time()):
             return 1.0

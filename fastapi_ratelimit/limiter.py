@@ -35,9 +35,12 @@ from .headers import HeaderStyle, parse_header_style, rate_limit_headers, retry_
 from .identity import ClientIP, api_key_from_scope, ip_identity, parse_ip
 from .keys import KeyBuilder
 from .limit_overrides import LimitOverrides, target_key
+from .logs import log_limited
+from .masking import mask_identity
 from .node_breakers import NodeBreakers
 from .policy import Algorithm, Policy
 from .rate import Rate, parse_rate
+from .recorder import Recorder, error_kind
 from .responses import (
     backend_unavailable_response,
     quota_exceeded_response,
@@ -183,6 +186,9 @@ def user_identity(user: Any) -> str | None:
 class RateLimiter:
     """Everything about *what* is limited, shared by all three entry points.
 
+    Metrics are off unless :class:`~fastapi_ratelimit.metrics.RateLimitMetrics` (or the
+    dashboard) sets :attr:`recorder`.
+
     Args:
         backend: where state lives (default: a new :class:`MemoryBackend`).
         global_limit: one quota for all requests (``"10000/minute"``).
@@ -234,6 +240,9 @@ class RateLimiter:
             API, the CLI) to the levels this limiter has. Off by default: then no instance
             mirrors or polls them. Turn it on in every instance that must apply them.
     """
+
+    #: Counts every verdict in process when set (see recorder.py); ``None``: metrics off.
+    recorder: Recorder | None = None
 
     def __init__(
         self,
@@ -676,6 +685,8 @@ class RateLimiter:
         # An idle breaker (closed, nothing failed lately) needs no call either way.
         if breaker is not None and not breaker.idle:
             if not breaker.allow_call():
+                if self.recorder is not None:
+                    self.recorder.backend_error("circuit_open")
                 return await self._backend_down(checks, None)
             probe = breaker.state == "half_open"  # half-open lets only its one probe through
         try:
@@ -683,6 +694,8 @@ class RateLimiter:
         except BackendError as exc:
             if breaker is not None:
                 breaker.record_failure()
+            if self.recorder is not None:
+                self.recorder.backend_error(error_kind(exc))
             return await self._backend_down(checks, exc)
         except BaseException:
             # Cancelled (the client went away) or a bug: no answer about the backend. A probe
@@ -731,16 +744,21 @@ class RateLimiter:
         if budget <= 0 or self._waiting >= self._max_waiting:
             return verdict
         self._waiting += 1
+        started = time.monotonic()
+        waited = False
         try:
             while not verdict.allowed:
                 wait = verdict.retry_after
                 if time.monotonic() + wait > deadline:
-                    return verdict
+                    break
                 await asyncio.sleep(wait)
+                waited = True
                 retried = await self._hit(checks)
                 if retried is None:
                     return None
                 verdict = retried
+            if waited and self.recorder is not None:
+                self.recorder.delayed(time.monotonic() - started, verdict.allowed)
             return verdict
         finally:
             self._waiting -= 1
@@ -834,7 +852,12 @@ class RateLimiter:
                 # Through the breaker: a failing backend is not waited on after every response.
                 await self._polling.call("a refund", lambda: self.backend.refund(refunds))
         except Exception as exc:  # a refund_when that raises: the response is already sent
-            logger.warning("rate-limit adjustment after the response failed: {!r}", exc)
+            log_limited(
+                "WARNING",
+                "adjustment",
+                "rate-limit adjustment after the response failed: {!r}",
+                exc,
+            )
 
     async def aclose(self) -> None:
         """Stop background refreshes and close the backend. Call it from the app's lifespan
@@ -1065,12 +1088,23 @@ class RateLimiter:
             *(self._polling.call("a shadow level", partial(self.backend.hit, [c])) for c in checks)
         )
         for check, result in zip(checks, results, strict=True):
+            if result is not None and self.recorder is not None:
+                self.recorder.shadow_decision(check.scope, result.allowed)
             if result is not None and not result.allowed:
-                logger.info(
-                    "shadow rate limit would deny: {} {} ({})",
+                # One line a second at most: a flood would deny on every request.
+                client = _masked_client(check)
+                log_limited(
+                    "INFO",
+                    "shadow",
+                    "shadow rate limit would deny: {} {} ({}) for {}",
                     context.endpoint,
                     check.policy.name,
                     check.scope,
+                    client,
+                    endpoint=context.endpoint,
+                    policy=check.policy.name,
+                    scope=check.scope,
+                    client=client,
                 )
 
     def _custom_cost(self, connection: HTTPConnection, fallback: int, multiplier: float) -> int:
@@ -1140,6 +1174,15 @@ def _composite_identity(parts: tuple[str, ...], context: RequestContext) -> tupl
 
 
 _CLIENT_SCOPES = frozenset({"ip", "user", "api_key"})
+
+
+def _masked_client(check: Check) -> str:
+    """Who a level counts, as logs may show it."""
+    kind = check.scope.partition("+")[0]
+    identity = check.identity
+    if not isinstance(identity, str) or not identity or kind not in ("ip", "user", "api_key"):
+        return check.scope  # a shared level (global, endpoint) or a composite identity
+    return mask_identity(kind, identity)
 
 
 def _records(context: RequestContext) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Awaitable, Iterable
 from operator import itemgetter, methodcaller
+from time import perf_counter
 from typing import Any
 
 from starlette.requests import HTTPConnection
@@ -90,6 +91,9 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limiter = self.limiter
+        # Metrics (see recorder.py): a few dict increments per request, only when enabled.
+        recorder = limiter.recorder
+        started = perf_counter() if recorder is not None else 0.0
         try:
             if limiter.sync_context:
                 context = limiter.build_context(scope)
@@ -104,17 +108,23 @@ class RateLimitMiddleware:
             until = await breaker.open_until(context.endpoint)
             if until is not None:
                 retry = max(1, math.ceil(until - time.time()))
+                if recorder is not None:
+                    recorder.refused(context, "endpoint_breaker", perf_counter() - started)
                 await self._refuse(scope, receive, send, endpoint_unavailable_response(retry))
                 return
         lists = limiter.lists
         # Empty lists (the usual case) cost no coroutine.
         listed = None if lists is None or lists.known_empty() else await limiter.access(context)
         if listed == "block":
+            if recorder is not None:
+                recorder.refused(context, "blocklist", perf_counter() - started)
             await self._refuse(scope, receive, send, blocked_response())
             return
         if listed == "allow":
             # Allow-listed: no limiting, no counting, no headers; route guards stand down too.
             context.exempt = True
+            if recorder is not None:
+                recorder.request(context, None, perf_counter() - started)
             scope[SCOPE_KEY] = context
             await self.app(scope, receive, send)
             return
@@ -147,8 +157,12 @@ class RateLimitMiddleware:
             try:
                 verdict = await limiter.run(checks, context)
             except BackendError:
+                if recorder is not None:
+                    recorder.refused(context, "backend_unavailable", perf_counter() - started)
                 await self._refuse(scope, receive, send, limiter.unavailable_response())
                 return
+        if recorder is not None:
+            recorder.request(context, verdict, perf_counter() - started)
         if verdict is not None and not verdict.allowed:
             await self._refuse(scope, receive, send, limiter.denial_response(context, verdict))
             return

@@ -29,6 +29,8 @@ LUA = sorted(p.name for p in (ROOT / "fastapi_ratelimit" / "backends" / "lua").g
 SHIPPED = (
     "fastapi_ratelimit/py.typed",
     *(f"fastapi_ratelimit/backends/lua/{name}" for name in LUA),
+    # The live dashboard's page, script and styles: it must work offline.
+    *(f"fastapi_ratelimit/dashboard/{name}" for name in ("index.html", "app.js", "style.css")),
 )
 
 

@@ -30,6 +30,12 @@ limiter = RateLimiter(
 app = FastAPI()
 app.add_middleware(RateLimitMiddleware, limiter=limiter)
 
+if os.environ.get("BENCH_METRICS") == "1":
+    # The "-metrics" variants: the same app with Prometheus metrics on (and served).
+    from fastapi_ratelimit.metrics import RateLimitMetrics
+
+    app.add_route("/metrics", RateLimitMetrics(limiter).endpoint)
+
 
 @app.get("/hello")
 async def hello() -> dict[str, str]:

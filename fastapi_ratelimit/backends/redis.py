@@ -35,6 +35,7 @@ from ..clock import Clock
 from ..decision import Decision, Verdict
 from ..errors import BackendError, ConfigurationError
 from ..keys import KeyBuilder
+from ..logs import log_limited
 from ._denials import DenialCache
 from ._pipe import bulk as _bulk
 from ._pipe import pack, pipe_for
@@ -411,7 +412,12 @@ class RedisBackend:
                 if isinstance(error, BaseException):
                     # The request is refused either way; the levels stay charged until their
                     # window passes. Say so, once per failed refund.
-                    logger.warning("could not refund a cluster slot after a denial: {}", error)
+                    log_limited(
+                        "WARNING",
+                        "cluster-refund",
+                        "could not refund a cluster slot after a denial: {}",
+                        error,
+                    )
             for i in (i for g in committed for i in g):
                 d = decisions[i]
                 assert d is not None
