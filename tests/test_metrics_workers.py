@@ -67,11 +67,15 @@ async def test_two_workers_one_sum(redis_url: str, tmp_path: Path) -> None:
                 response = await client.get("/hello")
                 return response.status_code, response.headers["x-pid"]
 
-        answers = []
-        for _ in range(8):
+        # At least 120 requests, and more until both workers have served some: the kernel
+        # spreads connections over the workers, but a loaded machine may favour one for a while.
+        answers: list[tuple[int, str]] = []
+        deadline = time.monotonic() + 60
+        while len(answers) < 120 or len({pid for _, pid in answers}) < 2:
+            assert time.monotonic() < deadline, "one worker served all"
             answers += await asyncio.gather(*(one() for _ in range(15)))
+        sent = len(answers)
         assert [status for status, _ in answers].count(200) == 40
-        assert len({pid for _, pid in answers}) == 2, "one worker served all"
 
         # Each worker writes its counts at least once a second; any worker serves the sum.
         deadline = time.monotonic() + 30
@@ -80,13 +84,13 @@ async def test_two_workers_one_sum(redis_url: str, tmp_path: Path) -> None:
                 scraped = await client.get("/metrics")
             assert scraped.status_code == 200
             sums = totals(scraped.text)
-            if sums.get("rate_limit_requests_total") == 120 or time.monotonic() > deadline:
+            if sums.get("rate_limit_requests_total") == sent or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.1)
-        assert sums["rate_limit_requests_total"] == 120
+        assert sums["rate_limit_requests_total"] == sent
         assert sums["rate_limit_requests_allowed_total"] == 40
-        assert sums["rate_limit_requests_blocked_total/ip"] == 80
-        assert sums["rate_limit_check_duration_seconds_count"] == 120
+        assert sums["rate_limit_requests_blocked_total/ip"] == sent - 40
+        assert sums["rate_limit_check_duration_seconds_count"] == sent
         assert sums["rate_limit_active_limiters"] == 2  # one per worker, added up
         assert "127.0.0.1" not in scraped.text
 
@@ -101,4 +105,4 @@ async def test_two_workers_one_sum(redis_url: str, tmp_path: Path) -> None:
             server.stderr.close()
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path))
-    assert totals(generate_latest(registry).decode())["rate_limit_requests_total"] == 130
+    assert totals(generate_latest(registry).decode())["rate_limit_requests_total"] == sent + 10
