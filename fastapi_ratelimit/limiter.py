@@ -40,6 +40,7 @@ from .responses import (
     quota_exceeded_response,
     reduced_capacity_response,
 )
+from .route_limits import refund_server_error
 from .routing import UNMATCHED, request_method, resolve_route
 from .tiers import Tier, TierStore, build_tiers
 
@@ -747,14 +748,18 @@ class RateLimiter:
         )
 
     async def after_response(self, context: RequestContext, status: int | None) -> None:
-        """Refunds by status, the adjustment for a cost the endpoint reported, and the
-        endpoint breaker's count."""
+        """Refunds by status (every level, for a server error), the adjustment for a cost the
+        endpoint reported, and the endpoint breaker's count."""
         if status is None:
             return
         if self.endpoint_breaker is not None:
             await self.endpoint_breaker.record(context.endpoint, status)
         if self.breaker is not None and self.breaker.state != "closed":
             return  # the backend is down: refunds would only add latency
+        if status >= 500:
+            # A server error is never charged: every level gives its units back.
+            await refund_server_error(self, context.charged)
+            return
         try:
             refunds: list[Check] = []
             # Route limits with a cost of their own are refunded by their own rule.

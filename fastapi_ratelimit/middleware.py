@@ -152,12 +152,18 @@ class RateLimitMiddleware:
             return
         responder = _Responder(self.app, context, send)
         load = limiter.dynamic.load if limiter.dynamic is not None else None
-        if load is not None:
-            await responder.run_measured(scope, receive, load)
-        else:
-            await self.app(scope, receive, responder.send)
-        if limiter.needs_after_response(context):
-            await limiter.after_response(context, responder.status)
+        try:
+            if load is not None:
+                await responder.run_measured(scope, receive, load)
+            else:
+                await self.app(scope, receive, responder.send)
+        except Exception:
+            # An error escaping the app becomes a 500 further out: not charged either.
+            await limiter.after_response(context, 500)
+            raise
+        status = responder.status
+        if limiter.needs_after_response(context) or (status is not None and status >= 500):
+            await limiter.after_response(context, status)
 
     def _skip(self, scope: Scope) -> bool:
         path: str = scope["path"]

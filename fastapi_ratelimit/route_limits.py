@@ -11,10 +11,11 @@ header appears once. Without the middleware, they check for themselves.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from loguru import logger
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
@@ -154,12 +155,13 @@ async def enforce(
     *,
     user: str | None = None,
     response: Response | None = None,
-) -> None:
-    """Check ``limit`` for this request unless the middleware already did."""
+) -> Check | None:
+    """Check ``limit`` for this request unless the middleware already did. Returns the check
+    it charged, if any (the decorator refunds it when the endpoint fails)."""
     scope = connection.scope
     context = scope.get(SCOPE_KEY)
     if isinstance(context, RequestContext) and (context.exempt or id(limit) in context.handled):
-        return
+        return None
     limiter = limit.limiter or (context.limiter if isinstance(context, RequestContext) else None)
     if limiter is None:
         raise RuntimeError(
@@ -174,16 +176,16 @@ async def enforce(
             raise HTTPException(403, "Access denied.")
         if listed == "allow":
             context.exempt = True
-            return
+            return None
     context.handled = context.handled | {id(limit)}
     check = limit.check(context, await limit.key_value(connection), user)
     if check is None:
-        return
+        return None
     if context.charged:
         # A decorator and a guard with the same rate and scope are one limit: count it once.
         key = storage_key(check)
         if any(storage_key(c) == key for c in context.charged):
-            return
+            return None
     try:
         verdict = await limiter.run([check], context)
     except BackendError:
@@ -193,7 +195,7 @@ async def enforce(
             503, "Rate limiting is temporarily unavailable.", {"Retry-After": wait}
         ) from None
     if verdict is None:  # backend failed under on_backend_error="allow"
-        return
+        return None
     if limit.refund_when is not None:
         context.refundable = (*context.refundable, (limit, check))
     if not verdict.allowed:
@@ -206,6 +208,25 @@ async def enforce(
             context.decisions, limiter.header_style, now=limiter.now()
         ):
             response.headers[name.decode("latin-1")] = value.decode("latin-1")
+    return check
+
+
+def server_error(exc: BaseException) -> bool:
+    """Whether ``exc``, escaping an endpoint, becomes a 5xx response."""
+    if isinstance(exc, HTTPException):
+        return exc.status_code >= 500
+    return isinstance(exc, Exception)
+
+
+async def refund_server_error(limiter: RateLimiter, checks: Sequence[Check]) -> None:
+    """Give back what a request that ended in a server error was charged: a client never
+    pays for the server's failure. Best effort: a failing backend is only logged."""
+    if not checks:
+        return
+    try:
+        await limiter.backend.refund(checks)
+    except BackendError as exc:
+        logger.warning("rate-limit refund after a server error failed: {}", exc)
 
 
 def _str(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
