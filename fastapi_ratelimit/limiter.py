@@ -26,7 +26,7 @@ from .breaker import CircuitBreaker, EndpointBreaker
 from .context import RequestContext
 from .control import ControlStore, PollPolicy
 from .costs import CostTable, check_cost, check_endpoint, endpoint_key
-from .decision import Decision, Verdict
+from .decision import Decision, Verdict, never
 from .denials import DenialLog
 from .dynamic import DynamicLimits
 from .errors import BackendError, ConfigurationError
@@ -37,6 +37,7 @@ from .policy import Algorithm, Policy
 from .rate import Rate, parse_rate
 from .responses import (
     backend_unavailable_response,
+    cost_exceeds_limit_response,
     quota_exceeded_response,
     reduced_capacity_response,
 )
@@ -293,6 +294,7 @@ class RateLimiter:
         for composite in composite_limits:
             self._composites.append(_composite(composite, algorithm))
         self._costs = costs if isinstance(costs, CostTable) else CostTable(costs)
+        self._check_costs()
         for name, value in (
             ("cost_function", cost_function),
             ("user_resolver", user_resolver),
@@ -404,6 +406,47 @@ class RateLimiter:
             self.endpoint_breaker.bind(store, refresh_interval, polling)
         if self.dynamic is not None:
             self.dynamic.bind(store, refresh_interval, polling)
+
+    def _check_costs(self) -> None:
+        """Refuse a cost that a level could never admit (times every tier's multiplier): each
+        such request would be refused for ever, with nothing to tell the client why."""
+        shared = [p for p in (self._global, self._ip, self._api_key, self._user) if p]
+        shared += [policy for _, _, policy in self._composites]
+        # (cost table entry, its cost, the levels it meets)
+        rows = [
+            (endpoint, cost, [*shared, *self._endpoint_policies(endpoint)])
+            for endpoint, cost in self._costs.entries().items()
+        ]
+        # An endpoint limit without a cost entry of its own meets the default cost.
+        rows += [(key, self._costs.cost(key), [p]) for key, p in self._endpoints.items()]
+        tiers: list[Tier | None] = [None]
+        tiers += list(self._tiers.values()) if self._tiers is not None else []
+        for endpoint, base, policies in rows:
+            for tier in tiers:
+                cost, levels = base, policies
+                if tier is not None:
+                    cost = self._costs.cost(endpoint, tier.cost_multiplier)
+                    levels = [*policies, tier.policy, tier.key_policy]
+                for policy in levels:
+                    if cost > policy.limit:
+                        where = f" in tier {tier.name!r}" if tier is not None else ""
+                        raise ConfigurationError(
+                            f"costs[{endpoint!r}]",
+                            base,
+                            f"a request costs {cost} units{where}, more than policy "
+                            f"{policy.name!r} admits at once ({policy.limit}): it could never "
+                            "pass",
+                        )
+
+    def _endpoint_policies(self, endpoint: str) -> list[Policy]:
+        """The endpoint limits a cost table entry meets (``"* /path"`` on either side)."""
+        method, _, path = endpoint.partition(" ")
+        return [
+            policy
+            for key, policy in self._endpoints.items()
+            if (key.partition(" ")[2] == path and "*" in (method, key.partition(" ")[0]))
+            or key == endpoint
+        ]
 
     # -- per request ---------------------------------------------------------------------------
 
@@ -567,6 +610,7 @@ class RateLimiter:
         """Decide ``checks`` (one backend call for the enforced ones) and record the decisions
         in ``context``. Returns ``None`` when the backend failed and the policy is to allow;
         raises :class:`BackendError` when it failed and the policy is to deny."""
+        given = checks
         if self.dynamic is not None:
             checks = await self._scaled_checks(checks, context)
             denial = await self._penalty(context)
@@ -582,8 +626,13 @@ class RateLimiter:
         if not enforced:
             return Verdict(())
         verdict = await self._hit(enforced)
-        if verdict is not None and not verdict.allowed and self._delays:
-            verdict = await self._wait_and_retry(enforced, verdict)
+        if verdict is not None and not verdict.allowed:
+            # Measured against the quotas as configured: a scaled-down one comes back.
+            never = self._never(c for c in given if not self._is_shadow(c.scope))
+            if never is not None:
+                verdict = never
+            elif self._delays:
+                verdict = await self._wait_and_retry(enforced, verdict)
         if verdict is None:
             return None
         self._record(verdict, enforced, context)
@@ -604,8 +653,24 @@ class RateLimiter:
         backend = self.backend
         assert isinstance(backend, MemoryBackend)
         verdict = backend.hit_now(checks)
+        if not verdict.allowed:
+            verdict = self._never(checks) or verdict
         self._record(verdict, checks, context)
         return verdict
+
+    @staticmethod
+    def _never(checks: Iterable[Check]) -> Verdict | None:
+        """The verdict for checks one of which costs more than its level ever admits (a cost
+        function, a tier multiplier): refused for good, with ``retry_after`` infinite, since
+        any finite wait would be a promise never kept. Looked at on denials only."""
+        decisions = tuple(
+            Decision(
+                False, c.policy.limit, 0, 0.0, math.inf, c.policy.name, c.scope, c.policy.window
+            )
+            for c in checks
+            if c.cost > c.policy.limit
+        )
+        return Verdict(decisions) if decisions else None
 
     def _record(self, verdict: Verdict, enforced: Sequence[Check], context: RequestContext) -> None:
         # Replaced, not extended (see RequestContext): usually the first and only time.
@@ -726,6 +791,8 @@ class RateLimiter:
         )
 
     def denial_response(self, context: RequestContext, verdict: Verdict) -> Response:
+        if never(verdict.decisions):
+            return cost_exceeds_limit_response(verdict.decisions, context.cost)
         headers = rate_limit_headers(context.decisions, self.header_style, now=self.now())
         if (
             context.reduced
@@ -777,7 +844,15 @@ class RateLimiter:
                     refunds.extend(c._replace(cost=-delta) for c in charged)
                 else:
                     # Charged afterwards where quota is left; denied means nothing is taken.
-                    await self.backend.hit([c._replace(cost=delta) for c in charged])
+                    # Never more than a level admits at once: a cost beyond it could never
+                    # be charged, and the request would have cost nothing extra at all.
+                    extra = [
+                        c._replace(cost=min(delta, c.policy.limit - c.cost))
+                        for c in charged
+                        if c.policy.limit > c.cost
+                    ]
+                    if extra:
+                        await self.backend.hit(extra)
             if refunds:
                 await self.backend.refund(refunds)
         except BackendError as exc:

@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 from .backends.base import Check, storage_key
 from .context import SCOPE_KEY, RequestContext
+from .decision import never
 from .errors import BackendError, ConfigurationError
 from .headers import rate_limit_headers, retry_after_value
 from .keys import Identity
@@ -111,6 +112,13 @@ class RouteLimit:
             )
             default_name = f"route-{scope.replace('+', '-')}-{parsed.limit}-{parsed.period:g}s"
             policy = Policy(name or default_name.replace(".", "_"), parsed, algorithm)
+        if cost is not None and cost > policy.limit:
+            raise ConfigurationError(
+                f"{where}: cost",
+                cost,
+                f"exceeds policy {policy.name!r}, which admits at most {policy.limit} units at "
+                "once: such a request could never pass",
+            )
         return cls(policy, scope, parts if key is None else (), cost, key, limiter, refund_when)
 
     @property
@@ -199,6 +207,13 @@ async def enforce(
     if limit.refund_when is not None:
         context.refundable = (*context.refundable, (limit, check))
     if not verdict.allowed:
+        if never(verdict.decisions):
+            # No wait would help: no Retry-After, and not a 429 that invites one.
+            raise HTTPException(
+                403,
+                f"This request costs {check.cost} units; policy {check.policy.name!r} admits "
+                f"at most {check.policy.limit} at once, so it can never pass.",
+            )
         context.denial = verdict
         headers = rate_limit_headers(context.decisions, limiter.header_style, now=limiter.now())
         retry = retry_after_value(verdict.decisions)
