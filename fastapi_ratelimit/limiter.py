@@ -206,6 +206,9 @@ class RateLimiter:
             (plus the seed's ``X-RateLimit-*``), ``"x-ratelimit"``, ``"legacy"``, ``"none"``.
             Every extra header costs the server about 3 us per response to write.
         shadow: ``True`` or a set of scopes: decided, counted and logged, never enforced.
+        shadow_headers: announce the shadow levels in the rate-limit headers of admitted
+            responses (the default), so clients see a limit before it is enforced; ``False``
+            hides them.
         on_backend_error: when the backend fails (error, timeout, or its circuit breaker is
             open): ``"allow"`` (fail open) or ``"deny"`` (503), or a mapping per scope with an
             optional ``"default"`` (``{"ip": "deny", "default": "allow"}``). A request is
@@ -256,6 +259,7 @@ class RateLimiter:
         user_resolver: Resolver | None = None,
         headers: HeaderStyle | str = HeaderStyle.IETF,
         shadow: bool | Iterable[str] = False,
+        shadow_headers: bool = True,
         on_backend_error: OnBackendError | Mapping[str, OnBackendError] = "allow",
         fallback: bool = False,
         breaker: CircuitBreaker | Literal["default"] | None = "default",
@@ -328,6 +332,9 @@ class RateLimiter:
             raise ConfigurationError("shadow", shadow, "must be True/False or a set of scopes")
         else:
             self._shadow_all, self._shadow = False, frozenset(shadow)
+        if not isinstance(shadow_headers, bool):
+            raise ConfigurationError("shadow_headers", shadow_headers, "must be True or False")
+        self._shadow_headers = shadow_headers
         self._on_error_default, self._on_error = _failure_policies(on_backend_error)
         self._fallback = MemoryBackend() if fallback else None
         if breaker == "default":
@@ -1046,6 +1053,8 @@ class RateLimiter:
             *(self.backend.hit([c]) for c in checks), return_exceptions=True
         )
         for check, result in zip(checks, results, strict=True):
+            if isinstance(result, Verdict) and self._shadow_headers:
+                context.shadow = (*context.shadow, *result.decisions)
             if isinstance(result, Verdict) and not result.allowed:
                 logger.info(
                     "shadow rate limit would deny: {} {} ({})",

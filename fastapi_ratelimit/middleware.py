@@ -237,8 +237,11 @@ class _Responder:
                 self.replaced = True
                 return _send_denial(self._send, context, context.denial)
             style = context.limiter.header_style
-            if context.decisions and style is not _NO_HEADERS:
-                ours = rate_limit_headers(context.decisions, style, now=time.time())
+            decisions = context.decisions
+            if context.shadow:
+                decisions = (*decisions, *context.shadow)
+            if decisions and style is not _NO_HEADERS:
+                ours = rate_limit_headers(decisions, style, now=time.time())
                 headers = message.get("headers", ())
                 names = HEADER_NAMES[style]
                 # Replace, never append: each header appears once even if the app set one.

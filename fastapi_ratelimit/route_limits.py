@@ -219,9 +219,8 @@ async def enforce(
         retry = retry_after_value(verdict.decisions)
         raise RateLimitExceeded(verdict, {**_str(headers), "Retry-After": str(retry)})
     if response is not None and not context.middleware:
-        for name, value in rate_limit_headers(
-            context.decisions, limiter.header_style, now=limiter.now()
-        ):
+        decisions = (*context.decisions, *context.shadow)
+        for name, value in rate_limit_headers(decisions, limiter.header_style, now=limiter.now()):
             response.headers[name.decode("latin-1")] = value.decode("latin-1")
     return check
 
