@@ -42,7 +42,7 @@ def rate_limit(
     cost: int | None = None,
     key: KeyFunc | None = None,
     name: str | None = None,
-    algorithm: Algorithm | str = Algorithm.SLIDING_WINDOW_COUNTER,
+    algorithm: Algorithm | str | None = None,
     limiter: RateLimiter | None = None,
     refund_when: Callable[[int], bool] | None = None,
 ) -> Callable[[F], F]:

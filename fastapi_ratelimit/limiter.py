@@ -41,7 +41,7 @@ from .responses import (
     quota_exceeded_response,
     reduced_capacity_response,
 )
-from .route_limits import refund_server_error
+from .route_limits import RouteLimit, refund_server_error
 from .routing import UNMATCHED, request_method, resolve_route
 from .tiers import Tier, TierStore, build_tiers
 
@@ -77,6 +77,8 @@ class _EndpointPlan(NamedTuple):
     #: The global and endpoint checks at that cost (checks are immutable: shared safely).
     global_check: Check | None
     endpoint_check: Check | None
+    #: Per-client limits of this endpoint (``endpoint_limits`` given as ``(rate, scope)``).
+    client_limits: tuple[RouteLimit, ...] = ()
 
 
 _MAX_PLANS = 4096
@@ -190,9 +192,13 @@ class RateLimiter:
         user_limit: per user, when there are no ``tiers``.
         endpoint_limits: per endpoint, shared by all clients:
             ``{"POST /ocr/process": "50/minute"}`` (route template + method); ``"* /path"``
-            gives every method of the route that limit, each method counted apart.
+            gives every method of the route that limit, each method counted apart. A
+            ``(rate, scope)`` pair limits each client apart instead:
+            ``{"POST /ocr/process": ("50/minute", "user")}`` (scopes as for ``@rate_limit``).
         composite_limits: levels keyed on several parts (:class:`CompositeLimit`).
-        algorithm: the algorithm for limits given as strings or Rates.
+        algorithm: the one default algorithm: for every limit given as a string or Rate
+            (levels, tiers, ``endpoint_limits``, composites) and for ``@rate_limit`` and
+            ``RateLimit`` without ``algorithm=``.
         tiers, default_tier, tier_resolver: per-user tiers; ``tier_resolver(request)`` (sync or
             async) names the tier; unknown or missing names fall back to ``default_tier``.
         costs: ``{"POST /ocr/process": 10}`` or a :class:`CostTable`; ``cost_function(request)``
@@ -228,6 +234,11 @@ class RateLimiter:
         access_lists: apply the allow/block lists (``limiter.allow(...)``, the admin API,
             the CLI). Off by default: then no instance mirrors or polls them. Entries may be
             added from anywhere, so turn it on in every instance that must apply them.
+        allow, block: static list entries, checked at construction and applied in this
+            process beside any stored ones (no ``access_lists=True`` needed):
+            ``allow=["ip:10.0.0.0/8", "user:admin"]``, ``block=["api_key:leaked-key"]``.
+        user_tiers: static user-to-tier assignments, ``{"alice": "pro"}``; a ``tier_resolver``
+            or a tier stored at run time (``set_tier``) wins over them.
         refresh_interval: how often each instance refreshes its copy of the operator state
             its configuration uses: lists, stored tiers, overrides, shared breakers (seconds,
             at most 1). Nothing that is not configured is mirrored or polled.
@@ -242,7 +253,7 @@ class RateLimiter:
         ip_limit: RateLike | None = None,
         api_key_limit: RateLike | None = None,
         user_limit: RateLike | None = None,
-        endpoint_limits: Mapping[str, RateLike] | None = None,
+        endpoint_limits: Mapping[str, RateLike | tuple[RateLike, str]] | None = None,
         composite_limits: Sequence[CompositeLimit] = (),
         algorithm: Algorithm | str = Algorithm.SLIDING_WINDOW_COUNTER,
         tiers: Mapping[str, Tier | str] | None = None,
@@ -270,6 +281,9 @@ class RateLimiter:
         refund_when: Callable[[int], bool] | None = None,
         response_builder: ResponseBuilder | None = None,
         access_lists: bool = False,
+        allow: Sequence[str] = (),
+        block: Sequence[str] = (),
+        user_tiers: Mapping[str, str] | None = None,
         refresh_interval: float = 0.5,
         allow_any_network: bool = False,
     ) -> None:
@@ -277,6 +291,9 @@ class RateLimiter:
             algorithm = Algorithm(algorithm)
         except ValueError:
             raise ConfigurationError("algorithm", algorithm, "is not an Algorithm") from None
+        #: The algorithm of every limit that names none: levels and tiers given as rate
+        #: strings or Rates, ``endpoint_limits``, ``@rate_limit`` and ``RateLimit``.
+        self.algorithm = algorithm
         self.backend: Backend = backend if backend is not None else MemoryBackend()
         if not isinstance(self.backend, Backend):
             raise ConfigurationError("backend", backend, "must implement the Backend protocol")
@@ -286,11 +303,16 @@ class RateLimiter:
         if tiers is not None and user_limit is not None:
             raise ConfigurationError("user_limit", user_limit, "give either user_limit or tiers")
         self._user = _policy("user_limit", "user", user_limit, algorithm)
-        self._tiers = build_tiers(tiers, default_tier) if tiers is not None else None
+        self._tiers = build_tiers(tiers, default_tier, algorithm) if tiers is not None else None
         self._default_tier = default_tier
+        self._user_tiers = _user_tiers(user_tiers, self._tiers)
         self._endpoints: dict[str, Policy] = {}
+        self._client_endpoints: dict[str, RouteLimit] = {}
         for endpoint, rate in (endpoint_limits or {}).items():
             check_endpoint("endpoint_limits", endpoint)
+            if isinstance(rate, tuple):
+                self._client_endpoints[endpoint] = _client_endpoint_limit(endpoint, rate, algorithm)
+                continue
             policy = _policy(f"endpoint_limits[{endpoint!r}]", "endpoint", rate, algorithm)
             assert policy is not None
             self._endpoints[endpoint] = policy
@@ -395,10 +417,26 @@ class RateLimiter:
             raise ConfigurationError(
                 "access_lists", access_lists, "needs a backend that stores operator state"
             )
-        if store is not None and (access_lists or self._tiers is not None):
+        static: dict[Literal["allow", "block"], Sequence[str]] = {}
+        lists: tuple[tuple[Literal["allow", "block"], Any], ...] = (
+            ("allow", allow),
+            ("block", block),
+        )
+        for name, entries in lists:
+            if isinstance(entries, str) or not isinstance(entries, Sequence):
+                raise ConfigurationError(name, entries, "must be a list of entries")
+            if entries:
+                static[name] = entries
+        if static and store is None:
+            raise ConfigurationError(
+                "allow" if "allow" in static else "block",
+                static.get("allow") or static.get("block"),
+                "needs a backend that stores operator state",
+            )
+        if store is not None and (access_lists or static or self._tiers is not None):
             keys = getattr(self.backend, "key_builder", None)
             keys = keys if isinstance(keys, KeyBuilder) else KeyBuilder()
-            if access_lists:
+            if access_lists or static:
                 self.lists = AccessLists(
                     store,
                     keys,
@@ -406,6 +444,8 @@ class RateLimiter:
                     refresh_interval=refresh_interval,
                     allow_any_network=allow_any_network,
                     polling=polling,
+                    mirrored=access_lists,
+                    static=static,
                 )
             if self._tiers is not None:
                 self.tier_store = TierStore(store, keys, refresh_interval, polling)
@@ -425,7 +465,7 @@ class RateLimiter:
             for endpoint, cost in self._costs.entries().items()
         ]
         # An endpoint limit without a cost entry of its own meets the default cost.
-        rows += [(key, self._costs.cost(key), [p]) for key, p in self._endpoints.items()]
+        rows += [(key, self._costs.cost(key), [p]) for key, p in self._endpoint_rules()]
         tiers: list[Tier | None] = [None]
         tiers += list(self._tiers.values()) if self._tiers is not None else []
         for endpoint, base, policies in rows:
@@ -445,12 +485,19 @@ class RateLimiter:
                             "pass",
                         )
 
+    def _endpoint_rules(self) -> list[tuple[str, Policy]]:
+        """Every endpoint limit, shared or per client, with its endpoint."""
+        return [
+            *self._endpoints.items(),
+            *((key, limit.policy) for key, limit in self._client_endpoints.items()),
+        ]
+
     def _endpoint_policies(self, endpoint: str) -> list[Policy]:
         """The endpoint limits a cost table entry meets (``"* /path"`` on either side)."""
         method, _, path = endpoint.partition(" ")
         return [
             policy
-            for key, policy in self._endpoints.items()
+            for key, policy in self._endpoint_rules()
             if (key.partition(" ")[2] == path and "*" in (method, key.partition(" ")[0]))
             or key == endpoint
         ]
@@ -501,6 +548,8 @@ class RateLimiter:
                         name = None
                 if name is None and self.tier_store is not None:
                     name = await self.tier_store.lookup("user", user)
+                if name is None:
+                    name = self._user_tiers.get(user)
                 tier = self._tier_named(name)
             if api_key is not None and self.tier_store is not None:
                 name = await self.tier_store.lookup("api_key", api_key)
@@ -541,14 +590,18 @@ class RateLimiter:
     def _plan(self, endpoint: str) -> _EndpointPlan:
         cost = self._costs.cost(endpoint)
         policy = self._endpoints.get(endpoint)
+        every_method = "* " + endpoint.partition(" ")[2]
         if policy is None:
             # "* /path": the limit of every method of the route, each method counted apart.
-            policy = self._endpoints.get("* " + endpoint.partition(" ")[2])
+            policy = self._endpoints.get(every_method)
+        clients = self._client_endpoints
+        client_limit = clients.get(endpoint) or clients.get(every_method) if clients else None
         plan = _EndpointPlan(
             cost,
             policy,
             Check(self._global, "global", "", cost) if self._global is not None else None,
             Check(policy, "endpoint", endpoint, cost) if policy is not None else None,
+            (client_limit,) if client_limit is not None else (),
         )
         if len(self._plans) >= _MAX_PLANS:
             self._plans.clear()
@@ -572,6 +625,10 @@ class RateLimiter:
             checks.append(plan.endpoint_check)
         elif plan.policy is not None:
             checks.append(new_check((plan.policy, "endpoint", context.endpoint, cost)))
+        for limit in plan.client_limits:
+            client_check = limit.check(context)
+            if client_check is not None:
+                checks.append(client_check)
         if context.api_key is not None:
             key_policy = context.key_tier.key_policy if context.key_tier else self._api_key
             if key_policy is not None:
@@ -881,7 +938,7 @@ class RateLimiter:
     # -- operator API (also behind the admin router and the CLI) ------------------------------
 
     def _lists(self) -> AccessLists:
-        if self.lists is None:
+        if self.lists is None or not self.lists.mirrored:
             raise ConfigurationError(
                 "access_lists",
                 False,
@@ -1009,7 +1066,10 @@ class RateLimiter:
         """The current state of every level that applies to an identity (nothing consumed)."""
         context = self.operator_context(ip=ip, user=user, api_key=api_key, endpoint=endpoint)
         if user is not None and self.tier_store is not None and self._tiers is not None:
-            context.tier = self._tier_named(await self.tier_store.lookup("user", user))
+            name = await self.tier_store.lookup("user", user)
+            context.tier = self._tier_named(
+                name if name is not None else self._user_tiers.get(user)
+            )
         checks = self._operator_checks(context, all_tiers=False)
         if self._global is not None:
             checks.insert(0, Check(self._global, "global", "", 1))
@@ -1094,6 +1154,44 @@ def _policy(field: str, name: str, rate: RateLike | None, algorithm: Algorithm) 
         except ConfigurationError as exc:
             raise ConfigurationError(f"{field}: {exc.field}", exc.value, exc.reason) from None
     raise ConfigurationError(field, rate, "must be a rate string, a Rate or a Policy")
+
+
+def _user_tiers(value: Any, tiers: Mapping[str, Tier] | None) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigurationError("user_tiers", value, "must map user ids to tier names")
+    if tiers is None:
+        raise ConfigurationError("user_tiers", value, "needs tiers=... to name tiers from")
+    for user, tier in value.items():
+        if not isinstance(user, str) or not user:
+            raise ConfigurationError("user_tiers", user, "user ids must be non-empty strings")
+        if tier not in tiers:
+            raise ConfigurationError(
+                f"user_tiers[{user!r}]", tier, f"is not one of the tiers ({', '.join(tiers)})"
+            )
+    return dict(value)
+
+
+def _client_endpoint_limit(
+    endpoint: str, value: tuple[Any, ...], algorithm: Algorithm
+) -> RouteLimit:
+    # {"POST /ocr/process": ("50/minute", "user")}: the route-limit machinery, declared here.
+    field = f"endpoint_limits[{endpoint!r}]"
+    if len(value) != 2 or not isinstance(value[1], str):
+        raise ConfigurationError(field, value, "must be a rate or a (rate, scope) pair")
+    rate, scope = value
+    return RouteLimit.build(
+        rate,
+        scope=scope,
+        cost=None,
+        key=None,
+        name=None,
+        algorithm=algorithm,
+        limiter=None,
+        refund_when=None,
+        where=field,
+    )
 
 
 def _composite(

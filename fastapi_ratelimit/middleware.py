@@ -53,7 +53,9 @@ class RateLimitMiddleware:
     Args:
         app: the ASGI app.
         limiter: the shared :class:`RateLimiter`.
-        exempt: paths (and everything below them) never limited nor counted.
+        exempt: paths (and everything below them) never limited nor counted, in addition to
+            :data:`DEFAULT_EXEMPT` (health, metrics and the API docs).
+        default_exempt: ``False`` drops :data:`DEFAULT_EXEMPT`: then only ``exempt`` is exempt.
         websockets: limit WebSocket handshakes (a denied one is refused before accept).
     """
 
@@ -62,14 +64,15 @@ class RateLimitMiddleware:
         app: ASGIApp,
         *,
         limiter: RateLimiter,
-        exempt: Iterable[str] = DEFAULT_EXEMPT,
+        exempt: Iterable[str] = (),
+        default_exempt: bool = True,
         websockets: bool = True,
     ) -> None:
         if not isinstance(limiter, RateLimiter):
             raise ConfigurationError("limiter", limiter, "must be a RateLimiter")
         if isinstance(exempt, str):
             raise ConfigurationError("exempt", exempt, "must be a list of paths, not one string")
-        paths = tuple(exempt)
+        paths = (*DEFAULT_EXEMPT, *exempt) if default_exempt else tuple(exempt)
         for path in paths:
             if not isinstance(path, str) or not path.startswith("/"):
                 raise ConfigurationError("exempt", path, "paths must start with '/'")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -74,6 +74,10 @@ class RouteLimit:
     key: KeyFunc | None
     limiter: RateLimiter | None
     refund_when: Callable[[int], bool] | None
+    #: ``algorithm=`` was given; otherwise the limiter's ``algorithm`` applies.
+    algorithm_given: bool = True
+    #: The policy under other limiters' default algorithms, built once each.
+    variants: dict[Algorithm, Policy] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(
@@ -84,7 +88,7 @@ class RouteLimit:
         cost: int | None,
         key: KeyFunc | None,
         name: str | None,
-        algorithm: Algorithm | str,
+        algorithm: Algorithm | str | None,
         limiter: RateLimiter | None,
         refund_when: Callable[[int], bool] | None,
         where: str,
@@ -111,7 +115,13 @@ class RouteLimit:
                 rate if isinstance(rate, Rate) else parse_rate(rate, field_name=f"{where}: rate")
             )
             default_name = f"route-{scope.replace('+', '-')}-{parsed.limit}-{parsed.period:g}s"
-            policy = Policy(name or default_name.replace(".", "_"), parsed, algorithm)
+            # Without algorithm=, the limiter's default applies (see policy_for); until a
+            # limiter is known, the library's default stands in.
+            policy = Policy(
+                name or default_name.replace(".", "_"),
+                parsed,
+                algorithm if algorithm is not None else Algorithm.SLIDING_WINDOW_COUNTER,
+            )
         if cost is not None and cost > policy.limit:
             raise ConfigurationError(
                 f"{where}: cost",
@@ -119,7 +129,21 @@ class RouteLimit:
                 f"exceeds policy {policy.name!r}, which admits at most {policy.limit} units at "
                 "once: such a request could never pass",
             )
-        return cls(policy, scope, parts if key is None else (), cost, key, limiter, refund_when)
+        given = algorithm is not None or isinstance(rate, Policy)
+        parts = parts if key is None else ()
+        return cls(policy, scope, parts, cost, key, limiter, refund_when, given)
+
+    def policy_for(self, limiter: RateLimiter) -> Policy:
+        """The policy as ``limiter`` enforces it: under its default algorithm, unless this
+        limit named one."""
+        policy = self.policy
+        algorithm = limiter.algorithm
+        if self.algorithm_given or algorithm is policy.algorithm:
+            return policy
+        variant = self.variants.get(algorithm)
+        if variant is None:
+            variant = self.variants[algorithm] = Policy(policy.name, policy.rate, algorithm)
+        return variant
 
     @property
     def needs_key(self) -> bool:
@@ -154,7 +178,8 @@ class RouteLimit:
                 identity += ("api_key", key) if key is not None else ("no-key-ip", context.ip)
         cost = self.cost if self.cost is not None else context.cost
         ident: Identity = tuple(identity)
-        return Check(self.policy, self.scope if self.key is None else "route", ident, cost)
+        policy = self.policy_for(self.limiter or context.limiter)
+        return Check(policy, self.scope if self.key is None else "route", ident, cost)
 
 
 async def enforce(
