@@ -119,3 +119,22 @@ async def test_a_server_error_is_never_charged(
     levels = {d.policy: d.remaining for d in await limiter.inspect(ip="203.0.113.7")}
     if middleware:
         assert levels["ip"] == 5 - 1
+
+
+async def test_a_5xx_response_is_given_back_and_a_4xx_is_not(make_backend: BackendFactory) -> None:
+    limiter = RateLimiter(backend=make_backend(), ip_limit="3/minute")
+    app = FastAPI()
+
+    @app.get("/status/{code}")
+    async def status(code: int) -> Response:
+        return Response(status_code=code)
+
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    async with client_for(app) as client:
+        assert [(await client.get("/status/503")).status_code for _ in range(5)] == [503] * 5
+        assert [(await client.get("/status/404")).status_code for _ in range(4)] == [
+            404,
+            404,
+            404,
+            429,
+        ]
