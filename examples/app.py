@@ -25,6 +25,7 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.middleware.cors import CORSMiddleware
+from loguru import logger
 from pydantic import BaseModel, Field
 from starlette.requests import HTTPConnection
 
@@ -39,6 +40,9 @@ from fastapi_ratelimit import (
     rate_limit,
     report_cost,
 )
+
+# The library is silent until the app opts in: breaker and backend warnings, audit lines.
+logger.enable("fastapi_ratelimit")
 
 
 def make_backend() -> Backend:

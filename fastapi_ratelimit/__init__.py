@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from loguru import logger
+
 from .backends.base import Backend, Check
 from .backends.memory import MemoryBackend
+from .breaker import CircuitBreaker
 from .clock import Clock, FakeClock, SystemClock
 from .context import RequestContext, report_cost
 from .costs import CostTable
@@ -31,12 +34,17 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
+# Loguru's advice for libraries: silent until the application opts in with
+# logger.enable("fastapi_ratelimit") (see the README's "Logging").
+logger.disable("fastapi_ratelimit")
+
 __all__ = [
     "DEFAULT_TIERS",
     "Algorithm",
     "Backend",
     "BackendError",
     "Check",
+    "CircuitBreaker",
     "ClientIP",
     "Clock",
     "CompositeLimit",

@@ -17,9 +17,9 @@ import ipaddress
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from loguru import logger
 
@@ -151,6 +151,8 @@ class AccessLists:
         refresh_interval: float = 0.5,
         allow_any_network: bool = False,
         polling: PollPolicy | None = None,
+        mirrored: bool = True,
+        static: Mapping[ListName, Sequence[str]] | None = None,
     ) -> None:
         self._keys = keys
         self._ipv6_prefix = ipv6_prefix
@@ -163,25 +165,48 @@ class AccessLists:
         self._indexes = {"allow": _Index(), "block": _Index()}
         self._store = store
         self._networks: dict[str, _Network | None] = {}
+        #: Whether the stored lists apply (``access_lists=True``); else only the static ones.
+        self.mirrored = mirrored
+        # Entries from the constructor: in this process only, never stored or expiring.
+        self._static = {"allow": _Index(), "block": _Index()}
+        for name, values in (static or {}).items():
+            entries = {}
+            for value in values:
+                kind, normalised = self.parse_entry(name, value)
+                entries[f"{kind}:{normalised}"] = {"kind": kind, "value": normalised}
+            self._static[name].rebuild(entries, 0)
+        self._has_static = any(static.values()) if static else False
 
     # -- the hot path ------------------------------------------------------------------------
 
     def known_empty(self) -> bool:
-        """Both lists are loaded, refreshing, and empty."""
+        """No static entries, and both stored lists are loaded, refreshing, and empty."""
+        if self._has_static:
+            return False
+        if not self.mirrored:
+            return True
         allow, block = self._allow, self._block
         return allow.running and block.running and not allow.entries and not block.entries
 
     async def decide(self, context: RequestContext) -> ListName | None:
         """``"block"``, ``"allow"`` or ``None`` for this request."""
         allow, block = self._mirrors["allow"], self._mirrors["block"]
-        await allow.ensure_loaded()
-        await block.ensure_loaded()
-        if not allow.entries and not block.entries:
+        if self.mirrored:
+            await allow.ensure_loaded()
+            await block.ensure_loaded()
+            stored = bool(allow.entries or block.entries)
+        else:
+            stored = False
+        if not stored and not self._has_static:
             return None
         now = time.time()
         network = self._network(context.ip)
         digest = self._keys.digest(context.api_key) if context.api_key is not None else None
         for name in ("block", "allow"):
+            if self._static[name].match(network, context.user, digest, now) is not None:
+                return "block" if name == "block" else "allow"
+            if not stored:
+                continue
             mirror = self._mirrors[name]
             if not mirror.entries:
                 continue
@@ -222,7 +247,7 @@ class AccessLists:
         ttl: float | None = None,
     ) -> ListEntry:
         mirror = self._mirror(list_name)
-        normalised = self.normalise(kind, value)
+        normalised = self.normalise(kind, value, list_name)
         ttl = check_ttl(ttl)
         now = time.time()
         entry = ListEntry(
@@ -248,7 +273,7 @@ class AccessLists:
 
     async def remove(self, list_name: ListName, kind: Kind, value: str, *, by: str = "") -> bool:
         mirror = self._mirror(list_name)
-        normalised = self.normalise(kind, value)
+        normalised = self.normalise(kind, value, list_name)
         removed = await self._store.control_delete(list_name, [f"{kind}:{normalised}"])
         await mirror.refresh()  # this instance applies it at once
         logger.info(
@@ -291,31 +316,43 @@ class AccessLists:
             logger.info("ratelimit audit: cleanup removed {} expired entries", removed)
         return removed
 
-    def normalise(self, kind: str, value: str) -> str:
-        """The stored form of an entry; raises ConfigurationError naming what is wrong."""
+    def parse_entry(self, list_name: str, entry: object) -> tuple[Kind, str]:
+        """``"ip:10.0.0.0/8"``, ``"user:alice"``, ``"api_key:..."`` (as the constructor's
+        ``allow=``/``block=`` take them) -> ``(kind, stored form)``."""
+        if not isinstance(entry, str) or entry.partition(":")[0] not in _KINDS:
+            raise ConfigurationError(
+                list_name,
+                entry,
+                "entries must be 'ip:<address or network>', 'user:<id>' or 'api_key:<key>'",
+            )
+        kind, _, value = entry.partition(":")
+        return cast(Kind, kind), self.normalise(kind, value, list_name)
+
+    def normalise(self, kind: str, value: str, list_name: str = "") -> str:
+        """The stored form of an entry; raises ConfigurationError naming the list, the kind
+        and what is wrong."""
+        where = f"{list_name}-list " if list_name else ""
         if kind not in _KINDS:
-            raise ConfigurationError("kind", kind, f"must be one of {', '.join(_KINDS)}")
+            raise ConfigurationError(f"{where}kind", kind, f"must be one of {', '.join(_KINDS)}")
+        field = f"{where}{kind} entry"
         if not isinstance(value, str) or not value or len(value) > 4096:
-            raise ConfigurationError("value", value, "must be a non-empty string")
+            raise ConfigurationError(field, value, "must be a non-empty string (at most 4096)")
         if kind == "user":
             return value
         if kind == "api_key":
             return self._keys.digest(value)
-        return self._normalise_network(value.strip())
+        return self._normalise_network(value.strip(), field)
 
-    def _normalise_network(self, value: str) -> str:
+    def _normalise_network(self, value: str, field: str) -> str:
         try:
             network = ipaddress.ip_network(value, strict=True)
         except ValueError as exc:
+            meant = ""
+            if "host bits" in str(exc):
+                network = ipaddress.ip_network(value, strict=False)
+                meant = f" (host bits are set: did you mean {network}?)"
             raise ConfigurationError(
-                "value",
-                value,
-                "is not an IP address or network"
-                + (
-                    " (host bits are set: give the network address)"
-                    if "host bits" in str(exc)
-                    else ""
-                ),
+                field, value, "is not an IP address or network" + meant
             ) from None
         if isinstance(network, ipaddress.IPv6Network):
             mapped = network.network_address.ipv4_mapped
@@ -324,14 +361,14 @@ class AccessLists:
                 network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
             elif network.prefixlen > self._ipv6_prefix:
                 raise ConfigurationError(
-                    "value",
+                    field,
                     value,
                     f"IPv6 clients are bucketed per /{self._ipv6_prefix}: entries must be "
                     f"/{self._ipv6_prefix} or wider",
                 )
         if network.prefixlen == 0 and not self._allow_any:
             raise ConfigurationError(
-                "value", value, "matches every address; pass allow_any_network=True to mean it"
+                field, value, "matches every address; pass allow_any_network=True to mean it"
             )
         return str(network)
 

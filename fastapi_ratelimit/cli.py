@@ -7,7 +7,8 @@
     fastapi-ratelimit reset --ip 203.0.113.7
     fastapi-ratelimit stats
 
-The URL comes from ``--redis-url``, else ``RATELIMIT_REDIS_URL`` or ``REDIS_URL``. Exit codes:
+Global options (``--json``, ``--redis-url``, ...) go before or after the command. The URL
+comes from ``--redis-url``, else ``RATELIMIT_REDIS_URL`` or ``REDIS_URL``. Exit codes:
 0 success, 1 not found, 2 bad input or Redis unreachable.
 
 A change applies, within about a second, on every instance whose limiter uses the feature:
@@ -36,21 +37,51 @@ from .tiers import DEFAULT_TIERS
 __all__ = ["main"]
 
 
+def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The options every command takes, before or after it (``block list --json``).
+
+    The main parser holds the defaults; each command's copy (a parent parser) leaves an
+    option it was not given unset, so it never overwrites one given before the command.
+    """
+
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--redis-url",
+        default=default(None),
+        help="default: $RATELIMIT_REDIS_URL or $REDIS_URL",
+    )
+    parser.add_argument(
+        "--cluster", action="store_true", default=default(False), help="the URL is a Cluster node"
+    )
+    parser.add_argument(
+        "--prefix", default=default("rl"), help="key prefix the app uses (default rl)"
+    )
+    parser.add_argument(
+        "--key-secret",
+        default=default(None),
+        help="the app's key_secret, if it sets one (default: $RATELIMIT_KEY_SECRET); without "
+        "it, API keys, users and IPs hash to keys the app never uses",
+    )
+    parser.add_argument(
+        "--ipv6-prefix", type=int, default=default(64), help="IPv6 bucketing prefix"
+    )
+    parser.add_argument(
+        "--json", action="store_true", default=default(False), help="machine-readable output"
+    )
+    parser.add_argument(
+        "--by", default=default(os.environ.get("USER", "cli")), help="operator name"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastapi-ratelimit", description="Operate fastapi_ratelimit state in Redis."
     )
-    parser.add_argument("--redis-url", help="default: $RATELIMIT_REDIS_URL or $REDIS_URL")
-    parser.add_argument("--cluster", action="store_true", help="the URL is a Cluster node")
-    parser.add_argument("--prefix", default="rl", help="key prefix the app uses (default rl)")
-    parser.add_argument(
-        "--key-secret",
-        help="the app's key_secret, if it sets one (default: $RATELIMIT_KEY_SECRET); without "
-        "it, API keys, users and IPs hash to keys the app never uses",
-    )
-    parser.add_argument("--ipv6-prefix", type=int, default=64, help="IPv6 bucketing prefix")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--by", default=os.environ.get("USER", "cli"), help="operator name")
+    _global_options(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, defaults=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
     tier = commands.add_parser(
@@ -58,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     tier_commands = tier.add_subparsers(dest="action", required=True)
     for action in ("get", "set", "clear"):
-        sub = tier_commands.add_parser(action)
+        sub = tier_commands.add_parser(action, parents=[common])
         sub.add_argument("kind", choices=["user", "api_key"])
         sub.add_argument("identity")
         if action == "set":
@@ -75,26 +106,28 @@ def _parser() -> argparse.ArgumentParser:
             name, help=f"the {name}-list (apps with RateLimiter(access_lists=True))"
         )
         actions = listing.add_subparsers(dest="action", required=True)
-        add = actions.add_parser("add")
+        add = actions.add_parser("add", parents=[common])
         add.add_argument("kind", choices=["ip", "user", "api_key"])
         add.add_argument("value", help="an IP or CIDR range, a user id, or an API key")
         add.add_argument("--reason", default="")
         add.add_argument("--ttl", type=_ttl, help="seconds until it lapses")
         add.add_argument("--allow-any-network", action="store_true", help="accept /0")
-        remove = actions.add_parser("remove")
+        remove = actions.add_parser("remove", parents=[common])
         remove.add_argument("kind", choices=["ip", "user", "api_key"])
         remove.add_argument("value")
-        actions.add_parser("list")
+        actions.add_parser("list", parents=[common])
 
     override = commands.add_parser(
         "override", help="scale every limit (apps with RateLimiter(dynamic=...))"
     )
     override_actions = override.add_subparsers(dest="action", required=True)
-    set_override = override_actions.add_parser("set", help="e.g. 'override set 0.5 --ttl 600'")
+    set_override = override_actions.add_parser(
+        "set", help="e.g. 'override set 0.5 --ttl 600'", parents=[common]
+    )
     set_override.add_argument("factor", type=float)
     set_override.add_argument("--ttl", type=_ttl, help="seconds until it lapses")
-    override_actions.add_parser("get")
-    override_actions.add_parser("clear")
+    override_actions.add_parser("get", parents=[common])
+    override_actions.add_parser("clear", parents=[common])
     limit = commands.add_parser(
         "limit",
         help="change one level's limit at run time (apps with RateLimiter(limit_overrides=True))",
@@ -102,25 +135,37 @@ def _parser() -> argparse.ArgumentParser:
     limit_actions = limit.add_subparsers(dest="action", required=True)
     for action in ("set", "clear"):
         sub = limit_actions.add_parser(
-            action, help="e.g. 'limit set ip 200/minute', 'limit clear endpoint --endpoint ...'"
+            action,
+            help="e.g. 'limit set ip 200/minute', 'limit clear endpoint --endpoint ...'",
+            parents=[common],
         )
         sub.add_argument("level", choices=["global", "ip", "api_key", "user", "endpoint"])
         if action == "set":
             sub.add_argument("rate", help="e.g. 200/minute")
         sub.add_argument("--endpoint", help="the endpoint_limits key, e.g. 'POST /ocr/process'")
-    limit_actions.add_parser("list")
-    commands.add_parser("cleanup", help="delete expired list, penalty and breaker entries")
+    limit_actions.add_parser("list", parents=[common])
+    commands.add_parser(
+        "cleanup", help="delete expired list, penalty and breaker entries", parents=[common]
+    )
     for name in ("inspect", "reset"):
-        sub = commands.add_parser(name, help=f"{name} the counters of one identity")
+        sub = commands.add_parser(
+            name, help=f"{name} the counters of one identity", parents=[common]
+        )
         sub.add_argument("--ip")
         sub.add_argument("--user")
         sub.add_argument("--api-key")
-    commands.add_parser("stats", help="keys per level and policy, list and tier sizes")
+    commands.add_parser(
+        "stats", help="keys per level and policy, list and tier sizes", parents=[common]
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # An application: the library's audit lines (to stderr) are for its operator.
+    from loguru import logger
+
+    logger.enable("fastapi_ratelimit")
     url = args.redis_url or os.environ.get("RATELIMIT_REDIS_URL") or os.environ.get("REDIS_URL")
     if not url:
         return _fail(args, "no Redis URL: pass --redis-url or set RATELIMIT_REDIS_URL")

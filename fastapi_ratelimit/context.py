@@ -39,13 +39,16 @@ class RequestContext:
     cost: int
     #: A tier stored for the API key (it sets the API-key level's policy).
     key_tier: Tier | None = None
-    # The four below start as shared empty tuples and are replaced, never edited in place:
+    # The five below start as shared empty tuples and are replaced, never edited in place:
     # a request then allocates no containers it does not use. That matters beyond their own
     # cost: every object alive while a request is in flight counts towards the garbage
     # collector's threshold, and at a few dozen concurrent requests a handful more each was
     # enough to trigger collections all the time (and full ones, the p99's pauses).
     #: Every level decided for this request, for the response headers.
     decisions: Sequence[Decision] = ()
+    #: The shadow levels' decisions: announced in an admitted response's headers, never in
+    #: a denial's (its Retry-After and ``t`` speak of enforced levels only).
+    shadow: Sequence[Decision] = ()
     #: Checks charged with the request's cost (refunded or adjusted after the response).
     charged: Sequence[Check] = ()
     #: Route limits already charged (their ids), so a guard or decorator never counts twice.
@@ -87,6 +90,7 @@ class RequestContext:
         self.cost = cost
         self.key_tier = key_tier
         self.decisions = ()
+        self.shadow = ()
         self.charged = ()
         self.handled = _NOTHING_HANDLED
         self.refundable = ()

@@ -50,6 +50,10 @@ class CostTable:
             for endpoint, cost in (costs or {}).items()
         }
 
+    def entries(self) -> dict[str, int]:
+        """Every endpoint's cost as given, plus ``"<default>"``: the cost of any other."""
+        return {**self._costs, "<default>": self._default}
+
     def cost(self, endpoint: str, multiplier: float = 1.0) -> int:
         """The cost of ``endpoint`` (``"POST /ocr/process"``), times a tier multiplier."""
         base = self._costs.get(endpoint)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import partial
 from typing import NamedTuple
 
-__all__ = ["Decision", "Verdict", "binding_of"]
+__all__ = ["Decision", "Verdict", "binding_of", "never"]
 
 _new_tuple = tuple.__new__
 
@@ -20,7 +21,8 @@ class Decision(NamedTuple):
         remaining: units left after this request (never negative). When the request as a whole
             was denied, nothing was consumed and this is the unchanged count.
         reset_after: seconds until the quota is fully restored (0 when nothing is used).
-        retry_after: seconds until a request of the same cost could pass; > 0 exactly when denied.
+        retry_after: seconds until a request of the same cost could pass; > 0 exactly when denied;
+            ``inf`` when the cost is more than the level ever admits (see :func:`never`).
         policy: the policy name.
         scope: the level (``"global"``, ``"ip"``, ``"user"``, ``"user+endpoint"``, ...).
         window: the policy's window in seconds (``w`` in ``RateLimit-Policy``).
@@ -116,3 +118,9 @@ def binding_of(decisions: Sequence[Decision]) -> Decision:
             if share < best_share or (share == best_share and decision.remaining < best.remaining):
                 best, best_share = decision, share
     return denied if denied is not None else best
+
+
+def never(decisions: Sequence[Decision]) -> bool:
+    """Whether a level refused for good: the request costs more than it ever admits, and no
+    ``Retry-After`` would be true."""
+    return any(d.retry_after == math.inf for d in decisions)

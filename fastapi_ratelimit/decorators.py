@@ -3,7 +3,9 @@
 It works on async and sync endpoints, with ``from __future__ import annotations`` and
 ``Annotated`` dependencies, on FastAPI and on plain Starlette routes. The wrapper exposes the
 endpoint's signature (annotations resolved) plus hidden ``Request``/``Response`` parameters,
-so FastAPI injects them and its OpenAPI output is unchanged.
+so FastAPI injects them and its OpenAPI output is unchanged. An endpoint that takes a
+``Request`` or ``Response`` of its own (plain or ``Annotated``) gets no hidden twin: FastAPI
+injects one ``Response`` per request, so a second parameter of that type would go unfilled.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
+from .context import SCOPE_KEY, RequestContext
 from .policy import Algorithm, Policy
 from .rate import Rate
-from .route_limits import KeyFunc, RouteLimit, enforce, mark
+from .route_limits import KeyFunc, RouteLimit, enforce, mark, refund_server_error, server_error
 
 if TYPE_CHECKING:
     from .limiter import RateLimiter
@@ -39,7 +42,7 @@ def rate_limit(
     cost: int | None = None,
     key: KeyFunc | None = None,
     name: str | None = None,
-    algorithm: Algorithm | str = Algorithm.SLIDING_WINDOW_COUNTER,
+    algorithm: Algorithm | str | None = None,
     limiter: RateLimiter | None = None,
     refund_when: Callable[[int], bool] | None = None,
 ) -> Callable[[F], F]:
@@ -66,18 +69,17 @@ def rate_limit(
             p.replace(annotation=hints.get(p.name, p.annotation))
             for p in signature.parameters.values()
         ]
-        own = next(
-            (p.name for p in parameters if _is_connection_type(p.annotation)),
-            None,
-        )
+        own = _parameter_of(parameters, HTTPConnection)
+        own_response = _parameter_of(parameters, Response)
         extra: list[inspect.Parameter] = []
         if own is None:
             extra.append(
                 inspect.Parameter(_CONNECTION, inspect.Parameter.KEYWORD_ONLY, annotation=Request)
             )
-        extra.append(
-            inspect.Parameter(_RESPONSE, inspect.Parameter.KEYWORD_ONLY, annotation=Response)
-        )
+        if own_response is None:
+            extra.append(
+                inspect.Parameter(_RESPONSE, inspect.Parameter.KEYWORD_ONLY, annotation=Response)
+            )
         # Keyword-only parameters must follow any **kwargs-free positional ones.
         if parameters and parameters[-1].kind is inspect.Parameter.VAR_KEYWORD:
             parameters = parameters[:-1] + extra + parameters[-1:]
@@ -89,6 +91,8 @@ def rate_limit(
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             connection = kwargs.pop(_CONNECTION, None)
             response = kwargs.pop(_RESPONSE, None)
+            if response is None and own_response is not None:
+                response = kwargs.get(own_response)
             if connection is None and own is not None:
                 connection = kwargs.get(own)
             if connection is None:
@@ -96,10 +100,23 @@ def rate_limit(
                 connection = next((a for a in args if isinstance(a, HTTPConnection)), None)
             if connection is None:
                 raise RuntimeError(f"@rate_limit: no request reached {func.__qualname__}")
-            await enforce(limit, connection, response=response)
-            if is_async:
-                return await func(*args, **kwargs)
-            return await run_in_threadpool(func, *args, **kwargs)
+            charged = await enforce(limit, connection, response=response)
+            try:
+                if is_async:
+                    return await func(*args, **kwargs)
+                return await run_in_threadpool(func, *args, **kwargs)
+            except Exception as exc:
+                # A server error is never charged. Under the middleware, the middleware
+                # refunds every level the request was charged; without it, only this limit.
+                context = connection.scope.get(SCOPE_KEY)
+                if (
+                    charged is not None
+                    and isinstance(context, RequestContext)
+                    and not context.middleware
+                    and server_error(exc)
+                ):
+                    await refund_server_error(limit.limiter or context.limiter, [charged])
+                raise
 
         wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
             parameters=parameters,
@@ -111,8 +128,16 @@ def rate_limit(
     return decorator
 
 
-def _is_connection_type(annotation: Any) -> bool:
-    return inspect.isclass(annotation) and issubclass(annotation, HTTPConnection)
+def _parameter_of(parameters: list[inspect.Parameter], kind: type) -> str | None:
+    """The name of the first parameter annotated with ``kind`` (or a subclass), plain or in
+    ``Annotated[...]``."""
+    for parameter in parameters:
+        annotation = parameter.annotation
+        if typing.get_origin(annotation) is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+        if inspect.isclass(annotation) and issubclass(annotation, kind):
+            return parameter.name
+    return None
 
 
 def _resolved_hints(func: Callable[..., Any]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ class RateLimit:
         cost: units per request (default: the request's cost from the limiter's table).
         key: ``(connection) -> str | None`` for a custom identity (``scope`` is then a label).
         name: policy name shown in headers (default derived from scope and rate).
+        algorithm: default: the limiter's ``algorithm``.
         limiter: the :class:`RateLimiter` to use (default: the middleware's).
         refund_when: ``(status) -> bool``; matching responses give the units back.
         user: a FastAPI dependency returning the current user (for example the app's
@@ -46,7 +47,7 @@ class RateLimit:
         cost: int | None = None,
         key: KeyFunc | None = None,
         name: str | None = None,
-        algorithm: Algorithm | str = Algorithm.SLIDING_WINDOW_COUNTER,
+        algorithm: Algorithm | str | None = None,
         limiter: RateLimiter | None = None,
         refund_when: Callable[[int], bool] | None = None,
         user: Callable[..., Any] | None = None,

@@ -27,7 +27,7 @@ from .breaker import CircuitBreaker, EndpointBreaker
 from .context import RequestContext
 from .control import ControlStore, PollPolicy
 from .costs import CostTable, check_cost, check_endpoint, endpoint_key
-from .decision import Decision, Verdict
+from .decision import Decision, Verdict, never
 from .denials import DenialLog
 from .dynamic import DynamicLimits
 from .errors import BackendError, ConfigurationError
@@ -43,9 +43,11 @@ from .rate import Rate, parse_rate
 from .recorder import Recorder, error_kind
 from .responses import (
     backend_unavailable_response,
+    cost_exceeds_limit_response,
     quota_exceeded_response,
     reduced_capacity_response,
 )
+from .route_limits import RouteLimit, refund_server_error
 from .routing import UNMATCHED, request_method, resolve_route
 from .tiers import Tier, TierStore, build_tiers
 
@@ -81,6 +83,8 @@ class _EndpointPlan(NamedTuple):
     #: The global and endpoint checks at that cost (checks are immutable: shared safely).
     global_check: Check | None
     endpoint_check: Check | None
+    #: Per-client limits of this endpoint (``endpoint_limits`` given as ``(rate, scope)``).
+    client_limits: tuple[RouteLimit, ...] = ()
 
 
 _MAX_PLANS = 4096
@@ -197,9 +201,13 @@ class RateLimiter:
         user_limit: per user, when there are no ``tiers``.
         endpoint_limits: per endpoint, shared by all clients:
             ``{"POST /ocr/process": "50/minute"}`` (route template + method); ``"* /path"``
-            gives every method of the route that limit, each method counted apart.
+            gives every method of the route that limit, each method counted apart. A
+            ``(rate, scope)`` pair limits each client apart instead:
+            ``{"POST /ocr/process": ("50/minute", "user")}`` (scopes as for ``@rate_limit``).
         composite_limits: levels keyed on several parts (:class:`CompositeLimit`).
-        algorithm: the algorithm for limits given as strings or Rates.
+        algorithm: the one default algorithm: for every limit given as a string or Rate
+            (levels, tiers, ``endpoint_limits``, composites) and for ``@rate_limit`` and
+            ``RateLimit`` without ``algorithm=``.
         tiers, default_tier, tier_resolver: per-user tiers; ``tier_resolver(request)`` (sync or
             async) names the tier; unknown or missing names fall back to ``default_tier``.
         costs: ``{"POST /ocr/process": 10}`` or a :class:`CostTable`; ``cost_function(request)``
@@ -213,6 +221,9 @@ class RateLimiter:
             (plus the seed's ``X-RateLimit-*``), ``"x-ratelimit"``, ``"legacy"``, ``"none"``.
             Every extra header costs the server about 3 us per response to write.
         shadow: ``True`` or a set of scopes: decided, counted and logged, never enforced.
+        shadow_headers: announce the shadow levels in the rate-limit headers of admitted
+            responses (the default), so clients see a limit before it is enforced; ``False``
+            hides them.
         on_backend_error: when the backend fails (error, timeout, or its circuit breaker is
             open): ``"allow"`` (fail open) or ``"deny"`` (503), or a mapping per scope with an
             optional ``"default"`` (``{"ip": "deny", "default": "allow"}``). A request is
@@ -232,6 +243,11 @@ class RateLimiter:
         access_lists: apply the allow/block lists (``limiter.allow(...)``, the admin API,
             the CLI). Off by default: then no instance mirrors or polls them. Entries may be
             added from anywhere, so turn it on in every instance that must apply them.
+        allow, block: static list entries, checked at construction and applied in this
+            process beside any stored ones (no ``access_lists=True`` needed):
+            ``allow=["ip:10.0.0.0/8", "user:admin"]``, ``block=["api_key:leaked-key"]``.
+        user_tiers: static user-to-tier assignments, ``{"alice": "pro"}``; a ``tier_resolver``
+            or a tier stored at run time (``set_tier``) wins over them.
         refresh_interval: how often each instance refreshes its copy of the operator state
             its configuration uses: lists, stored tiers, overrides, shared breakers (seconds,
             at most 1). Nothing that is not configured is mirrored or polled.
@@ -252,7 +268,7 @@ class RateLimiter:
         ip_limit: RateLike | None = None,
         api_key_limit: RateLike | None = None,
         user_limit: RateLike | None = None,
-        endpoint_limits: Mapping[str, RateLike] | None = None,
+        endpoint_limits: Mapping[str, RateLike | tuple[RateLike, str]] | None = None,
         composite_limits: Sequence[CompositeLimit] = (),
         algorithm: Algorithm | str = Algorithm.SLIDING_WINDOW_COUNTER,
         tiers: Mapping[str, Tier | str] | None = None,
@@ -269,6 +285,7 @@ class RateLimiter:
         user_resolver: Resolver | None = None,
         headers: HeaderStyle | str = HeaderStyle.IETF,
         shadow: bool | Iterable[str] = False,
+        shadow_headers: bool = True,
         on_backend_error: OnBackendError | Mapping[str, OnBackendError] = "allow",
         fallback: bool = False,
         breaker: CircuitBreaker | Literal["default"] | None = "default",
@@ -279,6 +296,9 @@ class RateLimiter:
         refund_when: Callable[[int], bool] | None = None,
         response_builder: ResponseBuilder | None = None,
         access_lists: bool = False,
+        allow: Sequence[str] = (),
+        block: Sequence[str] = (),
+        user_tiers: Mapping[str, str] | None = None,
         refresh_interval: float = 0.5,
         allow_any_network: bool = False,
         limit_overrides: bool = False,
@@ -287,6 +307,9 @@ class RateLimiter:
             algorithm = Algorithm(algorithm)
         except ValueError:
             raise ConfigurationError("algorithm", algorithm, "is not an Algorithm") from None
+        #: The algorithm of every limit that names none: levels and tiers given as rate
+        #: strings or Rates, ``endpoint_limits``, ``@rate_limit`` and ``RateLimit``.
+        self.algorithm = algorithm
         self.backend: Backend = backend if backend is not None else MemoryBackend()
         if not isinstance(self.backend, Backend):
             raise ConfigurationError("backend", backend, "must implement the Backend protocol")
@@ -296,11 +319,16 @@ class RateLimiter:
         if tiers is not None and user_limit is not None:
             raise ConfigurationError("user_limit", user_limit, "give either user_limit or tiers")
         self._user = _policy("user_limit", "user", user_limit, algorithm)
-        self._tiers = build_tiers(tiers, default_tier) if tiers is not None else None
+        self._tiers = build_tiers(tiers, default_tier, algorithm) if tiers is not None else None
         self._default_tier = default_tier
+        self._user_tiers = _user_tiers(user_tiers, self._tiers)
         self._endpoints: dict[str, Policy] = {}
+        self._client_endpoints: dict[str, RouteLimit] = {}
         for endpoint, rate in (endpoint_limits or {}).items():
             check_endpoint("endpoint_limits", endpoint)
+            if isinstance(rate, tuple):
+                self._client_endpoints[endpoint] = _client_endpoint_limit(endpoint, rate, algorithm)
+                continue
             policy = _policy(f"endpoint_limits[{endpoint!r}]", "endpoint", rate, algorithm)
             assert policy is not None
             self._endpoints[endpoint] = policy
@@ -308,6 +336,7 @@ class RateLimiter:
         for composite in composite_limits:
             self._composites.append(_composite(composite, algorithm))
         self._costs = costs if isinstance(costs, CostTable) else CostTable(costs)
+        self._check_costs()
         for name, value in (
             ("cost_function", cost_function),
             ("user_resolver", user_resolver),
@@ -341,6 +370,9 @@ class RateLimiter:
             raise ConfigurationError("shadow", shadow, "must be True/False or a set of scopes")
         else:
             self._shadow_all, self._shadow = False, frozenset(shadow)
+        if not isinstance(shadow_headers, bool):
+            raise ConfigurationError("shadow_headers", shadow_headers, "must be True or False")
+        self._shadow_headers = shadow_headers
         self._on_error_default, self._on_error = _failure_policies(on_backend_error)
         self._fallback = MemoryBackend() if fallback else None
         if breaker == "default":
@@ -413,10 +445,26 @@ class RateLimiter:
             raise ConfigurationError(
                 "access_lists", access_lists, "needs a backend that stores operator state"
             )
-        if store is not None and (access_lists or self._tiers is not None):
+        static: dict[Literal["allow", "block"], Sequence[str]] = {}
+        lists: tuple[tuple[Literal["allow", "block"], Any], ...] = (
+            ("allow", allow),
+            ("block", block),
+        )
+        for name, entries in lists:
+            if isinstance(entries, str) or not isinstance(entries, Sequence):
+                raise ConfigurationError(name, entries, "must be a list of entries")
+            if entries:
+                static[name] = entries
+        if static and store is None:
+            raise ConfigurationError(
+                "allow" if "allow" in static else "block",
+                static.get("allow") or static.get("block"),
+                "needs a backend that stores operator state",
+            )
+        if store is not None and (access_lists or static or self._tiers is not None):
             keys = getattr(self.backend, "key_builder", None)
             keys = keys if isinstance(keys, KeyBuilder) else KeyBuilder()
-            if access_lists:
+            if access_lists or static:
                 self.lists = AccessLists(
                     store,
                     keys,
@@ -424,6 +472,8 @@ class RateLimiter:
                     refresh_interval=refresh_interval,
                     allow_any_network=allow_any_network,
                     polling=polling,
+                    mirrored=access_lists,
+                    static=static,
                 )
             if self._tiers is not None:
                 self.tier_store = TierStore(store, keys, refresh_interval, polling)
@@ -452,6 +502,54 @@ class RateLimiter:
             self.endpoint_breaker.bind(store, refresh_interval, polling)
         if self.dynamic is not None:
             self.dynamic.bind(store, refresh_interval, polling)
+
+    def _check_costs(self) -> None:
+        """Refuse a cost that a level could never admit (times every tier's multiplier): each
+        such request would be refused for ever, with nothing to tell the client why."""
+        shared = [p for p in (self._global, self._ip, self._api_key, self._user) if p]
+        shared += [policy for _, _, policy in self._composites]
+        # (cost table entry, its cost, the levels it meets)
+        rows = [
+            (endpoint, cost, [*shared, *self._endpoint_policies(endpoint)])
+            for endpoint, cost in self._costs.entries().items()
+        ]
+        # An endpoint limit without a cost entry of its own meets the default cost.
+        rows += [(key, self._costs.cost(key), [p]) for key, p in self._endpoint_rules()]
+        tiers: list[Tier | None] = [None]
+        tiers += list(self._tiers.values()) if self._tiers is not None else []
+        for endpoint, base, policies in rows:
+            for tier in tiers:
+                cost, levels = base, policies
+                if tier is not None:
+                    cost = self._costs.cost(endpoint, tier.cost_multiplier)
+                    levels = [*policies, tier.policy, tier.key_policy]
+                for policy in levels:
+                    if cost > policy.limit:
+                        where = f" in tier {tier.name!r}" if tier is not None else ""
+                        raise ConfigurationError(
+                            f"costs[{endpoint!r}]",
+                            base,
+                            f"a request costs {cost} units{where}, more than policy "
+                            f"{policy.name!r} admits at once ({policy.limit}): it could never "
+                            "pass",
+                        )
+
+    def _endpoint_rules(self) -> list[tuple[str, Policy]]:
+        """Every endpoint limit, shared or per client, with its endpoint."""
+        return [
+            *self._endpoints.items(),
+            *((key, limit.policy) for key, limit in self._client_endpoints.items()),
+        ]
+
+    def _endpoint_policies(self, endpoint: str) -> list[Policy]:
+        """The endpoint limits a cost table entry meets (``"* /path"`` on either side)."""
+        method, _, path = endpoint.partition(" ")
+        return [
+            policy
+            for key, policy in self._endpoint_rules()
+            if (key.partition(" ")[2] == path and "*" in (method, key.partition(" ")[0]))
+            or key == endpoint
+        ]
 
     # -- per request ---------------------------------------------------------------------------
 
@@ -499,6 +597,8 @@ class RateLimiter:
                         name = None
                 if name is None and self.tier_store is not None:
                     name = await self.tier_store.lookup("user", user)
+                if name is None:
+                    name = self._user_tiers.get(user)
                 tier = self._tier_named(name)
             if api_key is not None and self.tier_store is not None:
                 name = await self.tier_store.lookup("api_key", api_key)
@@ -539,14 +639,18 @@ class RateLimiter:
     def _plan(self, endpoint: str) -> _EndpointPlan:
         cost = self._costs.cost(endpoint)
         policy = self._endpoints.get(endpoint)
+        every_method = "* " + endpoint.partition(" ")[2]
         if policy is None:
             # "* /path": the limit of every method of the route, each method counted apart.
-            policy = self._endpoints.get("* " + endpoint.partition(" ")[2])
+            policy = self._endpoints.get(every_method)
+        clients = self._client_endpoints
+        client_limit = clients.get(endpoint) or clients.get(every_method) if clients else None
         plan = _EndpointPlan(
             cost,
             policy,
             Check(self._global, "global", "", cost) if self._global is not None else None,
             Check(policy, "endpoint", endpoint, cost) if policy is not None else None,
+            (client_limit,) if client_limit is not None else (),
         )
         if len(self._plans) >= _MAX_PLANS:
             self._plans.clear()
@@ -570,6 +674,10 @@ class RateLimiter:
             checks.append(plan.endpoint_check)
         elif plan.policy is not None:
             checks.append(new_check((plan.policy, "endpoint", context.endpoint, cost)))
+        for limit in plan.client_limits:
+            client_check = limit.check(context)
+            if client_check is not None:
+                checks.append(client_check)
         if context.api_key is not None:
             key_policy = context.key_tier.key_policy if context.key_tier else self._api_key
             if key_policy is not None:
@@ -617,6 +725,7 @@ class RateLimiter:
         raises :class:`BackendError` when it failed and the policy is to deny."""
         if self.limit_overrides is not None:
             checks = await self.limit_overrides.apply(checks)
+        given = checks
         if self.dynamic is not None:
             checks = await self._scaled_checks(checks, context)
             denial = await self._penalty(context)
@@ -632,8 +741,13 @@ class RateLimiter:
         if not enforced:
             return Verdict(())
         verdict = await self._hit(enforced)
-        if verdict is not None and not verdict.allowed and self._delays:
-            verdict = await self._wait_and_retry(enforced, verdict)
+        if verdict is not None and not verdict.allowed:
+            # Measured against the quotas as configured: a scaled-down one comes back.
+            never = self._never(c for c in given if not self._is_shadow(c.scope))
+            if never is not None:
+                verdict = never
+            elif self._delays:
+                verdict = await self._wait_and_retry(enforced, verdict)
         if verdict is None:
             return None
         self._record(verdict, enforced, context)
@@ -655,8 +769,24 @@ class RateLimiter:
         backend = self.backend
         assert isinstance(backend, MemoryBackend)
         verdict = backend.hit_now(checks)
+        if not verdict.allowed:
+            verdict = self._never(checks) or verdict
         self._record(verdict, checks, context)
         return verdict
+
+    @staticmethod
+    def _never(checks: Iterable[Check]) -> Verdict | None:
+        """The verdict for checks one of which costs more than its level ever admits (a cost
+        function, a tier multiplier): refused for good, with ``retry_after`` infinite, since
+        any finite wait would be a promise never kept. Looked at on denials only."""
+        decisions = tuple(
+            Decision(
+                False, c.policy.limit, 0, 0.0, math.inf, c.policy.name, c.scope, c.policy.window
+            )
+            for c in checks
+            if c.cost > c.policy.limit
+        )
+        return Verdict(decisions) if decisions else None
 
     def _record(self, verdict: Verdict, enforced: Sequence[Check], context: RequestContext) -> None:
         # Replaced, not extended (see RequestContext): usually the first and only time.
@@ -799,6 +929,8 @@ class RateLimiter:
         )
 
     def denial_response(self, context: RequestContext, verdict: Verdict) -> Response:
+        if never(verdict.decisions):
+            return cost_exceeds_limit_response(verdict.decisions, context.cost)
         headers = rate_limit_headers(context.decisions, self.header_style, now=self.now())
         if (
             context.reduced
@@ -821,14 +953,18 @@ class RateLimiter:
         )
 
     async def after_response(self, context: RequestContext, status: int | None) -> None:
-        """Refunds by status, the adjustment for a cost the endpoint reported, and the
-        endpoint breaker's count."""
+        """Refunds by status (every level, for a server error), the adjustment for a cost the
+        endpoint reported, and the endpoint breaker's count."""
         if status is None:
             return
         if self.endpoint_breaker is not None:
             await self.endpoint_breaker.record(context.endpoint, status)
         if self.breaker is not None and self.breaker.state != "closed":
             return  # the backend is down: refunds would only add latency
+        if status >= 500:
+            # A server error is never charged: every level gives its units back.
+            await refund_server_error(self, context.charged)
+            return
         try:
             refunds: list[Check] = []
             # Route limits with a cost of their own are refunded by their own rule.
@@ -846,8 +982,15 @@ class RateLimiter:
                     refunds.extend(c._replace(cost=-delta) for c in charged)
                 else:
                     # Charged afterwards where quota is left; denied means nothing is taken.
-                    extra = [c._replace(cost=delta) for c in charged]
-                    await self._polling.call("charging a cost", lambda: self.backend.hit(extra))
+                    # Never more than a level admits at once: a cost beyond it could never
+                    # be charged, and the request would have cost nothing extra at all.
+                    extra = [
+                        c._replace(cost=min(delta, c.policy.limit - c.cost))
+                        for c in charged
+                        if c.policy.limit > c.cost
+                    ]
+                    if extra:
+                        await self._polling.call("charging a cost", lambda: self.backend.hit(extra))
             if refunds:
                 # Through the breaker: a failing backend is not waited on after every response.
                 await self._polling.call("a refund", lambda: self.backend.refund(refunds))
@@ -877,7 +1020,7 @@ class RateLimiter:
     # -- operator API (also behind the admin router and the CLI) ------------------------------
 
     def _lists(self) -> AccessLists:
-        if self.lists is None:
+        if self.lists is None or not self.lists.mirrored:
             raise ConfigurationError(
                 "access_lists",
                 False,
@@ -1041,7 +1184,10 @@ class RateLimiter:
         """The current state of every level that applies to an identity (nothing consumed)."""
         context = self.operator_context(ip=ip, user=user, api_key=api_key, endpoint=endpoint)
         if user is not None and self.tier_store is not None and self._tiers is not None:
-            context.tier = self._tier_named(await self.tier_store.lookup("user", user))
+            name = await self.tier_store.lookup("user", user)
+            context.tier = self._tier_named(
+                name if name is not None else self._user_tiers.get(user)
+            )
         checks = self._operator_checks(context, all_tiers=False)
         if self._global is not None:
             checks.insert(0, Check(self._global, "global", "", 1))
@@ -1090,6 +1236,8 @@ class RateLimiter:
         for check, result in zip(checks, results, strict=True):
             if result is not None and self.recorder is not None:
                 self.recorder.shadow_decision(check.scope, result.allowed)
+            if result is not None and self._shadow_headers:
+                context.shadow = (*context.shadow, *result.decisions)
             if result is not None and not result.allowed:
                 # One line a second at most: a flood would deny on every request.
                 client = _masked_client(check)
@@ -1138,6 +1286,44 @@ def _policy(field: str, name: str, rate: RateLike | None, algorithm: Algorithm) 
         except ConfigurationError as exc:
             raise ConfigurationError(f"{field}: {exc.field}", exc.value, exc.reason) from None
     raise ConfigurationError(field, rate, "must be a rate string, a Rate or a Policy")
+
+
+def _user_tiers(value: Any, tiers: Mapping[str, Tier] | None) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigurationError("user_tiers", value, "must map user ids to tier names")
+    if tiers is None:
+        raise ConfigurationError("user_tiers", value, "needs tiers=... to name tiers from")
+    for user, tier in value.items():
+        if not isinstance(user, str) or not user:
+            raise ConfigurationError("user_tiers", user, "user ids must be non-empty strings")
+        if tier not in tiers:
+            raise ConfigurationError(
+                f"user_tiers[{user!r}]", tier, f"is not one of the tiers ({', '.join(tiers)})"
+            )
+    return dict(value)
+
+
+def _client_endpoint_limit(
+    endpoint: str, value: tuple[Any, ...], algorithm: Algorithm
+) -> RouteLimit:
+    # {"POST /ocr/process": ("50/minute", "user")}: the route-limit machinery, declared here.
+    field = f"endpoint_limits[{endpoint!r}]"
+    if len(value) != 2 or not isinstance(value[1], str):
+        raise ConfigurationError(field, value, "must be a rate or a (rate, scope) pair")
+    rate, scope = value
+    return RouteLimit.build(
+        rate,
+        scope=scope,
+        cost=None,
+        key=None,
+        name=None,
+        algorithm=algorithm,
+        limiter=None,
+        refund_when=None,
+        where=field,
+    )
 
 
 def _composite(

@@ -56,7 +56,9 @@ class RateLimitMiddleware:
     Args:
         app: the ASGI app.
         limiter: the shared :class:`RateLimiter`.
-        exempt: paths (and everything below them) never limited nor counted.
+        exempt: paths (and everything below them) never limited nor counted, in addition to
+            :data:`DEFAULT_EXEMPT` (health, metrics and the API docs).
+        default_exempt: ``False`` drops :data:`DEFAULT_EXEMPT`: then only ``exempt`` is exempt.
         websockets: limit WebSocket handshakes (a denied one is refused before accept).
     """
 
@@ -65,14 +67,15 @@ class RateLimitMiddleware:
         app: ASGIApp,
         *,
         limiter: RateLimiter,
-        exempt: Iterable[str] = DEFAULT_EXEMPT,
+        exempt: Iterable[str] = (),
+        default_exempt: bool = True,
         websockets: bool = True,
     ) -> None:
         if not isinstance(limiter, RateLimiter):
             raise ConfigurationError("limiter", limiter, "must be a RateLimiter")
         if isinstance(exempt, str):
             raise ConfigurationError("exempt", exempt, "must be a list of paths, not one string")
-        paths = tuple(exempt)
+        paths = (*DEFAULT_EXEMPT, *exempt) if default_exempt else tuple(exempt)
         for path in paths:
             if not isinstance(path, str) or not path.startswith("/"):
                 raise ConfigurationError("exempt", path, "paths must start with '/'")
@@ -172,12 +175,18 @@ class RateLimitMiddleware:
             return
         responder = _Responder(self.app, context, send)
         load = limiter.dynamic.load if limiter.dynamic is not None else None
-        if load is not None:
-            await responder.run_measured(scope, receive, load)
-        else:
-            await self.app(scope, receive, responder.send)
-        if limiter.needs_after_response(context):
-            await limiter.after_response(context, responder.status)
+        try:
+            if load is not None:
+                await responder.run_measured(scope, receive, load)
+            else:
+                await self.app(scope, receive, responder.send)
+        except Exception:
+            # An error escaping the app becomes a 500 further out: not charged either.
+            await limiter.after_response(context, 500)
+            raise
+        status = responder.status
+        if limiter.needs_after_response(context) or (status is not None and status >= 500):
+            await limiter.after_response(context, status)
 
     def _skip(self, scope: Scope) -> bool:
         path: str = scope["path"]
@@ -251,8 +260,11 @@ class _Responder:
                 self.replaced = True
                 return _send_denial(self._send, context, context.denial)
             style = context.limiter.header_style
-            if context.decisions and style is not _NO_HEADERS:
-                ours = rate_limit_headers(context.decisions, style, now=time.time())
+            decisions = context.decisions
+            if context.shadow:
+                decisions = (*decisions, *context.shadow)
+            if decisions and style is not _NO_HEADERS:
+                ours = rate_limit_headers(decisions, style, now=time.time())
                 headers = message.get("headers", ())
                 names = HEADER_NAMES[style]
                 # Replace, never append: each header appears once even if the app set one.

@@ -5,7 +5,9 @@
 * :func:`backend_unavailable_response` -- 503 when the storage cannot answer and the limiter
   fails closed;
 * :func:`reduced_capacity_response` -- 503 with the draft's ``temporary-reduced-capacity`` type,
-  for load shedding.
+  for load shedding;
+* :func:`cost_exceeds_limit_response` -- 403 for a request costing more than a level ever
+  admits: no ``Retry-After``, since no wait would let it pass.
 
 Bodies carry only what the client may know anyway: policy names and scopes (already in the
 headers) and whole seconds. Never storage keys, client identities, hashes or exception text,
@@ -30,6 +32,7 @@ __all__ = [
     "backend_unavailable_response",
     "bad_request_response",
     "blocked_response",
+    "cost_exceeds_limit_response",
     "endpoint_unavailable_response",
     "quota_exceeded_response",
     "reduced_capacity_response",
@@ -41,6 +44,7 @@ QUOTA_EXCEEDED_TYPE = "https://iana.org/assignments/http-problem-types#quota-exc
 QUOTA_EXCEEDED_TITLE = "Request cannot be satisfied as assigned quota has been exceeded"
 REDUCED_CAPACITY_TYPE = "https://iana.org/assignments/http-problem-types#temporary-reduced-capacity"
 REDUCED_CAPACITY_TITLE = "Temporary reduced capacity"
+COST_EXCEEDS_LIMIT_TYPE = "tag:fastapi-ratelimit,2026:cost-exceeds-limit"
 
 # Extra headers may not override these: the body, and so its length and type, is ours.
 _OWN_HEADERS = frozenset({b"content-length", b"content-type"})
@@ -123,6 +127,32 @@ def bad_request_response(detail: str) -> Response:
     body = {"type": "about:blank", "title": "Bad Request", "status": 400, "detail": detail}
     content = json.dumps(body, separators=(",", ":")).encode("ascii")
     return Response(content, status_code=400, media_type=PROBLEM_JSON)
+
+
+def cost_exceeds_limit_response(decisions: Sequence[Decision], cost: int) -> Response:
+    """403 for a request whose ``cost`` is more than the denied levels admit in a whole window.
+
+    Waiting never helps, so there is no ``Retry-After`` (nor a ``RateLimit`` header, whose
+    ``t`` would promise the same): a 429 with one would send the client back for ever. A
+    smaller request, or a tier with more room, can pass.
+    """
+    denied = [d for d in decisions if not d.allowed]
+    if not denied:
+        raise ValueError("cost_exceeds_limit_response needs at least one denied decision")
+    first = denied[0]
+    body = {
+        "type": COST_EXCEEDS_LIMIT_TYPE,
+        "title": "Request cost exceeds the limit",
+        "status": 403,
+        "detail": (
+            f"This request costs {cost} units; policy {first.policy!r} admits at most "
+            f"{first.limit} at once, so it can never pass."
+        ),
+        "violated-policies": list(dict.fromkeys(str(d.policy) for d in denied)),
+        "cost": cost,
+    }
+    content = json.dumps(body, separators=(",", ":")).encode("ascii")
+    return Response(content, status_code=403, media_type=PROBLEM_JSON)
 
 
 def reduced_capacity_response(

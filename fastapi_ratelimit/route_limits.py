@@ -11,16 +11,18 @@ header appears once. Without the middleware, they check for themselves.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from loguru import logger
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
 from .backends.base import Check, storage_key
 from .context import SCOPE_KEY, RequestContext
+from .decision import never
 from .errors import BackendError, ConfigurationError
 from .headers import rate_limit_headers, retry_after_value
 from .identity import QUERY_TOO_LONG, QueryTooLong
@@ -73,6 +75,10 @@ class RouteLimit:
     key: KeyFunc | None
     limiter: RateLimiter | None
     refund_when: Callable[[int], bool] | None
+    #: ``algorithm=`` was given; otherwise the limiter's ``algorithm`` applies.
+    algorithm_given: bool = True
+    #: The policy under other limiters' default algorithms, built once each.
+    variants: dict[Algorithm, Policy] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(
@@ -83,7 +89,7 @@ class RouteLimit:
         cost: int | None,
         key: KeyFunc | None,
         name: str | None,
-        algorithm: Algorithm | str,
+        algorithm: Algorithm | str | None,
         limiter: RateLimiter | None,
         refund_when: Callable[[int], bool] | None,
         where: str,
@@ -110,8 +116,35 @@ class RouteLimit:
                 rate if isinstance(rate, Rate) else parse_rate(rate, field_name=f"{where}: rate")
             )
             default_name = f"route-{scope.replace('+', '-')}-{parsed.limit}-{parsed.period:g}s"
-            policy = Policy(name or default_name.replace(".", "_"), parsed, algorithm)
-        return cls(policy, scope, parts if key is None else (), cost, key, limiter, refund_when)
+            # Without algorithm=, the limiter's default applies (see policy_for); until a
+            # limiter is known, the library's default stands in.
+            policy = Policy(
+                name or default_name.replace(".", "_"),
+                parsed,
+                algorithm if algorithm is not None else Algorithm.SLIDING_WINDOW_COUNTER,
+            )
+        if cost is not None and cost > policy.limit:
+            raise ConfigurationError(
+                f"{where}: cost",
+                cost,
+                f"exceeds policy {policy.name!r}, which admits at most {policy.limit} units at "
+                "once: such a request could never pass",
+            )
+        given = algorithm is not None or isinstance(rate, Policy)
+        parts = parts if key is None else ()
+        return cls(policy, scope, parts, cost, key, limiter, refund_when, given)
+
+    def policy_for(self, limiter: RateLimiter) -> Policy:
+        """The policy as ``limiter`` enforces it: under its default algorithm, unless this
+        limit named one."""
+        policy = self.policy
+        algorithm = limiter.algorithm
+        if self.algorithm_given or algorithm is policy.algorithm:
+            return policy
+        variant = self.variants.get(algorithm)
+        if variant is None:
+            variant = self.variants[algorithm] = Policy(policy.name, policy.rate, algorithm)
+        return variant
 
     @property
     def needs_key(self) -> bool:
@@ -146,7 +179,8 @@ class RouteLimit:
                 identity += ("api_key", key) if key is not None else ("no-key-ip", context.ip)
         cost = self.cost if self.cost is not None else context.cost
         ident: Identity = tuple(identity)
-        return Check(self.policy, self.scope if self.key is None else "route", ident, cost)
+        policy = self.policy_for(self.limiter or context.limiter)
+        return Check(policy, self.scope if self.key is None else "route", ident, cost)
 
 
 async def enforce(
@@ -155,12 +189,13 @@ async def enforce(
     *,
     user: str | None = None,
     response: Response | None = None,
-) -> None:
-    """Check ``limit`` for this request unless the middleware already did."""
+) -> Check | None:
+    """Check ``limit`` for this request unless the middleware already did. Returns the check
+    it charged, if any (the decorator refunds it when the endpoint fails)."""
     scope = connection.scope
     context = scope.get(SCOPE_KEY)
     if isinstance(context, RequestContext) and (context.exempt or id(limit) in context.handled):
-        return
+        return None
     limiter = limit.limiter or (context.limiter if isinstance(context, RequestContext) else None)
     if limiter is None:
         raise RuntimeError(
@@ -178,16 +213,16 @@ async def enforce(
             raise HTTPException(403, "Access denied.")
         if listed == "allow":
             context.exempt = True
-            return
+            return None
     context.handled = context.handled | {id(limit)}
     check = limit.check(context, await limit.key_value(connection), user)
     if check is None:
-        return
+        return None
     if context.charged:
         # A decorator and a guard with the same rate and scope are one limit: count it once.
         key = storage_key(check)
         if any(storage_key(c) == key for c in context.charged):
-            return
+            return None
     try:
         verdict = await limiter.run([check], context)
     except BackendError:
@@ -197,19 +232,44 @@ async def enforce(
             503, "Rate limiting is temporarily unavailable.", {"Retry-After": wait}
         ) from None
     if verdict is None:  # backend failed under on_backend_error="allow"
-        return
+        return None
     if limit.refund_when is not None:
         context.refundable = (*context.refundable, (limit, check))
     if not verdict.allowed:
+        if never(verdict.decisions):
+            # No wait would help: no Retry-After, and not a 429 that invites one.
+            raise HTTPException(
+                403,
+                f"This request costs {check.cost} units; policy {check.policy.name!r} admits "
+                f"at most {check.policy.limit} at once, so it can never pass.",
+            )
         context.denial = verdict
         headers = rate_limit_headers(context.decisions, limiter.header_style, now=limiter.now())
         retry = retry_after_value(verdict.decisions)
         raise RateLimitExceeded(verdict, {**_str(headers), "Retry-After": str(retry)})
     if response is not None and not context.middleware:
-        for name, value in rate_limit_headers(
-            context.decisions, limiter.header_style, now=limiter.now()
-        ):
+        decisions = (*context.decisions, *context.shadow)
+        for name, value in rate_limit_headers(decisions, limiter.header_style, now=limiter.now()):
             response.headers[name.decode("latin-1")] = value.decode("latin-1")
+    return check
+
+
+def server_error(exc: BaseException) -> bool:
+    """Whether ``exc``, escaping an endpoint, becomes a 5xx response."""
+    if isinstance(exc, HTTPException):
+        return exc.status_code >= 500
+    return isinstance(exc, Exception)
+
+
+async def refund_server_error(limiter: RateLimiter, checks: Sequence[Check]) -> None:
+    """Give back what a request that ended in a server error was charged: a client never
+    pays for the server's failure. Best effort: a failing backend is only logged."""
+    if not checks:
+        return
+    try:
+        await limiter.backend.refund(checks)
+    except BackendError as exc:
+        logger.warning("rate-limit refund after a server error failed: {}", exc)
 
 
 def _str(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:

@@ -83,14 +83,27 @@ DEFAULT_TIERS: Mapping[str, Tier] = {
 }
 
 
-def build_tiers(tiers: Mapping[str, Tier | str], default_tier: str) -> dict[str, Tier]:
-    """Validate a tier table: values are Tiers or rate strings; ``default_tier`` must exist."""
+def build_tiers(
+    tiers: Mapping[str, Tier | str],
+    default_tier: str,
+    algorithm: Algorithm = Algorithm.TOKEN_BUCKET,
+) -> dict[str, Tier]:
+    """Validate a tier table: values are Tiers or rate strings (enforced with ``algorithm``,
+    the limiter's default); ``default_tier`` must exist."""
     if not isinstance(tiers, Mapping) or not tiers:
         raise ConfigurationError("tiers", tiers, "must be a non-empty mapping of name to Tier")
     built: dict[str, Tier] = {}
     for name, tier in tiers.items():
         if isinstance(tier, str):
-            tier = Tier(name, tier)
+            rate = parse_rate(tier, field_name=f"tiers[{name!r}]")
+            if rate.burst is not None and not algorithm.uses_burst:
+                raise ConfigurationError(
+                    f"tiers[{name!r}]",
+                    tier,
+                    f"has a burst, which the limiter's algorithm ({algorithm}) has no use "
+                    "for: pass algorithm='token_bucket' or 'gcra', or a Tier",
+                )
+            tier = Tier(name, rate, algorithm)
         if not isinstance(tier, Tier):
             raise ConfigurationError(f"tiers[{name!r}]", tier, "must be a Tier or a rate string")
         if tier.name != name:

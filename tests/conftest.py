@@ -16,11 +16,15 @@ import pytest
 import pytest_asyncio
 import redis
 import redis.asyncio
+from loguru import logger
 
 # tests/ has no __init__.py: pytest (rootdir/prepend import mode) puts tests/ on sys.path.
 from servers import RedisCluster, RedisSentinelSetup, RedisServer, redis_server_binary
 
 from fastapi_ratelimit import Backend, MemoryBackend, RedisBackend
+
+# The library is silent until an app opts in; the tests read its log lines.
+logger.enable("fastapi_ratelimit")
 
 
 def _unavailable(reason: str, details: str = "") -> NoReturn:

@@ -24,6 +24,7 @@ def test_public_api() -> None:
         "Backend",
         "BackendError",
         "Check",
+        "CircuitBreaker",
         "Clock",
         "ConfigurationError",
         "Decision",

@@ -210,7 +210,7 @@ async def test_exempt_paths_are_neither_limited_nor_counted() -> None:
             assert "ratelimit" not in response.headers
         assert (await client.get("/openapi.json")).status_code == 200
     assert len(backend) == 0
-    custom = make_app(RateLimiter(ip_limit="1/minute"), exempt=["/hello"])
+    custom = make_app(RateLimiter(ip_limit="1/minute"), exempt=["/hello"], default_exempt=False)
     async with client_for(custom) as client:
         for _ in range(3):
             assert (await client.get("/hello")).status_code == 200

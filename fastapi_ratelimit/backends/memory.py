@@ -3,11 +3,18 @@
 Atomicity comes from never awaiting inside a read-modify-write: every public coroutine runs
 to completion in one step of the event loop, so no per-key locks are needed. Memory is
 bounded by ``max_keys``: when full, expired keys are swept first (a full pass, amortised over
-at least ``max_keys // 8`` insertions), then the least recently used key is evicted.
+at least ``max_keys // 8`` insertions), then the least recently used key is evicted. Every
+hit, admitted *or denied*, makes its keys the most recently used: eviction must never hand a
+client who is being refused a fresh quota.
+
+Idle memory is given back by a timer (a plain ``call_later`` callback, no task) that drops up
+to ``_SWEEP_BUDGET`` expired keys from the least-recently-used end each second while the
+store holds anything, and stops when it is empty.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections import OrderedDict, deque
 from collections.abc import Sequence
@@ -44,6 +51,10 @@ _StoreKey = tuple[str, str, str, str] | str
 #: Expired keys dropped from the LRU end on each insert: keeps memory trending down without a
 #: background task.
 _OPPORTUNISTIC_EXPIRY = 2
+#: The idle sweep: at most this many keys looked at per tick (about a millisecond of the
+#: event loop), one tick a second.
+_SWEEP_BUDGET = 10_000
+_SWEEP_INTERVAL = 1.0
 
 
 class MemoryBackend:
@@ -80,6 +91,8 @@ class MemoryBackend:
         # work to every full collection (lists would: each one a GC pause, see bench/).
         self._data: OrderedDict[_StoreKey, tuple[int, Any]] = OrderedDict()
         self._sweep_credit = 0
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweeper_loop: asyncio.AbstractEventLoop | None = None
         # Operator state (allow/block lists, stored tiers): small, never evicted.
         self._control: dict[str, tuple[int, dict[str, str]]] = {}
 
@@ -137,7 +150,41 @@ class MemoryBackend:
             self._data.pop(self._key(check), None)
 
     async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = self._sweeper_loop = None
         self._data.clear()
+
+    def sweep(self, budget: int = _SWEEP_BUDGET) -> int:
+        """Drop expired keys from the least-recently-used end, looking at most at ``budget``
+        keys; returns how many were dropped. The idle timer calls it every second; the LRU
+        end holds the keys written longest ago, the first to expire."""
+        data = self._data
+        now = self._clock.now_us()
+        dropped = 0
+        while data and dropped < budget:
+            oldest_key = next(iter(data))
+            if data[oldest_key][0] > now:
+                break
+            del data[oldest_key]
+            dropped += 1
+        return dropped
+
+    def _tick(self) -> None:
+        self.sweep()
+        self._sweeper = None
+        if self._data and self._sweeper_loop is not None:
+            self._sweeper = self._sweeper_loop.call_later(_SWEEP_INTERVAL, self._tick)
+
+    def _ensure_sweeper(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # used outside an event loop: inserts and the full sweep still reclaim
+        # A timer left on another (closed) loop never fires: start one on this loop.
+        if self._sweeper is None or self._sweeper_loop is not loop:
+            self._sweeper_loop = loop
+            self._sweeper = loop.call_later(_SWEEP_INTERVAL, self._tick)
 
     # -- operator state (see fastapi_ratelimit.control) ---------------------------------------
 
@@ -324,6 +371,10 @@ class MemoryBackend:
                 remaining = math.floor(ev.available - check.cost)
                 reset_us = ev.reset_commit_us
             else:
+                if commit and entry is not None:
+                    # A denied hit is still a use: the refused client's counters must be the
+                    # last to be evicted, not the first (an evicted key is a fresh quota).
+                    data.move_to_end(key)
                 remaining = math.floor(ev.available)
                 reset_us = ev.reset_keep_us
             decisions.append(make_decision(check, ev.allowed, remaining, reset_us, ev.retry_us))
@@ -337,6 +388,7 @@ class MemoryBackend:
         for key, entry in fresh:
             self._make_room(now)
             self._data[key] = entry
+        self._ensure_sweeper()
 
     def _make_room(self, now: int) -> None:
         data = self._data

@@ -398,7 +398,7 @@ class RedisBackend:
         failure = next((r for r in results if isinstance(r, BaseException)), None)
         decisions: list[Decision | None] = [None] * len(checks)
         for group, result in zip(groups, results, strict=True):
-            if isinstance(result, list):
+            if isinstance(result, list) and mode != "r":  # a refund answers no decisions
                 for i, decision in zip(group, result, strict=True):
                     decisions[i] = decision
         all_allowed = failure is None and all(d is not None and d.allowed for d in decisions)
