@@ -231,7 +231,7 @@ def run_python(code: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_library_is_silent_until_the_app_opts_in() -> None:
-    warn = "from fastapi_ratelimit.limiter import _warn_user_once; _warn_user_once('probe', int)"
+    warn = "from fastapi_ratelimit.identify import _WarnOnce; _WarnOnce()('probe', int)"
     silent = run_python(f"import fastapi_ratelimit; {warn}")
     assert silent.returncode == 0
     assert silent.stderr == ""
@@ -259,11 +259,11 @@ logger.remove()
 logger.add(PropagateHandler(), format="{message}")
 logger.enable("fastapi_ratelimit")
 
-from fastapi_ratelimit.limiter import _warn_user_once
-_warn_user_once("probe", int)
+from fastapi_ratelimit.identify import _WarnOnce
+_WarnOnce()("probe", int)
 """
     bridged = run_python(code)
-    assert "fastapi_ratelimit.limiter WARNING rate limit: unusable user identity" in bridged.stdout
+    assert "fastapi_ratelimit.identify WARNING rate limit: unusable user identity" in bridged.stdout
 
 
 @pytest.mark.redis

@@ -26,7 +26,7 @@ from fastapi_ratelimit.admin import admin_router
 from fastapi_ratelimit.cli import _short as cli_short
 from fastapi_ratelimit.cli import main as cli_main
 from fastapi_ratelimit.dynamic import DynamicLimits
-from fastapi_ratelimit.limiter import user_identity
+from fastapi_ratelimit.identify import user_identity
 
 TOKEN = "s3cret-admin-token-0123"
 MAX_TTL = 10 * 365 * 86400.0  # the longest TTL accepted: ten years

@@ -35,7 +35,6 @@ from fastapi_ratelimit import (
     RateLimitMiddleware,
     RedisBackend,
     dynamic,
-    routing,
 )
 from fastapi_ratelimit.admin import admin_router
 from fastapi_ratelimit.breaker import MAX_ENDPOINTS, EndpointBreaker
@@ -454,9 +453,10 @@ async def test_100k_hostile_requests_keep_every_structure_under_its_bound() -> N
     assert not any(500 < status < 600 and status != 503 for status in statuses), statuses
     assert statuses.get(429, 0) > 0  # the recurring clients were limited (and boxed)
     # Each structure at or under its documented bound, whatever the clients sent.
-    assert len(routing._cache) <= 4096
-    assert all(len(key[5]) <= 512 and len(key[6]) <= 256 for key in routing._cache)
-    endpoints = set(limiter._plans)
+    routes = limiter.pricing.routes._cache
+    assert len(routes) <= 4096
+    assert all(len(key[5]) <= 512 and len(key[6]) <= 256 for key in routes)
+    endpoints = set(limiter.levels.plans)
     assert len(endpoints) <= 64  # route templates x methods, never client strings
     assert all(len(endpoint) <= 64 for endpoint in endpoints)
     assert "OTHER /items/{id}" in endpoints
@@ -470,8 +470,8 @@ async def test_100k_hostile_requests_keep_every_structure_under_its_bound() -> N
     assert all(len(key) == 32 for key in behaviour._stats)  # digests, not client input
     assert len(backend) <= backend.max_keys
     assert len(backend.key_builder.cached) <= 8192
-    assert len(limiter._client_ip._cache) <= 4096
-    assert len(limiter._client_ip._chains) <= 4096
+    assert len(limiter.identifier.client_ip._cache) <= 4096
+    assert len(limiter.identifier.client_ip._chains) <= 4096
     assert growth < RSS_CEILING, f"RSS grew by {growth / 2**20:.0f} MiB"
     await limiter.aclose()
 
