@@ -174,6 +174,13 @@ class Mirror:
         #: Bumped on every change of the local copy, so derived indexes know to rebuild.
         self.generation = 0
 
+    async def cleanup(self) -> int:
+        """Delete the namespace's expired entries from the store, then refresh; returns how
+        many."""
+        removed = await remove_expired(self._store, self._namespace)
+        await self.refresh()
+        return removed
+
     async def ensure_loaded(self) -> None:
         """Load the first time (the callers wait for it) and start the background refresh
         loop, which keeps the copy at most ``refresh_interval`` (plus one round trip) behind,

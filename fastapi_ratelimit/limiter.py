@@ -14,14 +14,13 @@ from typing import Any, Literal
 from starlette.requests import HTTPConnection
 
 from ._types import Scope
-from .access import AccessLists, Kind, ListEntry
+from .access import AccessLists
 from .backends.base import Backend, Check
 from .backends.memory import MemoryBackend
 from .breaker import CircuitBreaker, EndpointBreaker
 from .context import RequestContext
 from .control import ControlStore, PollPolicy
 from .costs import CostTable
-from .decision import Decision
 from .dynamic import DynamicLimits
 from .enforce import Enforcer
 from .errors import ConfigurationError
@@ -33,7 +32,7 @@ from .keys import KeyBuilder
 from .levels import CompositeLimit, Levels, RateLike
 from .limit_overrides import LimitOverrides
 from .node_breakers import NodeBreakers
-from .operations import Operator
+from .operations import Operator, OperatorMethod
 from .policy import Algorithm
 from .pricing import Pricing
 from .recorder import Recorder
@@ -380,99 +379,20 @@ class RateLimiter:
             await self.limit_overrides.aclose()
         await self.backend.aclose()
 
-    # -- the operator API: see :class:`~.operations.Operator` (kept here, as documented) ------
+    # -- the operator API, on the limiter as the README documents it ------------------------
 
-    async def set_tier(
-        self,
-        identity: str,
-        tier: str,
-        *,
-        kind: Literal["user", "api_key"] = "user",
-        ttl: float | None = None,
-        by: str = "",
-    ) -> None:
-        """:meth:`Operator.set_tier <.operations.Operator.set_tier>`."""
-        await self.operator.set_tier(identity, tier, kind=kind, ttl=ttl, by=by)
-
-    async def get_tier(
-        self, identity: str, *, kind: Literal["user", "api_key"] = "user"
-    ) -> str | None:
-        """:meth:`Operator.get_tier <.operations.Operator.get_tier>`."""
-        return await self.operator.get_tier(identity, kind=kind)
-
-    async def clear_tier(
-        self, identity: str, *, kind: Literal["user", "api_key"] = "user", by: str = ""
-    ) -> bool:
-        """:meth:`Operator.clear_tier <.operations.Operator.clear_tier>`."""
-        return await self.operator.clear_tier(identity, kind=kind, by=by)
-
-    async def allow(
-        self, kind: Kind, value: str, *, reason: str = "", by: str = "", ttl: float | None = None
-    ) -> ListEntry:
-        """:meth:`Operator.allow <.operations.Operator.allow>`."""
-        return await self.operator.allow(kind, value, reason=reason, by=by, ttl=ttl)
-
-    async def block(
-        self, kind: Kind, value: str, *, reason: str = "", by: str = "", ttl: float | None = None
-    ) -> ListEntry:
-        """:meth:`Operator.block <.operations.Operator.block>`."""
-        return await self.operator.block(kind, value, reason=reason, by=by, ttl=ttl)
-
-    async def unallow(self, kind: Kind, value: str, *, by: str = "") -> bool:
-        """:meth:`Operator.unallow <.operations.Operator.unallow>`."""
-        return await self.operator.unallow(kind, value, by=by)
-
-    async def unblock(self, kind: Kind, value: str, *, by: str = "") -> bool:
-        """:meth:`Operator.unblock <.operations.Operator.unblock>`."""
-        return await self.operator.unblock(kind, value, by=by)
-
-    async def allowed(self) -> list[ListEntry]:
-        """:meth:`Operator.allowed <.operations.Operator.allowed>`."""
-        return await self.operator.allowed()
-
-    async def blocked(self) -> list[ListEntry]:
-        """:meth:`Operator.blocked <.operations.Operator.blocked>`."""
-        return await self.operator.blocked()
-
-    async def set_limit(
-        self, level: str, rate: str, *, endpoint: str | None = None, by: str = ""
-    ) -> None:
-        """:meth:`Operator.set_limit <.operations.Operator.set_limit>`."""
-        await self.operator.set_limit(level, rate, endpoint=endpoint, by=by)
-
-    async def clear_limit(self, level: str, *, endpoint: str | None = None, by: str = "") -> bool:
-        """:meth:`Operator.clear_limit <.operations.Operator.clear_limit>`."""
-        return await self.operator.clear_limit(level, endpoint=endpoint, by=by)
-
-    async def changed_limits(self) -> dict[str, dict[str, Any]]:
-        """:meth:`Operator.changed_limits <.operations.Operator.changed_limits>`."""
-        return await self.operator.changed_limits()
-
-    async def cleanup(self) -> int:
-        """:meth:`Operator.cleanup <.operations.Operator.cleanup>`."""
-        return await self.operator.cleanup()
-
-    async def inspect(
-        self,
-        *,
-        ip: str | None = None,
-        user: str | None = None,
-        api_key: str | None = None,
-        endpoint: str | None = None,
-    ) -> list[Decision]:
-        """:meth:`Operator.inspect <.operations.Operator.inspect>`."""
-        return await self.operator.inspect(ip=ip, user=user, api_key=api_key, endpoint=endpoint)
-
-    async def reset(
-        self,
-        *,
-        ip: str | None = None,
-        user: str | None = None,
-        api_key: str | None = None,
-        endpoint: str | None = None,
-        by: str = "",
-    ) -> int:
-        """:meth:`Operator.reset <.operations.Operator.reset>`."""
-        return await self.operator.reset(
-            ip=ip, user=user, api_key=api_key, endpoint=endpoint, by=by
-        )
+    set_tier = OperatorMethod(Operator.set_tier)
+    get_tier = OperatorMethod(Operator.get_tier)
+    clear_tier = OperatorMethod(Operator.clear_tier)
+    allow = OperatorMethod(Operator.allow)
+    block = OperatorMethod(Operator.block)
+    unallow = OperatorMethod(Operator.unallow)
+    unblock = OperatorMethod(Operator.unblock)
+    allowed = OperatorMethod(Operator.allowed)
+    blocked = OperatorMethod(Operator.blocked)
+    set_limit = OperatorMethod(Operator.set_limit)
+    clear_limit = OperatorMethod(Operator.clear_limit)
+    changed_limits = OperatorMethod(Operator.changed_limits)
+    cleanup = OperatorMethod(Operator.cleanup)
+    inspect = OperatorMethod(Operator.inspect)
+    reset = OperatorMethod(Operator.reset)
