@@ -98,6 +98,7 @@ class RateLimitMiddleware:
             await refuse(scope, receive, send, bad_request_response(QUERY_TOO_LONG))
             return
         context.middleware = True
+        # An endpoint whose breaker is open (breaker.py) is refused before anything counts.
         breaker = limiter.endpoint_breaker
         if breaker is not None:
             until = await breaker.open_until(context.endpoint)
