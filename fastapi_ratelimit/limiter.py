@@ -324,18 +324,6 @@ class RateLimiter:
     def now() -> float:
         return time.time()
 
-    @property
-    def sync_context(self) -> bool:
-        """Whether :meth:`context_now` may stand in for :meth:`context` (no resolvers and no
-        tiers to look up): one coroutine less per request."""
-        return self.identifier.sync
-
-    def context_now(self, scope: Scope) -> RequestContext:
-        """:meth:`context` without a coroutine (see :attr:`sync_context`)."""
-        context = self.identifier.identify_now(self, scope)
-        self.pricing.price(context, scope)
-        return context
-
     async def context(self, scope: Scope) -> RequestContext:
         """Steps 1 and 2: who is calling, which endpoint, at what cost."""
         context = await self.identifier.identify(self, scope)

@@ -88,15 +88,18 @@ class RateLimitMiddleware:
         recorder = limiter.recorder
         started = perf_counter() if recorder is not None else 0.0
 
-        # 1-2. Identify (identify.py) and find the route and cost (pricing.py).
+        # 1. Identify: IP, API key, user, tiers (identify.py).
+        identifier = limiter.identifier
         try:
-            if limiter.sync_context:
-                context = limiter.context_now(scope)
+            if identifier.sync:
+                context = identifier.identify_now(limiter, scope)
             else:
-                context = await limiter.context(scope)
+                context = await identifier.identify(limiter, scope)
         except QueryTooLong:
             await refuse(scope, receive, send, bad_request_response(QUERY_TOO_LONG))
             return
+        # 2. Route and cost (pricing.py).
+        limiter.pricing.price(context, scope)
         context.middleware = True
         # An endpoint whose breaker is open (breaker.py) is refused before anything counts.
         breaker = limiter.endpoint_breaker
