@@ -1,0 +1,188 @@
+"""Behaviour that a one-line bug once broke without any test noticing (issue 15).
+
+Each test names the bug it catches; each was seen to fail with that bug put back in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from http_helpers import client_for, policies, remaining
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from fastapi_ratelimit import (
+    Algorithm,
+    Check,
+    Decision,
+    FakeClock,
+    MemoryBackend,
+    Policy,
+    RateLimiter,
+    RateLimitMiddleware,
+    RedisBackend,
+)
+from fastapi_ratelimit.dynamic import BehaviourTracker, DynamicLimits
+
+
+def plain_app(limiter: RateLimiter) -> Starlette:
+    """``GET /x`` (Starlette also routes HEAD to it) behind the middleware."""
+
+    async def x(request: Request) -> Response:
+        return PlainTextResponse("x")
+
+    app = Starlette(routes=[Route("/x", x, methods=["GET"])])
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    return app
+
+
+async def test_head_is_held_to_the_get_endpoint_limit() -> None:
+    """Bug: HEAD not mapped to GET; HEAD then bypassed a "GET /x" limit ([200] * 4)."""
+    app = plain_app(RateLimiter(endpoint_limits={"GET /x": "2/minute"}))
+    async with client_for(app) as client:
+        statuses = [(await client.head("/x")).status_code for _ in range(4)]
+        after = await client.get("/x")
+    assert statuses == [200, 200, 429, 429]
+    assert after.status_code == 429
+
+
+async def test_head_costs_what_get_costs() -> None:
+    app = plain_app(RateLimiter(ip_limit="10/minute", costs={"GET /x": 4}))
+    async with client_for(app) as client:
+        head = await client.head("/x")
+    assert head.status_code == 200
+    assert remaining(head) == "6"
+
+
+async def test_readme_demo_anonymous_batch_is_five_202s_then_429() -> None:
+    """Bug: anonymous callers of a scope="user" route limit unlimited (six 202s)."""
+    from examples.app import app, limiter
+
+    limiter.backend = MemoryBackend()  # a fresh memory backend for this test
+    async with app.router.lifespan_context(app), client_for(app, ip="203.0.113.71") as client:
+        statuses = [
+            (await client.post("/ocr/batch", json={"documents": ["a"]})).status_code
+            for _ in range(6)
+        ]
+        # Another address is another anonymous caller, with five of its own.
+    async with client_for(app, ip="203.0.113.72") as other:
+        fresh = await other.post("/ocr/batch", json={"documents": ["a"]})
+    assert statuses == [202] * 5 + [429]
+    assert fresh.status_code == 202
+
+
+async def test_shadow_levels_are_charged() -> None:
+    """Bug: shadow levels never charged. The counters in the backend show the charge."""
+    backend = MemoryBackend()
+    limiter = RateLimiter(
+        backend=backend, ip_limit="3/minute", global_limit="100/minute", shadow={"ip"}
+    )
+    app = plain_app(limiter)
+    async with client_for(app) as client:
+        statuses = [(await client.get("/x")).status_code for _ in range(5)]
+    assert statuses == [200] * 5
+    levels = {d.scope: d.remaining for d in await limiter.inspect(ip="203.0.113.7")}
+    assert levels == {"global": 95, "ip": 0}
+
+
+async def test_shadow_levels_are_charged_by_each_request() -> None:
+    backend = MemoryBackend()
+    limiter = RateLimiter(backend=backend, ip_limit="5/minute", shadow=True)
+    async with client_for(plain_app(limiter)) as client:
+        for _ in range(2):
+            assert (await client.get("/x")).status_code == 200
+    [ip] = await limiter.inspect(ip="203.0.113.7")
+    assert ip.remaining == 3
+
+
+@pytest.mark.redis
+async def test_sliding_counter_key_lives_until_both_windows_stop_weighing(
+    redis_url: str,
+) -> None:
+    """Bug: the sliding-counter key's TTL was ``window - elapsed``, so it expired while the
+    next window still weighed it. Redis expires keys in real time: the TTL must have a lower
+    bound too. At 9 s into a 10 s window the key must live 11 s (+ the 1 s margin)."""
+    clock = FakeClock(1_700_000_009.0)  # 1_700_000_000 is a multiple of 10
+    backend = RedisBackend.from_url(redis_url, clock=clock, ttl_margin=1.0)
+    try:
+        policy = Policy("p", "5/10 seconds", Algorithm.SLIDING_WINDOW_COUNTER)
+        assert (await backend.hit([Check(policy, "ip", "10.0.0.1")])).allowed
+        [key] = [k async for k in backend.client.scan_iter(match=backend.key_builder.pattern())]
+        ttl_ms = await backend.client.pttl(key)
+    finally:
+        await backend.aclose()
+    # Only the time between the two calls may have passed (generously bounded below).
+    assert 10_000 < ttl_ms <= 12_000
+
+
+async def test_behaviour_factor_scales_the_client_levels() -> None:
+    """Bug: the behaviour factor ignored. A good citizen's quota shows x1.2, an abusive
+    one's x0.3; the global level is not the client's and is never scaled by it."""
+    good = RateLimiter(
+        ip_limit="20/minute",
+        global_limit="1000/minute",
+        dynamic=DynamicLimits(behaviour=BehaviourTracker()),
+    )
+    async with client_for(plain_app(good)) as client:
+        first = [await client.get("/x") for _ in range(11)]
+        rewarded = await client.get("/x")
+    assert [r.status_code for r in first] == [200] * 11
+    assert policies(first[-1])["ip"]["q"] == 20
+    assert policies(rewarded) == {"global": {"q": 1000, "w": 60}, "ip": {"q": 24, "w": 60}}
+
+    abusive = RateLimiter(ip_limit="10/minute", dynamic=DynamicLimits(behaviour=BehaviourTracker()))
+    async with client_for(plain_app(abusive)) as client:
+        statuses = [(await client.get("/x")).status_code for _ in range(21)]
+        punished = await client.get("/x")
+    assert statuses == [200] * 10 + [429] * 11
+    assert punished.status_code == 429
+    assert policies(punished) == {"ip": {"q": 3, "w": 60}}
+
+
+async def test_response_builder_answers_denials() -> None:
+    """Bug: ``response_builder=`` ignored."""
+    seen: list[tuple[list[str], dict[bytes, bytes]]] = []
+
+    def builder(decisions: Sequence[Decision], headers: Sequence[tuple[bytes, bytes]]) -> Response:
+        seen.append(([d.policy for d in decisions if not d.allowed], dict(headers)))
+        return PlainTextResponse("slow down", status_code=429, headers={"x-denied": "yes"})
+
+    app = plain_app(RateLimiter(ip_limit="1/minute", response_builder=builder))
+    async with client_for(app) as client:
+        assert (await client.get("/x")).status_code == 200
+        denied = await client.get("/x")
+    assert denied.status_code == 429
+    assert denied.text == "slow down"
+    assert denied.headers["x-denied"] == "yes"
+    assert denied.headers["content-type"] == "text/plain; charset=utf-8"
+    [(denied_policies, headers)] = seen
+    assert denied_policies == ["ip"]
+    assert headers[b"ratelimit-policy"] == b'"ip";q=1;w=60'
+
+
+async def test_api_key_query_is_read_when_configured() -> None:
+    """Bug: ``api_key_query=`` ignored by ``RateLimiter``: query keys were not limited."""
+    app = plain_app(RateLimiter(api_key_limit="1/minute", api_key_query="api_key"))
+    async with client_for(app) as client:
+        first = await client.get("/x", params={"api_key": "k1"})
+        again = await client.get("/x", params={"api_key": "k1"})
+        other = await client.get("/x", params={"api_key": "k2"})
+        # The header, when sent, still wins over the query parameter.
+        header = await client.get("/x", params={"api_key": "k1"}, headers={"x-api-key": "k3"})
+    assert [r.status_code for r in (first, again, other, header)] == [200, 429, 200, 200]
+    assert policies(first) == {"api_key": {"q": 1, "w": 60}}
+
+
+@pytest.mark.parametrize("size", [16 * 1024, 16 * 1024 + 1, 65536])
+async def test_a_huge_api_key_is_still_held_to_the_key_level(size: int) -> None:
+    """Bug: API keys over 16 KiB dropped, letting a client escape the key level."""
+    app = plain_app(RateLimiter(api_key_limit="1/minute"))
+    key = {"x-api-key": "k" * size}
+    async with client_for(app) as client:
+        statuses = [(await client.get("/x", headers=key)).status_code for _ in range(2)]
+        shorter = await client.get("/x", headers={"x-api-key": "k" * (size - 1)})
+    assert statuses == [200, 429]
+    assert shorter.status_code == 200
