@@ -12,11 +12,12 @@ from http_helpers import client_for, policies, remaining
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Host, Route, Router
 
 from fastapi_ratelimit import (
     Algorithm,
     Check,
+    CompositeLimit,
     Decision,
     FakeClock,
     MemoryBackend,
@@ -24,6 +25,7 @@ from fastapi_ratelimit import (
     RateLimiter,
     RateLimitMiddleware,
     RedisBackend,
+    Tier,
 )
 from fastapi_ratelimit.dynamic import BehaviourTracker, DynamicLimits
 
@@ -186,3 +188,108 @@ async def test_a_huge_api_key_is_still_held_to_the_key_level(size: int) -> None:
         shorter = await client.get("/x", headers={"x-api-key": "k" * (size - 1)})
     assert statuses == [200, 429]
     assert shorter.status_code == 200
+
+
+# -- surviving mutants of the first mutation run (scripts/mutation.sh) ---------------------
+
+
+async def test_a_route_under_a_host_keeps_its_endpoint_limit() -> None:
+    """A Host adds no path: "GET /x" under it is the "GET /x" endpoint."""
+
+    async def x(request: Request) -> Response:
+        return PlainTextResponse("x")
+
+    app = Starlette(routes=[Host("api.example", app=Router([Route("/x", x)]))])
+    app.add_middleware(
+        RateLimitMiddleware, limiter=RateLimiter(endpoint_limits={"GET /x": "1/minute"})
+    )
+    async with client_for(app) as client:
+        statuses = [(await client.get("http://api.example/x")).status_code for _ in range(2)]
+    assert statuses == [200, 429]
+
+
+async def test_requests_that_waited_are_counted() -> None:
+    """Delay mode: a request admitted after waiting is charged like any other."""
+    limiter = RateLimiter(ip_limit="20/second", algorithm="gcra", delay={"ip": 5})
+    async with client_for(plain_app(limiter)) as client:
+        responses = [await client.get("/x") for _ in range(22)]
+    assert [r.status_code for r in responses] == [200] * 22
+    # Each response carries the decision it was admitted on: the waiting ones too.
+    assert all("ratelimit" in r.headers for r in responses)
+
+
+async def test_shadow_levels_on_a_failing_backend_never_block() -> None:
+    """A shadow level's failed charge is logged at most, never a 503."""
+    from servers import free_port
+
+    dead = RedisBackend.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout=5.0)
+    limiter = RateLimiter(backend=dead, ip_limit="1/minute", shadow=True, breaker=None)
+    try:
+        async with client_for(plain_app(limiter)) as client:
+            statuses = [(await client.get("/x")).status_code for _ in range(3)]
+    finally:
+        await limiter.aclose()
+    assert statuses == [200, 200, 200]
+
+
+async def test_a_composite_limit_uses_its_own_algorithm() -> None:
+    # At the start of a minute, a fixed window's denial waits for the window's end (60 s);
+    # the default sliding counter would wait 90 s.
+    backend = MemoryBackend(clock=FakeClock(1_700_000_040.0))  # a multiple of 60
+    composite = CompositeLimit(("ip", "endpoint"), "2/minute", algorithm="fixed_window")
+    limiter = RateLimiter(backend=backend, composite_limits=[composite])
+    async with client_for(plain_app(limiter)) as client:
+        responses = [await client.get("/x") for _ in range(3)]
+    assert [r.status_code for r in responses] == [200, 200, 429]
+    assert responses[-1].headers["retry-after"] == "60"
+
+
+def tiered_limiter(backend: MemoryBackend) -> RateLimiter:
+    tiers = {
+        "free": Tier("free", "5/minute", Algorithm.FIXED_WINDOW),
+        "pro": Tier("pro", "50/minute", Algorithm.GCRA),
+        "team": Tier("team", "500/minute", Algorithm.SLIDING_WINDOW_LOG),
+    }
+    return RateLimiter(
+        backend=backend, tiers=tiers, user_resolver=lambda c: c.headers.get("x-user")
+    )
+
+
+async def test_get_tier_and_clear_tier_of_an_identity_without_one() -> None:
+    limiter = tiered_limiter(MemoryBackend())
+    assert await limiter.get_tier("nobody") is None
+    assert await limiter.clear_tier("nobody") is False  # nothing stored anywhere yet
+    await limiter.set_tier("alice", "pro")
+    assert await limiter.get_tier("alice") == "pro"
+    assert await limiter.clear_tier("nobody") is False  # stored ones, but not this one
+    assert await limiter.clear_tier("alice") is True
+    assert await limiter.get_tier("alice") is None
+
+
+async def test_deleting_operator_state_moves_its_version_on() -> None:
+    backend = MemoryBackend()
+    await backend.control_put("tiers", "user:a", "{}")
+    before = await backend.control_version("tiers")
+    assert await backend.control_delete("tiers", ["user:a", "user:b"]) == 1
+    assert await backend.control_version("tiers") > before
+
+
+async def test_reset_forgets_the_user_under_every_tier() -> None:
+    """The tiers' algorithms differ, so each has a bucket of its own: reset clears them all,
+    and forgetting an identity that has no counters is no error."""
+    limiter = tiered_limiter(MemoryBackend())
+    alice = {"x-user": "alice"}
+    async with client_for(plain_app(limiter)) as client:
+        for tier in ("free", "pro", "team"):
+            if tier != "free":
+                await limiter.set_tier("alice", tier)
+            assert (await client.get("/x", headers=alice)).status_code == 200
+        assert await limiter.reset(user="alice") == 3
+        left = {}
+        for tier in ("pro", "team", "free"):
+            await limiter.set_tier("alice", tier)
+            left[tier] = remaining(await client.get("/x", headers=alice))
+    assert left == {"pro": "49", "team": "499", "free": "4"}
+    assert await limiter.reset(ip="198.51.100.1") == 0  # no IP level: nothing to forget
+    ip_only = RateLimiter(ip_limit="5/minute")
+    assert await ip_only.reset(ip="198.51.100.1") == 1
