@@ -293,3 +293,11 @@ async def test_reset_forgets_the_user_under_every_tier() -> None:
     assert await limiter.reset(ip="198.51.100.1") == 0  # no IP level: nothing to forget
     ip_only = RateLimiter(ip_limit="5/minute")
     assert await ip_only.reset(ip="198.51.100.1") == 1
+
+
+async def test_no_breaker_on_the_awaited_path() -> None:
+    """``breaker=None`` on the path that awaits the backend (here delay mode takes it)."""
+    limiter = RateLimiter(ip_limit="2/minute", breaker=None, delay={"ip": 1})
+    async with client_for(plain_app(limiter)) as client:
+        statuses = [(await client.get("/x")).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]  # the third would wait 30 s: refused at once
