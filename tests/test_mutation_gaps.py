@@ -18,6 +18,7 @@ from fastapi_ratelimit import (
     Algorithm,
     Check,
     CompositeLimit,
+    ConfigurationError,
     Decision,
     FakeClock,
     MemoryBackend,
@@ -301,3 +302,12 @@ async def test_no_breaker_on_the_awaited_path() -> None:
     async with client_for(plain_app(limiter)) as client:
         statuses = [(await client.get("/x")).status_code for _ in range(3)]
     assert statuses == [200, 200, 429]  # the third would wait 30 s: refused at once
+
+
+def test_a_bad_endpoint_is_named_with_what_was_given() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        RateLimiter(endpoint_limits={"GET users": "1/minute"})
+    assert str(info.value) == (
+        "endpoint_limits: must be '<METHOD> <route template>', such as 'POST /ocr/process' "
+        "(got 'GET users')"
+    )
