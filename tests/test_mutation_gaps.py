@@ -29,6 +29,7 @@ from fastapi_ratelimit import (
     Tier,
 )
 from fastapi_ratelimit.dynamic import BehaviourTracker, DynamicLimits
+from fastapi_ratelimit.identity import ClientIP
 
 
 def plain_app(limiter: RateLimiter) -> Starlette:
@@ -311,3 +312,22 @@ def test_a_bad_endpoint_is_named_with_what_was_given() -> None:
         "endpoint_limits: must be '<METHOD> <route template>', such as 'POST /ocr/process' "
         "(got 'GET users')"
     )
+
+
+@pytest.mark.parametrize(
+    ("forwarded", "identity"),
+    [
+        (b"for=198.51.100.9", "198.51.100.9"),
+        (b"\tFOR=198.51.100.9;proto=http", "198.51.100.9"),  # HTTP blanks, any case
+        # Not HTTP whitespace (str.strip() would eat it): no "for" parameter, so the
+        # trusted proxy itself is the client.
+        (b"\x1cfor=198.51.100.9", "203.0.113.7"),
+        (b"\x85for=198.51.100.9", "203.0.113.7"),
+    ],
+)
+def test_forwarded_parameter_names_allow_only_http_whitespace(
+    forwarded: bytes, identity: str
+) -> None:
+    client_ip = ClientIP(trusted_proxies=["203.0.113.0/24"], headers=["forwarded"])
+    scope = {"type": "http", "client": ("203.0.113.7", 1), "headers": [(b"forwarded", forwarded)]}
+    assert client_ip(scope) == identity
