@@ -331,3 +331,52 @@ def test_forwarded_parameter_names_allow_only_http_whitespace(
     client_ip = ClientIP(trusted_proxies=["203.0.113.0/24"], headers=["forwarded"])
     scope = {"type": "http", "client": ("203.0.113.7", 1), "headers": [(b"forwarded", forwarded)]}
     assert client_ip(scope) == identity
+
+
+@pytest.mark.parametrize(
+    ("composites", "field", "message"),
+    [
+        (
+            ["ip+user"],
+            "composite_limits",
+            "composite_limits: must hold CompositeLimit objects (got 'ip+user')",
+        ),
+        (
+            [CompositeLimit(("ip", "ip"), "1/minute")],
+            "composite_limits.parts",
+            "composite_limits.parts: must be two or more of ip, user, api_key, endpoint "
+            "(got ('ip', 'ip'))",
+        ),
+        (
+            [CompositeLimit(("ip", "user"), "often")],
+            "composite_limits['ip+user']",
+            None,
+        ),
+    ],
+)
+def test_bad_composite_limits_name_their_field(
+    composites: list[object], field: str, message: str | None
+) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        RateLimiter(composite_limits=composites)  # type: ignore[arg-type]
+    assert info.value.field == field
+    if message is not None:
+        assert str(info.value) == message
+
+
+async def test_a_composite_of_every_part_is_one_level_named_by_its_parts() -> None:
+    every = CompositeLimit(("ip", "user", "api_key", "endpoint"), "1/minute")
+    limiter = RateLimiter(
+        composite_limits=[every],
+        user_resolver=lambda c: c.headers.get("x-user"),
+        headers="both",
+    )
+    who = {"x-user": "u", "x-api-key": "k"}
+    async with client_for(plain_app(limiter)) as client:
+        first = await client.get("/x", headers=who)
+        denied = await client.get("/x", headers=who)
+        anonymous = await client.get("/x", headers={"x-api-key": "k"})  # not every part
+    assert (first.status_code, denied.status_code) == (200, 429)
+    assert denied.headers["x-ratelimit-scope"] == "ip+user+api_key+endpoint"
+    assert policies(denied) == {"ip-user-api_key-endpoint": {"q": 1, "w": 60}}
+    assert anonymous.status_code == 200
