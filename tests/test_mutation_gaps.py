@@ -380,3 +380,23 @@ async def test_a_composite_of_every_part_is_one_level_named_by_its_parts() -> No
     assert denied.headers["x-ratelimit-scope"] == "ip+user+api_key+endpoint"
     assert policies(denied) == {"ip-user-api_key-endpoint": {"q": 1, "w": 60}}
     assert anonymous.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: RateLimiter(shadow="ip"),
+            "shadow: must be True/False or a set of scopes (got 'ip')",
+        ),
+        (lambda: RateLimiter(ipv6_prefix=0), "ipv6_prefix: must be from 1 to 128 (got 0)"),
+        (
+            lambda: RateLimitMiddleware(plain_app, limiter=RateLimiter(), exempt=["health"]),
+            "exempt: paths must start with '/' (got 'health')",
+        ),
+    ],
+)
+def test_configuration_errors_say_field_rule_and_value(build: object, message: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        build()  # type: ignore[operator]
+    assert str(info.value) == message
