@@ -66,14 +66,15 @@ async def test_readme_demo_anonymous_batch_is_five_202s_then_429() -> None:
     from examples.app import app, limiter
 
     limiter.backend = MemoryBackend()  # a fresh memory backend for this test
-    async with app.router.lifespan_context(app), client_for(app, ip="203.0.113.71") as client:
-        statuses = [
-            (await client.post("/ocr/batch", json={"documents": ["a"]})).status_code
-            for _ in range(6)
-        ]
+    async with app.router.lifespan_context(app):
+        async with client_for(app, ip="203.0.113.71") as client:
+            statuses = [
+                (await client.post("/ocr/batch", json={"documents": ["a"]})).status_code
+                for _ in range(6)
+            ]
         # Another address is another anonymous caller, with five of its own.
-    async with client_for(app, ip="203.0.113.72") as other:
-        fresh = await other.post("/ocr/batch", json={"documents": ["a"]})
+        async with client_for(app, ip="203.0.113.72") as other:
+            fresh = await other.post("/ocr/batch", json={"documents": ["a"]})
     assert statuses == [202] * 5 + [429]
     assert fresh.status_code == 202
 
