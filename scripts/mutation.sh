@@ -8,7 +8,8 @@
 #
 # Then `.venv/bin/mutmut results` lists the survivors and `.venv/bin/mutmut show NAME` shows
 # one. The work happens in mutants/ (a copy of the package and tests; git-ignored). A full run
-# takes about an hour on two cores: run it at low priority, e.g. `nice -n 10 bash scripts/mutation.sh`.
+# takes well over an hour on two cores: run it at low priority (`nice -n 10 bash
+# scripts/mutation.sh`), and for a change give the patterns of the modules it touched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/mutmut ] || bash scripts/test.sh --setup
