@@ -402,3 +402,17 @@ def test_configuration_errors_say_field_rule_and_value(build: object, message: s
     with pytest.raises(ConfigurationError) as info:
         build()  # type: ignore[operator]
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"api_key_header": ""}, "api_key_header: must be a header name (got '')"),
+        ({"api_key_header": 5}, "api_key_header: must be a header name (got 5)"),
+        ({"dynamic": "yes"}, "dynamic: must be a DynamicLimits (got 'yes')"),
+    ],
+)
+def test_more_configuration_errors(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        RateLimiter(**kwargs)  # type: ignore[arg-type]
+    assert str(info.value) == message
