@@ -11,7 +11,8 @@
 #
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not redis"`.
 # The suite starts its own redis-server processes (standalone, Cluster, Sentinel) on free
-# loopback ports; it only needs the redis-server and redis-cli binaries on PATH.
+# loopback ports; it only needs the redis-server and redis-cli binaries on PATH. It installs
+# those, promtool, docker-compose and chromium from Debian's packages when they are missing.
 # Refresh the lock with `.tools/bin/uv lock --upgrade` (then run this script and commit uv.lock).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,12 +24,24 @@ case "${1:-}" in
   --setup) MODE=setup; shift ;;
 esac
 
-if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
-  echo "redis-server not found: installing Debian's redis-server package" >&2
+# The services and tools the suite uses, from Debian's packages when missing: redis-server
+# (every Redis set-up), promtool (package prometheus: the alert rules), docker-compose (only
+# its `config` command, no engine) and chromium (the live dashboard's browser test). Under
+# CI=true a test whose tool is missing fails rather than skips.
+missing=()
+{ command -v redis-server && command -v redis-cli; } >/dev/null || missing+=(redis-server)
+if [ "$MODE" != setup ]; then
+  command -v promtool >/dev/null || missing+=(prometheus)
+  command -v docker-compose >/dev/null || missing+=(docker-compose)
+  [ -x /usr/bin/chromium ] || missing+=(chromium)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing Debian's ${missing[*]}" >&2
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
-  # The package starts a service on 6379; the tests never use it, so leave it be.
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+  # redis-server and prometheus start services (6379, 9090); the tests use neither.
 fi
 command -v redis-server >/dev/null || { echo "redis-server is still missing" >&2; exit 1; }
 

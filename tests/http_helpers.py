@@ -84,3 +84,22 @@ def cli(
         env={**base, **(env or {})},
         check=False,
     )
+
+
+async def until(condition: Any, what: str, deadline: float = 10.0) -> None:
+    """Wait for ``condition()`` (sync or async) to hold -- a background refresh to land, ...
+    -- checking every 20 ms and failing after a generous ``deadline``: never a sleep that
+    hopes to be long enough."""
+    import asyncio
+    import inspect
+    import time
+
+    started = time.monotonic()
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() - started < deadline, f"{what}: not within {deadline} s"
+        await asyncio.sleep(0.02)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
-from http_helpers import client_for, policies, remaining
+from http_helpers import client_for, policies, ratelimit, remaining
 from servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,13 +28,17 @@ async def test_seed_costs_tiers_and_levels() -> None:
         assert process.status_code == 200
         assert set(policies(process)) == {"global", "ip", "endpoint", "user-pro"}
         assert policies(process)["user-pro"]["q"] == 2000
-        # Cost 10 at every level: the IP level (300/minute) shows it.
-        ip_left = int(remaining(process))
-        assert ip_left == 290 or process.headers["x-ratelimit-scope"] != "ip"
+        # Cost 10 at every level: the IP level (300/minute) binds and shows it.
+        assert ratelimit(process)[0] == "ip"
+        assert process.headers["x-ratelimit-scope"] == "ip"
+        assert remaining(process) == "290"
         # An empty body reports a cost of 1: 9 of the 10 units come back.
-        await client.post("/ocr/process", headers=pro)
+        empty = await client.post("/ocr/process", headers=pro)
+        assert remaining(empty) == "280"  # charged 10 before the app ran
         upload = await client.post("/documents/upload", content=b"abc", headers=pro)
         assert upload.json() == {"bytes": 3}
+        # 300 - 10 - 1 - 5 (the upload): the 9 came back before the upload was charged.
+        assert remaining(upload) == "284"
         # Batch: five per minute per user (decorator), whatever the tier.
         for _ in range(5):
             accepted = await client.post("/ocr/batch", json={"documents": ["a"]}, headers=pro)

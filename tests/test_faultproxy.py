@@ -85,10 +85,9 @@ async def test_delay_reply_slows_ping_and_times_out_short_socket_timeout(
             assert await patient.ping() is True
             assert time.monotonic() - start >= 0.2
 
-            start = time.monotonic()
+            # Without the socket timeout the reply would come, after 0.2 s, and not raise.
             with pytest.raises(redis.exceptions.TimeoutError):
                 await hasty.ping()
-            assert time.monotonic() - start < 0.2
 
     async with asyncio.timeout(5), client(proxy, socket_timeout=0.05) as late:
         with pytest.raises(redis.exceptions.TimeoutError):
@@ -125,7 +124,8 @@ async def test_delay_does_not_accumulate_over_chunks(proxy: FaultProxy) -> None:
             elapsed = time.monotonic() - start
     finally:
         await close(writer)
-    assert 0.4 <= elapsed < 0.9  # ~0.08 + 2 * 0.2, not 5 * 2 * 0.2
+    # ~0.08 + 2 * 0.2; accumulated it would be at least 5 * 2 * 0.2 = 2 s (a wide margin).
+    assert 0.4 <= elapsed < 1.5
 
 
 async def test_switching_to_pass_through_releases_delayed_chunks_at_once(
@@ -136,13 +136,12 @@ async def test_switching_to_pass_through_releases_delayed_chunks_at_once(
         async with asyncio.timeout(5):
             assert await raw_ping(reader, writer) == PONG
             proxy.delay(30)
-            start = time.monotonic()
             pong = asyncio.ensure_future(raw_ping(reader, writer))
             await asyncio.sleep(0.1)
             assert not pong.done()
             proxy.pass_through()
+            # Held for the 30 s delay, the asyncio.timeout(5) above would fail the test.
             assert await pong == PONG
-            assert time.monotonic() - start < 1.0
     finally:
         await close(writer)
 
@@ -232,12 +231,11 @@ async def test_refuse_fails_fast_then_relistens_on_the_same_port(proxy: FaultPro
 
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection("127.0.0.1", port)
-    async with client(proxy, socket_connect_timeout=2) as r:
-        start = time.monotonic()
+    async with client(proxy, socket_connect_timeout=30) as r:
+        # Refused, not hung: a hang would end in the asyncio timeout, not a ConnectionError.
         with pytest.raises(redis.exceptions.ConnectionError):
             async with asyncio.timeout(5):
                 await r.ping()
-        assert time.monotonic() - start < 0.5
 
     proxy.pass_through()
     assert proxy.port == port

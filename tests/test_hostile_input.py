@@ -343,8 +343,8 @@ def test_the_query_key_is_exactly_the_value_the_app_reads(query: bytes) -> None:
 # -- 7. bounded per-process memory under hostile input (the class-level test) --------------
 
 #: RSS growth allowed while 100k hostile requests go through an app with every feature on,
-#: every structure at its default bound (README "Security": the figure measured is quoted
-#: there).
+#: every structure at its default bound (docs/security.md, "Memory under hostile input": the
+#: figure measured is quoted there).
 RSS_CEILING = 160 * 1024 * 1024
 
 

@@ -49,17 +49,33 @@ async def drive(
     results = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        started = time.monotonic()
-        response = await client.get("/work")
-        results.append(
-            (
-                started,
-                response.status_code,
-                "ratelimit" in response.headers,
-                time.monotonic() - started,
-            )
-        )
+        results.append(await one_request(client))
         await asyncio.sleep(pause)
+    return results
+
+
+async def one_request(client: httpx.AsyncClient) -> tuple[float, int, bool, float]:
+    started = time.monotonic()
+    response = await client.get("/work")
+    return (
+        started,
+        response.status_code,
+        "ratelimit" in response.headers,
+        time.monotonic() - started,
+    )
+
+
+async def drive_until_limited(
+    client: httpx.AsyncClient, deadline: float = 20.0
+) -> list[tuple[float, int, bool, float]]:
+    """Requests every 10 ms until one is limited again (has rate-limit headers), failing
+    after a generous ``deadline``; returns them all, that one last."""
+    results: list[tuple[float, int, bool, float]] = []
+    end = time.monotonic() + deadline
+    while not results or not results[-1][2]:
+        assert time.monotonic() < end, f"limiting did not resume within {deadline} s"
+        results.append(await one_request(client))
+        await asyncio.sleep(0.01)
     return results
 
 
@@ -71,21 +87,20 @@ async def test_redis_killed_and_restarted_mid_traffic(policy: str) -> None:
             server.stop()
             during = await drive(client, 1.0)
             server.start()
-            restarted = time.monotonic()
-            after = await drive(client, 2.0)
-    statuses = {s for _, s, _, _ in before + during + after}
-    assert all(s < 500 or s == 503 for s in statuses)
+            # Limiting resumes once the breaker's cooldown is over, without a restart.
+            after = await drive_until_limited(client)
     assert all(s == 200 and limited_ for _, s, limited_, _ in before)
     if policy == "allow":
-        assert {s for _, s, _, _ in during} == {200}
+        # Fail open: every request passes, before, during and after the outage.
+        assert {s for _, s, _, _ in during + after} == {200}
     else:
         assert {s for _, s, _, _ in during} == {503}
-    # Added latency while down: bounded by the timeout (here Redis refuses at once).
+        # Refused until limiting resumes, then admitted: never another status.
+        assert {s for _, s, _, _ in after[:-1]} <= {503}
+        assert after[-1][1] == 200
+    # Added latency while down: bounded by the 50 ms timeout (here Redis refuses at once);
+    # the bound is ten times the timeout, for a loaded machine.
     assert max(latency for *_, latency in during) < 0.5
-    # Limiting resumes within cooldown + 1 s of Redis coming back, without a restart.
-    resumed = [t for t, s, has, _ in after if s == 200 and has]
-    assert resumed, "limiting never resumed"
-    assert resumed[0] - restarted < 0.5 + 1.0
 
 
 async def test_blackholed_and_slow_redis_adds_bounded_latency() -> None:
@@ -103,14 +118,13 @@ async def test_blackholed_and_slow_redis_adds_bounded_latency() -> None:
             assert max(latencies) < 0.5
             assert limiter.breaker is not None
             assert limiter.breaker.state in ("open", "half_open")
-            assert sorted(latencies)[len(latencies) // 2] < 0.04
             proxy.delay(0.2)  # slower than the timeout: still failing fast
             slow = await drive(client, 0.6)
             assert {s for _, s, _, _ in slow} == {200}
+            assert max(latency for *_, latency in slow) < 0.5
             proxy.delay(0.005)  # slow but within the timeout: limiting resumes
-            await asyncio.sleep(0.6)
-            recovered = await drive(client, 1.5)
-            assert any(has for _, _, has, _ in recovered)
+            recovered = await drive_until_limited(client)
+            assert {s for _, s, _, _ in recovered} == {200}
 
 
 async def test_timed_out_replies_never_reach_another_request() -> None:
@@ -157,20 +171,25 @@ async def test_timed_out_replies_never_reach_another_request() -> None:
 async def test_client_kill_and_pause_keep_counters() -> None:
     with RedisServer(name="kill") as server:
         async with limited(server.url, ip_limit=None, global_limit="1000/minute") as (_, client):
-            first = await client.get("/work")
-            assert remaining(first) == "999"
+            first = [await client.get("/work") for _ in range(10)]
+            assert remaining(first[-1]) == "990"
             with redis.Redis(port=server.port) as admin:
                 admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
-                statuses = [(await client.get("/work")).status_code for _ in range(3)]
-                assert statuses == [200, 200, 200]
+                killed = [await client.get("/work") for _ in range(3)]
+                assert [r.status_code for r in killed] == [200, 200, 200]
                 admin.execute_command("CLIENT", "PAUSE", "300", "ALL")
                 paused = [(await client.get("/work")) for _ in range(3)]
                 assert {r.status_code for r in paused} == {200}
-                await asyncio.sleep(1.2)  # pause over, breaker cooldown over
+                # Pause over, breaker cooldown over: the first request limited again.
+                *_, (_, status, _, _) = await drive_until_limited(client)
+                assert status == 200
             later = await client.get("/work")
-            left = int(remaining(later))
-            # Counters continued: nothing was reset by the kill or the pause.
-            assert left < 999
+        # Counters continued: nothing was reset by the kill or the pause. Counted: the ten,
+        # the killed-connection requests that were limited (one may fail open while the
+        # connection is re-made), the one that found limiting back, and this one; the paused
+        # ones failed open, but Redis may still run them once the pause is over.
+        counted = 10 + sum("ratelimit" in r.headers for r in killed) + 2
+        assert 1000 - counted - 3 <= int(remaining(later)) <= 1000 - counted
 
 
 async def test_oom_and_wrong_password_at_the_http_layer() -> None:
@@ -233,7 +252,6 @@ async def test_cluster_node_down() -> None:
             during = await drive(client, 3.0, pause=0.05)
             assert {s for _, s, _, _ in during} == {200}
             cluster.start_node(1)
-            after = await drive(client, 5.0, pause=0.05)
+            after = await drive_until_limited(client)
             assert {s for _, s, _, _ in after} == {200}
-            assert any(has for _, _, has, _ in after), "limiting never resumed"
         await limiter.aclose()
