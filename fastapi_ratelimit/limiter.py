@@ -32,7 +32,7 @@ from .keys import KeyBuilder
 from .levels import CompositeLimit, Levels, RateLike
 from .limit_overrides import LimitOverrides
 from .node_breakers import NodeBreakers
-from .operations import Operator, OperatorMethod
+from .operations import Operator
 from .policy import Algorithm
 from .pricing import Pricing
 from .recorder import Recorder
@@ -95,7 +95,7 @@ class RateLimiter:
         refund_when: ``(status) -> bool``; matching responses give their units back (e.g.
             ``lambda s: s < 400`` counts only failed logins).
         response_builder: ``(decisions, headers) -> Response`` for denials.
-        access_lists: apply the allow/block lists (``limiter.allow(...)``, the admin API,
+        access_lists: apply the allow/block lists (``limiter.operator.allow(...)``, the admin API,
             the CLI). Off by default: then no instance mirrors or polls them. Entries may be
             added from anywhere, so turn it on in every instance that must apply them.
         allow, block: static list entries, checked at construction and applied in this
@@ -366,21 +366,3 @@ class RateLimiter:
         if self.limit_overrides is not None:
             await self.limit_overrides.aclose()
         await self.backend.aclose()
-
-    # -- the operator API, on the limiter as the README documents it ------------------------
-
-    set_tier = OperatorMethod(Operator.set_tier)
-    get_tier = OperatorMethod(Operator.get_tier)
-    clear_tier = OperatorMethod(Operator.clear_tier)
-    allow = OperatorMethod(Operator.allow)
-    block = OperatorMethod(Operator.block)
-    unallow = OperatorMethod(Operator.unallow)
-    unblock = OperatorMethod(Operator.unblock)
-    allowed = OperatorMethod(Operator.allowed)
-    blocked = OperatorMethod(Operator.blocked)
-    set_limit = OperatorMethod(Operator.set_limit)
-    clear_limit = OperatorMethod(Operator.clear_limit)
-    changed_limits = OperatorMethod(Operator.changed_limits)
-    cleanup = OperatorMethod(Operator.cleanup)
-    inspect = OperatorMethod(Operator.inspect)
-    reset = OperatorMethod(Operator.reset)

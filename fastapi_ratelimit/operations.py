@@ -4,8 +4,7 @@ and the CLI alike."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Concatenate, Generic, Literal, ParamSpec, TypeVar
+from typing import Any, Literal
 
 from loguru import logger
 
@@ -19,10 +18,7 @@ from .identity import ip_identity, parse_ip
 from .limit_overrides import LimitOverrides, target_key
 from .tiers import TierStore
 
-__all__ = ["Operator", "OperatorMethod"]
-
-P = ParamSpec("P")
-R = TypeVar("R")
+__all__ = ["Operator"]
 
 
 class Operator:
@@ -254,16 +250,3 @@ class Operator:
             by,
         )
         return len(checks)
-
-
-class OperatorMethod(Generic[P, R]):
-    """An :class:`Operator` method offered on the limiter too (``limiter.block(...)`` is
-    ``limiter.operator.block(...)``), with the same signature as far as type checkers go."""
-
-    def __init__(self, method: Callable[Concatenate[Operator, P], R]) -> None:
-        self._name = method.__name__
-        self.__doc__ = method.__doc__
-
-    def __get__(self, limiter: Any, owner: type | None = None) -> Callable[P, R]:
-        method: Callable[P, R] = getattr(limiter.operator, self._name)
-        return method

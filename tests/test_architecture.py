@@ -137,7 +137,7 @@ def _module_objects() -> set[tuple[str, str]]:
                 isinstance(value, ast.Call)
                 and isinstance(value.func, ast.Name)
                 and (value.func.id[0].isupper() or value.func.id in ("dict", "list", "set"))
-                and value.func.id not in ("TypeVar", "ParamSpec", "frozenset")
+                and value.func.id not in ("TypeVar", "frozenset")
             )
             for target in targets:
                 if mutable and isinstance(target, ast.Name) and target.id != "__all__":

@@ -151,7 +151,7 @@ async def test_the_penalty_box_holds_digests_that_expire_and_are_applied_without
         next(v for f, v in (await redis_client.hgetall(key)).items() if f != b"#version")
     )
     await asyncio.sleep(last["expires_at"] - time.time() + 0.01)
-    assert await limiter.cleanup() == 1
+    assert await limiter.operator.cleanup() == 1
     assert await redis_client.hlen(key) == 1
     await limiter.aclose()
 
@@ -245,7 +245,7 @@ def query_limiter() -> RateLimiter:
 
 async def test_padding_the_query_string_never_hides_the_api_key() -> None:
     limiter = query_limiter()
-    await limiter.block("api_key", "blocked-key")
+    await limiter.operator.block("api_key", "blocked-key")
     app = query_key_app(limiter)
     padding = "&" * 100 + "x=1&" * 100
     async with client_for(app) as client:
@@ -428,7 +428,7 @@ async def test_100k_hostile_requests_keep_every_structure_under_its_bound() -> N
         dynamic=DynamicLimits(load=LoadMonitor(sampler=lambda: (10.0, 10.0)), behaviour=behaviour),
         trusted_proxies=["10.0.0.0/8"],
     )
-    await limiter.block("ip", "198.51.100.0/24")  # the lists are not empty: they are read
+    await limiter.operator.block("ip", "198.51.100.0/24")  # the lists are not empty: they are read
     app = everything_app(limiter)
     statuses: dict[int, int] = {}
 
@@ -527,7 +527,7 @@ async def test_the_admin_api_never_needs_a_raw_api_key_in_a_url() -> None:
             f"/admin/tiers/api_key/{RAW_KEY}", json={"tier": "pro"}, headers=auth
         )
         assert path_form.status_code == 422
-        assert await limiter.get_tier(RAW_KEY, kind="api_key") is None
+        assert await limiter.operator.get_tier(RAW_KEY, kind="api_key") is None
         await ops.post("/admin/block", json=entry, headers=auth)
         query_form = await ops.delete(
             "/admin/block", params={"kind": "api_key", "value": RAW_KEY}, headers=auth
