@@ -5,7 +5,7 @@ the endpoint reported (:func:`~fastapi_ratelimit.report_cost`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
@@ -14,17 +14,20 @@ from .context import RequestContext
 from .errors import BackendError
 from .logs import log_limited
 
+if TYPE_CHECKING:
+    from .limiter import RateLimiter
+
 __all__ = ["after_response", "needs_after_response", "refund_server_error"]
 
 
-def needs_after_response(limiter: Any, context: RequestContext) -> bool:
+def needs_after_response(limiter: RateLimiter, context: RequestContext) -> bool:
     """Whether :func:`after_response` has anything to do for this request."""
     return bool(
         limiter.after_every_response or context.refundable or context.reported_cost is not None
     )
 
 
-async def after_response(limiter: Any, context: RequestContext, status: int | None) -> None:
+async def after_response(limiter: RateLimiter, context: RequestContext, status: int | None) -> None:
     """Refunds by status (every level, for a server error), the adjustment for a cost the
     endpoint reported, and the endpoint breaker's count."""
     if status is None:

@@ -36,7 +36,7 @@ from .operations import Operator
 from .policy import Algorithm
 from .pricing import Pricing
 from .recorder import Recorder
-from .respond import ResponseBuilder, default_response
+from .responses import ResponseBuilder, default_response
 from .tiers import Tier, TierStore, build_tiers
 
 __all__ = ["CompositeLimit", "RateLimiter"]

@@ -6,15 +6,15 @@ wait would help, the 503s) before the app runs; an admitted one passes through a
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable
 from operator import itemgetter, methodcaller
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.responses import Response
 
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .context import RequestContext
-from .decision import Decision, Verdict, never
+from .decision import Verdict, never
 from .dynamic import LoadMonitor
 from .headers import HEADER_NAMES, HeaderStyle, rate_limit_headers, retry_after_value
 from .responses import (
@@ -24,22 +24,17 @@ from .responses import (
     reduced_capacity_response,
 )
 
-__all__ = ["Responder", "ResponseBuilder", "denial_response", "refuse", "unavailable_response"]
+if TYPE_CHECKING:
+    from .limiter import RateLimiter
 
-ResponseBuilder = Callable[[Sequence[Decision], Sequence[tuple[bytes, bytes]]], Response]
+__all__ = ["Responder", "denial_response", "refuse", "unavailable_response"]
+
 _NAME = itemgetter(0)
 _LOWER = methodcaller("lower")  # bytes as ASGI says; a str from a sloppy app must not raise
 _NO_HEADERS = HeaderStyle.NONE  # a module constant: Enum member lookups run Python code
 
 
-def default_response(
-    decisions: Sequence[Decision], headers: Sequence[tuple[bytes, bytes]]
-) -> Response:
-    """The 429 as problem+json (``response_builder`` replaces it)."""
-    return quota_exceeded_response(decisions, headers=headers)
-
-
-def denial_response(limiter: Any, context: RequestContext, verdict: Verdict) -> Response:
+def denial_response(limiter: RateLimiter, context: RequestContext, verdict: Verdict) -> Response:
     """The response for a request the limiter's levels refused."""
     if never(verdict.decisions):
         return cost_exceeds_limit_response(verdict.decisions, context.cost)
@@ -54,11 +49,10 @@ def denial_response(limiter: Any, context: RequestContext, verdict: Verdict) -> 
         # Refused because load (or an operator) shrank the quotas: the draft's 503.
         retry = retry_after_value(verdict.decisions)
         return reduced_capacity_response(retry, headers=headers)
-    builder: ResponseBuilder = limiter.response_builder
-    return builder(verdict.decisions, headers)
+    return limiter.response_builder(verdict.decisions, headers)
 
 
-def unavailable_response(limiter: Any) -> Response:
+def unavailable_response(limiter: RateLimiter) -> Response:
     """The 503 for a request the failure policy refuses."""
     return backend_unavailable_response(limiter.retry_after_unavailable())
 

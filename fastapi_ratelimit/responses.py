@@ -19,7 +19,7 @@ Header formats live in :mod:`fastapi_ratelimit.headers`; here they are only atta
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from starlette.responses import Response
@@ -185,3 +185,14 @@ def _problem(
         raw.append((b"retry-after", b"%d" % retry_after))
     raw.extend(extra_headers)
     return response
+
+
+#: ``(decisions, headers) -> Response``: what ``RateLimiter(response_builder=...)`` takes.
+ResponseBuilder = Callable[[Sequence[Decision], Sequence[tuple[bytes, bytes]]], Response]
+
+
+def default_response(
+    decisions: Sequence[Decision], headers: Sequence[tuple[bytes, bytes]]
+) -> Response:
+    """The 429 as problem+json (``response_builder`` replaces it)."""
+    return quota_exceeded_response(decisions, headers=headers)
