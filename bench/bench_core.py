@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.metadata
 import importlib.util
 import itertools
@@ -25,11 +24,8 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,10 +39,10 @@ import redis
 import redis.asyncio
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter, RateLimiter
+from runner import HOST, RedisServer, log
 
 from fastapi_ratelimit import Algorithm, Check, MemoryBackend, Policy, RedisBackend
 
-HOST = "127.0.0.1"
 RESULTS = Path(__file__).resolve().parent / "results" / "core.json"
 
 #: Rate of every level for every algorithm but the sliding window log: never reached.
@@ -67,10 +63,6 @@ LEVEL_SCOPES = ("global", "ip", "endpoint", "api_key", "user")
 Op = Callable[[int], Awaitable[bool]]
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 # -- event loop ------------------------------------------------------------------------------
 
 
@@ -80,86 +72,6 @@ def loop_factory() -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]
         return None, "asyncio (uvloop not installed)"
     uvloop: Any = importlib.import_module("uvloop")  # optional: not a declared dependency
     return uvloop.new_event_loop, f"uvloop {importlib.metadata.version('uvloop')}"
-
-
-# -- a private redis-server ------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-class RedisServer:
-    """``redis-server`` on a free loopback port, no persistence, in a temporary directory."""
-
-    def __init__(self, binary: str) -> None:
-        self.binary = binary
-        self.port = 0
-        self.dir = ""
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
-
-    def start(self, attempts: int = 3) -> None:
-        self.dir = tempfile.mkdtemp(prefix="bench-core-redis-")
-        for attempt in range(1, attempts + 1):
-            self.port = free_port()
-            # fmt: off
-            argv = [
-                self.binary, "--port", str(self.port), "--bind", HOST, "--save", "",
-                "--appendonly", "no", "--dir", self.dir, "--logfile", "redis.log",
-                "--daemonize", "no",
-            ]
-            # fmt: on
-            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-            if self._wait_ready(10.0):
-                return
-            self._terminate()
-            log(f"redis-server did not start on port {self.port} (attempt {attempt})")
-        raise RuntimeError(f"could not start redis-server; see {self.dir}/redis.log")
-
-    def _wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        client = redis.Redis(host=HOST, port=self.port, socket_timeout=1.0)
-        try:
-            while time.monotonic() < deadline:
-                if self.process is None or self.process.poll() is not None:
-                    return False
-                with contextlib.suppress(redis.RedisError, OSError):
-                    if client.ping():
-                        return True
-                time.sleep(0.05)
-            return False
-        finally:
-            client.close()
-
-    def _terminate(self) -> None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(5.0)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5.0)
-
-    def stop(self) -> None:
-        self._terminate()
-        if self.dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = ""
-
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # -- workload ---------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Prints a Markdown table of per-request latency percentiles for each phase.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import statistics
 import sys
 import time
@@ -20,7 +21,7 @@ from fastapi import FastAPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from faultproxy import FaultProxy
-from servers import RedisServer
+from runner import RedisServer
 
 from fastapi_ratelimit import RateLimiter, RateLimitMiddleware, RedisBackend
 from fastapi_ratelimit.breaker import CircuitBreaker
@@ -53,7 +54,7 @@ def row(name: str, latencies: list[float]) -> str:
 
 
 async def main() -> None:
-    with RedisServer(name="outage") as server:
+    with RedisServer(shutil.which("redis-server") or "redis-server") as server:
         async with FaultProxy("127.0.0.1", server.port) as proxy:
             limiter = RateLimiter(
                 backend=RedisBackend.from_url(proxy.url, timeout=TIMEOUT),

@@ -111,6 +111,8 @@ def admin_router(
             raise HTTPException(401, "bad or missing admin token", {"WWW-Authenticate": "Bearer"})
         return "token"
 
+    # Every route is one call into the limiter's operator API (operations.py).
+    ops = limiter.operator
     guard = dependency if dependency is not None else authorise
     Operator = Annotated[Any, Depends(guard)]
     router = APIRouter(tags=["rate limiting admin"])
@@ -121,40 +123,36 @@ def admin_router(
     # Users by path (a user id is no secret); every kind, API keys included, by body.
     @router.get("/tiers/{kind}/{identity}")
     async def get_tier(kind: Literal["user"], identity: str, operator: Operator) -> dict[str, Any]:
-        return {"kind": kind, "tier": await _call(limiter.get_tier(identity, kind=kind))}
+        return {"kind": kind, "tier": await _call(ops.get_tier(identity, kind=kind))}
 
     @router.put("/tiers/{kind}/{identity}")
     async def set_tier(
         kind: Literal["user"], identity: str, body: TierBody, operator: Operator
     ) -> dict[str, Any]:
-        await _call(
-            limiter.set_tier(identity, body.tier, kind=kind, ttl=body.ttl, by=who(operator))
-        )
+        await _call(ops.set_tier(identity, body.tier, kind=kind, ttl=body.ttl, by=who(operator)))
         return {"kind": kind, "tier": body.tier, "ttl": body.ttl}
 
     @router.delete("/tiers/{kind}/{identity}")
     async def clear_tier(
         kind: Literal["user"], identity: str, operator: Operator
     ) -> dict[str, bool]:
-        return {"cleared": await _call(limiter.clear_tier(identity, kind=kind, by=who(operator)))}
+        return {"cleared": await _call(ops.clear_tier(identity, kind=kind, by=who(operator)))}
 
     @router.post("/tiers/get")
     async def get_tier_by_body(body: TierRef, operator: Operator) -> dict[str, Any]:
-        tier = await _call(limiter.get_tier(body.identity, kind=body.kind))
+        tier = await _call(ops.get_tier(body.identity, kind=body.kind))
         return {"kind": body.kind, "tier": tier}
 
     @router.put("/tiers")
     async def set_tier_by_body(body: TierSetBody, operator: Operator) -> dict[str, Any]:
         await _call(
-            limiter.set_tier(
-                body.identity, body.tier, kind=body.kind, ttl=body.ttl, by=who(operator)
-            )
+            ops.set_tier(body.identity, body.tier, kind=body.kind, ttl=body.ttl, by=who(operator))
         )
         return {"kind": body.kind, "tier": body.tier, "ttl": body.ttl}
 
     @router.post("/tiers/clear")
     async def clear_tier_by_body(body: TierRef, operator: Operator) -> dict[str, bool]:
-        cleared = await _call(limiter.clear_tier(body.identity, kind=body.kind, by=who(operator)))
+        cleared = await _call(ops.clear_tier(body.identity, kind=body.kind, by=who(operator)))
         return {"cleared": cleared}
 
     for list_name in ("allow", "block"):
@@ -176,36 +174,34 @@ def admin_router(
     @router.get("/limits")
     async def changed_limits(operator: Operator) -> dict[str, Any]:
         _limits_on(limiter)
-        return {"limits": await _call(limiter.changed_limits())}
+        return {"limits": await _call(ops.changed_limits())}
 
     @router.put("/limits")
     async def set_limit(body: LimitBody, operator: Operator) -> dict[str, Any]:
         # In the body, not the URL: an endpoint holds spaces and slashes.
         _limits_on(limiter)
-        await _call(
-            limiter.set_limit(body.level, body.rate, endpoint=body.endpoint, by=who(operator))
-        )
+        await _call(ops.set_limit(body.level, body.rate, endpoint=body.endpoint, by=who(operator)))
         return body.model_dump()
 
     @router.post("/limits/clear")
     async def clear_limit(body: LimitTarget, operator: Operator) -> dict[str, bool]:
         _limits_on(limiter)
-        cleared = limiter.clear_limit(body.level, endpoint=body.endpoint, by=who(operator))
+        cleared = ops.clear_limit(body.level, endpoint=body.endpoint, by=who(operator))
         return {"cleared": await _call(cleared)}
 
     @router.post("/lists/cleanup")
     async def cleanup(operator: Operator) -> dict[str, int]:
         _lists_on(limiter)
-        return {"removed": await _call(limiter.cleanup())}
+        return {"removed": await _call(ops.cleanup())}
 
     @router.post("/inspect")
     async def inspect(body: IdentityBody, operator: Operator) -> dict[str, Any]:
-        decisions = await _call(limiter.inspect(**body.model_dump()))
+        decisions = await _call(ops.inspect(**body.model_dump()))
         return {"levels": [d._asdict() for d in decisions]}
 
     @router.post("/reset")
     async def reset(body: IdentityBody, operator: Operator) -> dict[str, int]:
-        return {"levels": await _call(limiter.reset(**body.model_dump(), by=who(operator)))}
+        return {"levels": await _call(ops.reset(**body.model_dump(), by=who(operator)))}
 
     return router
 
@@ -213,9 +209,10 @@ def admin_router(
 def _list_routes(
     router: APIRouter, limiter: RateLimiter, name: str, operator_type: Any, who: Any
 ) -> None:
-    add = limiter.allow if name == "allow" else limiter.block
-    remove = limiter.unallow if name == "allow" else limiter.unblock
-    listing = limiter.allowed if name == "allow" else limiter.blocked
+    ops = limiter.operator
+    add = ops.allow if name == "allow" else ops.block
+    remove = ops.unallow if name == "allow" else ops.unblock
+    listing = ops.allowed if name == "allow" else ops.blocked
 
     async def list_entries(operator: operator_type) -> dict[str, Any]:
         _lists_on(limiter)

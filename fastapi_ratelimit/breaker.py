@@ -25,7 +25,7 @@ from typing import Literal
 
 from loguru import logger
 
-from .control import ControlStore, Mirror, PollPolicy, live, remove_expired
+from .control import ControlStore, Mirror, PollPolicy, live
 from .errors import ConfigurationError
 
 __all__ = ["CircuitBreaker", "EndpointBreaker"]
@@ -314,11 +314,7 @@ class EndpointBreaker:
 
     async def cleanup(self) -> int:
         """Delete closed (expired) shared breakers from the backend; returns how many."""
-        if self._store is None or self._mirror is None:
-            return 0
-        removed = await remove_expired(self._store, "breakers")
-        await self._mirror.refresh()
-        return removed
+        return await self._mirror.cleanup() if self._mirror is not None else 0
 
     async def aclose(self) -> None:
         if self._mirror is not None:

@@ -3,7 +3,7 @@ data from middleware to endpoints), never on a shared object."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -12,8 +12,6 @@ from .decision import Decision
 
 if TYPE_CHECKING:
     from .decision import Verdict
-    from .limiter import RateLimiter
-    from .route_limits import RouteLimit
     from .tiers import Tier
 
 __all__ = ["SCOPE_KEY", "RequestContext", "report_cost"]
@@ -29,7 +27,9 @@ class RequestContext:
     ``api_key`` is the raw key: it only ever goes to the key builder, which hashes it.
     """
 
-    limiter: RateLimiter
+    #: The RateLimiter in charge. Typed loosely: the limiter sits above this module, which
+    #: every step imports (see docs/architecture.md).
+    limiter: Any
     ip: str
     api_key: str | None
     user: str | None
@@ -53,8 +53,8 @@ class RequestContext:
     charged: Sequence[Check] = ()
     #: Route limits already charged (their ids), so a guard or decorator never counts twice.
     handled: frozenset[int] = frozenset()
-    #: Route limits whose checks are refunded by status after the response.
-    refundable: tuple[tuple[RouteLimit, Check], ...] = ()
+    #: Route limits' checks refunded by status after the response, with their rule.
+    refundable: tuple[tuple[Callable[[int], bool], Check], ...] = ()
     #: A cost the endpoint reported after running (see :func:`report_cost`).
     reported_cost: int | None = None
     #: Set by the middleware, so route guards know their headers will be added for them.
@@ -70,7 +70,7 @@ class RequestContext:
     # __init__ (keyword arguments) costs twice as much.
     def __init__(
         self,
-        limiter: RateLimiter,
+        limiter: Any,
         ip: str,
         api_key: str | None,
         user: str | None,

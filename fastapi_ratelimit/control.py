@@ -22,14 +22,11 @@ import inspect
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from loguru import logger
 
 from .errors import BackendError
-
-if TYPE_CHECKING:
-    from .breaker import CircuitBreaker
 
 __all__ = ["ControlStore", "Mirror", "PollPolicy"]
 
@@ -55,6 +52,24 @@ class ControlStore(Protocol):
         ...
 
 
+class Breaker(Protocol):
+    """What the polls ask of a :class:`~fastapi_ratelimit.breaker.CircuitBreaker` (a
+    protocol: breaker.py builds on this module, not the other way round)."""
+
+    idle: bool
+
+    @property
+    def state(self) -> str: ...
+
+    def allow_call(self) -> bool: ...
+
+    def record_success(self) -> None: ...
+
+    def record_failure(self) -> None: ...
+
+    def abandon_probe(self) -> None: ...
+
+
 class PollPolicy:
     """What the mirrors of one limiter share when they poll the backend.
 
@@ -66,11 +81,11 @@ class PollPolicy:
       line when every mirror refreshes again; never a line per failed poll.
     """
 
-    def __init__(self, breaker: CircuitBreaker | None = None) -> None:
+    def __init__(self, breaker: Breaker | None = None) -> None:
         self.breaker = breaker
         #: The breaker a namespace's polls go through: on a Redis Cluster, the limiter makes
         #: it that of the node holding the namespace (see node_breakers.py).
-        self.breaker_for: Callable[[str], CircuitBreaker | None] = lambda _: self.breaker
+        self.breaker_for: Callable[[str], Breaker | None] = lambda _: self.breaker
         self._failing: set[str] = set()
 
     def failed(self, namespace: str, error: Exception) -> None:
@@ -158,6 +173,13 @@ class Mirror:
         self.running = False
         #: Bumped on every change of the local copy, so derived indexes know to rebuild.
         self.generation = 0
+
+    async def cleanup(self) -> int:
+        """Delete the namespace's expired entries from the store, then refresh; returns how
+        many."""
+        removed = await remove_expired(self._store, self._namespace)
+        await self.refresh()
+        return removed
 
     async def ensure_loaded(self) -> None:
         """Load the first time (the callers wait for it) and start the background refresh

@@ -20,10 +20,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
+from .after import refund_server_error
 from .context import SCOPE_KEY, RequestContext
+from .guards import enforce
 from .policy import Algorithm, Policy
 from .rate import Rate
-from .route_limits import KeyFunc, RouteLimit, enforce, mark, refund_server_error, server_error
+from .route_limits import KeyFunc, RouteLimit, mark, server_error
 
 if TYPE_CHECKING:
     from .limiter import RateLimiter
@@ -115,7 +117,7 @@ def rate_limit(
                     and not context.middleware
                     and server_error(exc)
                 ):
-                    await refund_server_error(limit.limiter or context.limiter, [charged])
+                    await refund_server_error((limit.limiter or context.limiter).backend, [charged])
                 raise
 
         wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]

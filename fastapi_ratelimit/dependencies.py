@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
-from .limiter import user_identity
+from .guards import enforce
 from .policy import Algorithm, Policy
 from .rate import Rate
-from .route_limits import KeyFunc, RouteLimit, enforce
+from .route_limits import KeyFunc, RouteLimit
 
 if TYPE_CHECKING:
     from .limiter import RateLimiter
@@ -84,8 +84,8 @@ class RateLimit:
     async def __call__(
         self, *, connection: HTTPConnection, response: Response, user: Any = None
     ) -> None:
-        identity = user_identity(user) if self.user_dependency is not None else None
-        await enforce(self.limit, connection, user=identity, response=response)
+        user = user if self.user_dependency is not None else None
+        await enforce(self.limit, connection, user=user, response=response)
 
     def __repr__(self) -> str:
         return f"RateLimit({self.limit.policy.rate}, scope={self.limit.scope!r})"

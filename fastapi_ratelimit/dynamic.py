@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from .control import ControlStore, Mirror, PollPolicy, every, live, remove_expired, stop
+from .control import ControlStore, Mirror, PollPolicy, every, live, stop
 from .errors import ConfigurationError, check_ttl
 from .keys import KeyBuilder
 from .policy import Policy
@@ -366,11 +366,7 @@ class BehaviourTracker:
 
     async def cleanup(self) -> int:
         """Delete expired penalty-box entries from the backend; returns how many."""
-        if self._store is None or self._box is None:
-            return 0
-        removed = await remove_expired(self._store, "penalty")
-        await self._box.refresh()
-        return removed
+        return await self._box.cleanup() if self._box is not None else 0
 
     async def aclose(self) -> None:
         if self._box is not None:

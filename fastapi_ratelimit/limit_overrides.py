@@ -1,9 +1,9 @@
 """One level's limit changed at run time, on every instance, without a restart.
 
 An operator sets, say, the IP level to ``200/minute`` or one endpoint's limit
-(``limiter.set_limit(...)``, the admin API, ``fastapi-ratelimit limit set``). The new rate is
-stored in the backend (namespace ``limits``) and mirrored by every instance built with
-``RateLimiter(limit_overrides=True)``, like the allow/block lists, so it applies everywhere
+(``limiter.operator.set_limit(...)``, the admin API, ``fastapi-ratelimit limit set``). The new
+rate is stored in the backend (namespace ``limits``) and mirrored by every instance built
+with ``RateLimiter(limit_overrides=True)``, like the allow/block lists, so it applies everywhere
 within ``refresh_interval`` plus a round trip. The changed policy keeps the level's name,
 algorithm and storage bucket: counters carry over, nothing is reset.
 

@@ -7,6 +7,9 @@ handler and background tasks never run). An admitted one passes through with a `
 wrapper that only edits ``http.response.start`` (streaming, files and background tasks are
 untouched) and, after the response, refunds or adjusts by status or reported cost.
 
+:meth:`RateLimitMiddleware.__call__` shows a request's steps in order, each a call into the
+module that owns it (see ``docs/architecture.md``).
+
 Add it *inside* ``CORSMiddleware`` (that is, add it first: Starlette runs the last added
 middleware outermost), so that a 429 still gets CORS headers and preflights are answered by
 CORS without ever reaching the limiter.
@@ -16,38 +19,24 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable, Iterable
-from operator import itemgetter, methodcaller
+from collections.abc import Iterable
 from time import perf_counter
-from typing import Any
 
 from starlette.requests import HTTPConnection
 
-from ._types import ASGIApp, Message, Receive, Scope, Send
-from .backends.base import storage_key
-from .context import SCOPE_KEY, RequestContext
-from .decision import Verdict
-from .dynamic import LoadMonitor
+from ._types import ASGIApp, Receive, Scope, Send
+from .after import after_response, needs_after_response
+from .context import SCOPE_KEY
 from .errors import BackendError, ConfigurationError
-from .headers import HEADER_NAMES, HeaderStyle, rate_limit_headers
 from .identity import QUERY_TOO_LONG, QueryTooLong
 from .limiter import RateLimiter
-from .responses import (
-    bad_request_response,
-    blocked_response,
-    endpoint_unavailable_response,
-    quota_exceeded_response,
-)
-from .route_limits import RouteLimit, attached_limits
+from .respond import Responder, denial_response, refuse, unavailable_response
+from .responses import bad_request_response, blocked_response, endpoint_unavailable_response
+from .route_limits import RouteLimitsCache, add_route_checks
 
 __all__ = ["DEFAULT_EXEMPT", "RateLimitMiddleware"]
 
 DEFAULT_EXEMPT = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json")
-_NAME = itemgetter(0)
-_LOWER = methodcaller("lower")  # bytes as ASGI says; a str from a sloppy app must not raise
-_NO_HEADERS = HeaderStyle.NONE  # a module constant: Enum member lookups run Python code
-# id(route) -> (route, its limits). Holding the route keeps its id from being reused.
-_route_limits_cache: dict[int, tuple[Any, tuple[RouteLimit, ...]]] = {}
 
 
 class RateLimitMiddleware:
@@ -84,6 +73,7 @@ class RateLimitMiddleware:
         self._exact = frozenset(p.rstrip("/") or "/" for p in paths)
         self._prefixes = tuple((p.rstrip("/") + "/") for p in paths if p != "/")
         self._websockets = websockets
+        self._route_limits = RouteLimitsCache()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -97,15 +87,21 @@ class RateLimitMiddleware:
         # Metrics (see recorder.py): a few dict increments per request, only when enabled.
         recorder = limiter.recorder
         started = perf_counter() if recorder is not None else 0.0
+
+        # 1. Identify: IP, API key, user, tiers (identify.py).
+        identifier = limiter.identifier
         try:
-            if limiter.sync_context:
-                context = limiter.build_context(scope)
+            if identifier.sync:
+                context = identifier.identify_now(limiter, scope)
             else:
-                context = await limiter.context(scope)
+                context = await identifier.identify(limiter, scope)
         except QueryTooLong:
-            await self._refuse(scope, receive, send, bad_request_response(QUERY_TOO_LONG))
+            await refuse(scope, receive, send, bad_request_response(QUERY_TOO_LONG))
             return
+        # 2. Route and cost (pricing.py).
+        limiter.pricing.price(context, scope)
         context.middleware = True
+        # An endpoint whose breaker is open (breaker.py) is refused before anything counts.
         breaker = limiter.endpoint_breaker
         if breaker is not None:
             until = await breaker.open_until(context.endpoint)
@@ -113,15 +109,16 @@ class RateLimitMiddleware:
                 retry = max(1, math.ceil(until - time.time()))
                 if recorder is not None:
                     recorder.refused(context, "endpoint_breaker", perf_counter() - started)
-                await self._refuse(scope, receive, send, endpoint_unavailable_response(retry))
+                await refuse(scope, receive, send, endpoint_unavailable_response(retry))
                 return
+
+        # 3. Access lists (access.py). Empty lists (the usual case) cost no coroutine.
         lists = limiter.lists
-        # Empty lists (the usual case) cost no coroutine.
-        listed = None if lists is None or lists.known_empty() else await limiter.access(context)
+        listed = None if lists is None or lists.known_empty() else await lists.decide(context)
         if listed == "block":
             if recorder is not None:
                 recorder.refused(context, "blocklist", perf_counter() - started)
-            await self._refuse(scope, receive, send, blocked_response())
+            await refuse(scope, receive, send, blocked_response())
             return
         if listed == "allow":
             # Allow-listed: no limiting, no counting, no headers; route guards stand down too.
@@ -131,49 +128,39 @@ class RateLimitMiddleware:
             scope[SCOPE_KEY] = context
             await self.app(scope, receive, send)
             return
-        checks = limiter.level_checks(context)
-        seen: set[tuple[object, ...]] | None = None
-        for limit in _route_limits(context.route):
-            if limit.limiter is not None and limit.limiter is not limiter:
-                continue  # bound to another limiter: it checks for itself
-            key_value = await limit.key_value(HTTPConnection(scope)) if limit.needs_key else None
-            check = limit.check(context, key_value)
-            context.handled = context.handled | {id(limit)}
-            if check is not None:
-                # A decorator and a guard with the same rate and scope on one route are one
-                # limit: the same storage key twice in one backend call would be refused
-                # (backends.base.ensure_distinct), a 500 on every request. Count it once.
-                if seen is None:
-                    seen = {storage_key(c) for c in checks}
-                key = storage_key(check)
-                if key in seen:
-                    continue
-                seen.add(key)
-                checks.append(check)
-                if limit.refund_when is not None:
-                    context.refundable = (*context.refundable, (limit, check))
+
+        # 4. Assemble the checks: the limiter's levels (levels.py), the route's (route_limits.py).
+        checks = limiter.levels.checks(context)
+        route_limits = self._route_limits.of(context.route)
+        if route_limits:
+            connection = HTTPConnection(scope)
+            await add_route_checks(checks, route_limits, context, limiter, connection)
+
+        # 5. Enforce (enforce.py; the backend call and its failure policy in failure.py).
         if not checks:
             verdict = None
         elif limiter.runs_now:
-            verdict = limiter.run_now(checks, context)
+            verdict = limiter.enforcer.run_now(checks, context)
         else:
             try:
-                verdict = await limiter.run(checks, context)
+                verdict = await limiter.enforcer.run(checks, context)
             except BackendError:
                 if recorder is not None:
                     recorder.refused(context, "backend_unavailable", perf_counter() - started)
-                await self._refuse(scope, receive, send, limiter.unavailable_response())
+                await refuse(scope, receive, send, unavailable_response(limiter))
                 return
         if recorder is not None:
             recorder.request(context, verdict, perf_counter() - started)
+
+        # 6. Respond (respond.py): the denial, or the app with our headers on its response.
         if verdict is not None and not verdict.allowed:
-            await self._refuse(scope, receive, send, limiter.denial_response(context, verdict))
+            await refuse(scope, receive, send, denial_response(limiter, context, verdict))
             return
         scope[SCOPE_KEY] = context
         if kind == "websocket":
             await self.app(scope, receive, send)
             return
-        responder = _Responder(self.app, context, send)
+        responder = Responder(self.app, context, send)
         load = limiter.dynamic.load if limiter.dynamic is not None else None
         try:
             if load is not None:
@@ -182,11 +169,13 @@ class RateLimitMiddleware:
                 await self.app(scope, receive, responder.send)
         except Exception:
             # An error escaping the app becomes a 500 further out: not charged either.
-            await limiter.after_response(context, 500)
+            await after_response(limiter, context, 500)
             raise
+
+        # 7. After the response (after.py): refunds, reported cost, the endpoint breaker.
         status = responder.status
-        if limiter.needs_after_response(context) or (status is not None and status >= 500):
-            await limiter.after_response(context, status)
+        if needs_after_response(limiter, context) or (status is not None and status >= 500):
+            await after_response(limiter, context, status)
 
     def _skip(self, scope: Scope) -> bool:
         path: str = scope["path"]
@@ -201,122 +190,3 @@ class RateLimitMiddleware:
                 if name == b"access-control-request-method":
                     return True
         return False
-
-    @staticmethod
-    async def _refuse(scope: Scope, receive: Receive, send: Send, response: Any) -> None:
-        if scope["type"] == "http":
-            await response(scope, receive, send)
-            return
-        # WebSocket: refuse before accept. Servers with the denial-response extension get the
-        # real 429; the others a close with 1008 (policy violation), which they answer with 403.
-        if "websocket.http.response" in scope.get("extensions", {}):
-            await send(
-                {
-                    "type": "websocket.http.response.start",
-                    "status": response.status_code,
-                    "headers": response.raw_headers,
-                }
-            )
-            await send({"type": "websocket.http.response.body", "body": response.body})
-            return
-        message = await receive()
-        if message["type"] == "websocket.connect":
-            await send({"type": "websocket.close", "code": 1008, "reason": "rate limit exceeded"})
-
-
-class _Responder:
-    """One per request (per-request state never lives on the middleware)."""
-
-    __slots__ = ("_send", "app", "context", "replaced", "status")
-
-    def __init__(self, app: ASGIApp, context: RequestContext, send: Send) -> None:
-        self.app = app
-        self.context = context
-        self._send = send
-        self.status: int | None = None
-        self.replaced = False
-
-    async def run_measured(self, scope: Scope, receive: Receive, load: LoadMonitor) -> None:
-        """Run the app, feeding the load monitor its in-flight count, status and latency."""
-        started = time.monotonic()
-        load.in_flight += 1
-        try:
-            await self.app(scope, receive, self.send)
-        finally:
-            load.in_flight -= 1
-            # An exception that escaped the app is a 500 as far as load goes.
-            load.record(self.status or 500, time.monotonic() - started)
-
-    def send(self, message: Message) -> Awaitable[None]:
-        # Not a coroutine function: it edits the message and hands back the next ``send``'s
-        # awaitable, so passing a message on costs no coroutine of its own.
-        kind = message["type"]
-        if kind == "http.response.start":
-            self.status = status = message["status"]
-            context = self.context
-            if status == 429 and context.denial is not None:
-                # A route guard denied: send the problem+json 429 instead of the framework's
-                # rendering of the exception, and drop the app's body.
-                self.replaced = True
-                return _send_denial(self._send, context, context.denial)
-            style = context.limiter.header_style
-            decisions = context.decisions
-            if context.shadow:
-                decisions = (*decisions, *context.shadow)
-            if decisions and style is not _NO_HEADERS:
-                ours = rate_limit_headers(decisions, style, now=time.time())
-                headers = message.get("headers", ())
-                names = HEADER_NAMES[style]
-                # Replace, never append: each header appears once even if the app set one.
-                # The check is C code alone (map, lower, isdisjoint); a new list, since
-                # the app's own list may be reused for other responses.
-                if names.isdisjoint(map(_LOWER, map(_NAME, headers))):
-                    message["headers"] = [*headers, *ours]
-                else:
-                    message["headers"] = [
-                        header for header in headers if header[0].lower() not in names
-                    ] + ours
-        elif self.replaced and kind == "http.response.body":
-            return _nothing()
-        return self._send(message)
-
-
-async def _send_denial(send: Send, context: RequestContext, denial: Verdict) -> None:
-    """A route guard's denial, as problem+json with our headers."""
-    limiter = context.limiter
-    headers = rate_limit_headers(context.decisions, limiter.header_style, now=limiter.now())
-    response = quota_exceeded_response(denial.decisions, headers=headers)
-    await send({"type": "http.response.start", "status": 429, "headers": response.raw_headers})
-    await send({"type": "http.response.body", "body": response.body})
-
-
-async def _nothing() -> None:
-    """An awaitable that does nothing: a dropped message."""
-
-
-def _route_limits(route: Any) -> tuple[RouteLimit, ...]:
-    """Decorator marks on the endpoint and guards among the route's dependencies (FastAPI
-    merges router- and app-level dependencies into each route). Guards that take the user
-    from another dependency can't be checked before the app runs: they check themselves."""
-    if route is None:
-        return ()
-    cached = _route_limits_cache.get(id(route))
-    if cached is not None and cached[0] is route:
-        return cached[1]
-    from .dependencies import RateLimit
-
-    limits = list(attached_limits(getattr(route, "endpoint", None)))
-    seen: set[int] = set()
-    stack = list(getattr(getattr(route, "dependant", None), "dependencies", ()))
-    while stack:
-        dependant = stack.pop()
-        call = getattr(dependant, "call", None)
-        if isinstance(call, RateLimit) and call.user_dependency is None and id(call) not in seen:
-            seen.add(id(call))
-            limits.append(call.limit)
-        stack.extend(getattr(dependant, "dependencies", ()))
-    result = tuple(limits)
-    if len(_route_limits_cache) >= 4096:
-        _route_limits_cache.clear()
-    _route_limits_cache[id(route)] = (route, result)
-    return result

@@ -19,7 +19,7 @@ Header formats live in :mod:`fastapi_ratelimit.headers`; here they are only atta
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from starlette.responses import Response
@@ -87,25 +87,17 @@ def backend_unavailable_response(retry_after: int = 1) -> Response:
 
     Deliberately generic: the cause (exception, host, port, socket path) is for the logs only.
     """
-    _check_retry_after(retry_after)
-    body = {
-        "type": "about:blank",
-        "title": "Service Unavailable",
-        "status": 503,
-        "detail": "Rate limiting is temporarily unavailable.",
-    }
-    return _problem(503, body, retry_after, ())
+    return _unavailable("Rate limiting is temporarily unavailable.", retry_after)
 
 
 def endpoint_unavailable_response(retry_after: int) -> Response:
     """503 while an endpoint's circuit breaker is open (it keeps failing)."""
+    return _unavailable("This endpoint is temporarily unavailable.", retry_after)
+
+
+def _unavailable(detail: str, retry_after: int) -> Response:
     _check_retry_after(retry_after)
-    body = {
-        "type": "about:blank",
-        "title": "Service Unavailable",
-        "status": 503,
-        "detail": "This endpoint is temporarily unavailable.",
-    }
+    body = {"type": "about:blank", "title": "Service Unavailable", "status": 503, "detail": detail}
     return _problem(503, body, retry_after, ())
 
 
@@ -193,3 +185,14 @@ def _problem(
         raw.append((b"retry-after", b"%d" % retry_after))
     raw.extend(extra_headers)
     return response
+
+
+#: ``(decisions, headers) -> Response``: what ``RateLimiter(response_builder=...)`` takes.
+ResponseBuilder = Callable[[Sequence[Decision], Sequence[tuple[bytes, bytes]]], Response]
+
+
+def default_response(
+    decisions: Sequence[Decision], headers: Sequence[tuple[bytes, bytes]]
+) -> Response:
+    """The 429 as problem+json (``response_builder`` replaces it)."""
+    return quota_exceeded_response(decisions, headers=headers)

@@ -15,17 +15,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from loguru import logger
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
 from .backends.base import Check, storage_key
-from .context import SCOPE_KEY, RequestContext
-from .decision import never
-from .errors import BackendError, ConfigurationError
-from .headers import rate_limit_headers, retry_after_value
-from .identity import QUERY_TOO_LONG, QueryTooLong
+from .context import RequestContext
+from .errors import ConfigurationError
 from .keys import Identity
 from .policy import Algorithm, Policy
 from .rate import Rate, parse_rate
@@ -33,7 +29,6 @@ from .responses import quota_exceeded_response
 
 if TYPE_CHECKING:
     from .decision import Verdict
-    from .limiter import RateLimiter
 
 __all__ = ["RateLimitExceeded", "RouteLimit", "rate_limit_exceeded_handler"]
 
@@ -73,7 +68,9 @@ class RouteLimit:
     parts: tuple[str, ...]
     cost: int | None
     key: KeyFunc | None
-    limiter: RateLimiter | None
+    #: The RateLimiter it is bound to (``limiter=``), or ``None`` for the one in charge.
+    #: Typed loosely: the limiter sits above this module.
+    limiter: Any
     refund_when: Callable[[int], bool] | None
     #: ``algorithm=`` was given; otherwise the limiter's ``algorithm`` applies.
     algorithm_given: bool = True
@@ -90,7 +87,7 @@ class RouteLimit:
         key: KeyFunc | None,
         name: str | None,
         algorithm: Algorithm | str | None,
-        limiter: RateLimiter | None,
+        limiter: Any,
         refund_when: Callable[[int], bool] | None,
         where: str,
     ) -> RouteLimit:
@@ -134,11 +131,10 @@ class RouteLimit:
         parts = parts if key is None else ()
         return cls(policy, scope, parts, cost, key, limiter, refund_when, given)
 
-    def policy_for(self, limiter: RateLimiter) -> Policy:
-        """The policy as ``limiter`` enforces it: under its default algorithm, unless this
-        limit named one."""
+    def policy_for(self, algorithm: Algorithm) -> Policy:
+        """The policy as a limiter whose default is ``algorithm`` enforces it: under that
+        algorithm, unless this limit named one."""
         policy = self.policy
-        algorithm = limiter.algorithm
         if self.algorithm_given or algorithm is policy.algorithm:
             return policy
         variant = self.variants.get(algorithm)
@@ -179,79 +175,8 @@ class RouteLimit:
                 identity += ("api_key", key) if key is not None else ("no-key-ip", context.ip)
         cost = self.cost if self.cost is not None else context.cost
         ident: Identity = tuple(identity)
-        policy = self.policy_for(self.limiter or context.limiter)
+        policy = self.policy_for((self.limiter or context.limiter).algorithm)
         return Check(policy, self.scope if self.key is None else "route", ident, cost)
-
-
-async def enforce(
-    limit: RouteLimit,
-    connection: HTTPConnection,
-    *,
-    user: str | None = None,
-    response: Response | None = None,
-) -> Check | None:
-    """Check ``limit`` for this request unless the middleware already did. Returns the check
-    it charged, if any (the decorator refunds it when the endpoint fails)."""
-    scope = connection.scope
-    context = scope.get(SCOPE_KEY)
-    if isinstance(context, RequestContext) and (context.exempt or id(limit) in context.handled):
-        return None
-    limiter = limit.limiter or (context.limiter if isinstance(context, RequestContext) else None)
-    if limiter is None:
-        raise RuntimeError(
-            "fastapi_ratelimit: this route limit has no RateLimiter. Add RateLimitMiddleware "
-            "to the app or pass limiter= to @rate_limit / RateLimit."
-        )
-    if not isinstance(context, RequestContext):
-        try:
-            context = await limiter.context(scope)
-        except QueryTooLong:
-            raise HTTPException(400, QUERY_TOO_LONG) from None
-        scope[SCOPE_KEY] = context
-        listed = await limiter.access(context)
-        if listed == "block":
-            raise HTTPException(403, "Access denied.")
-        if listed == "allow":
-            context.exempt = True
-            return None
-    context.handled = context.handled | {id(limit)}
-    check = limit.check(context, await limit.key_value(connection), user)
-    if check is None:
-        return None
-    if context.charged:
-        # A decorator and a guard with the same rate and scope are one limit: count it once.
-        key = storage_key(check)
-        if any(storage_key(c) == key for c in context.charged):
-            return None
-    try:
-        verdict = await limiter.run([check], context)
-    except BackendError:
-        # on_backend_error="deny": a 503, never a 500 from inside a dependency.
-        wait = str(limiter.retry_after_unavailable())
-        raise HTTPException(
-            503, "Rate limiting is temporarily unavailable.", {"Retry-After": wait}
-        ) from None
-    if verdict is None:  # backend failed under on_backend_error="allow"
-        return None
-    if limit.refund_when is not None:
-        context.refundable = (*context.refundable, (limit, check))
-    if not verdict.allowed:
-        if never(verdict.decisions):
-            # No wait would help: no Retry-After, and not a 429 that invites one.
-            raise HTTPException(
-                403,
-                f"This request costs {check.cost} units; policy {check.policy.name!r} admits "
-                f"at most {check.policy.limit} at once, so it can never pass.",
-            )
-        context.denial = verdict
-        headers = rate_limit_headers(context.decisions, limiter.header_style, now=limiter.now())
-        retry = retry_after_value(verdict.decisions)
-        raise RateLimitExceeded(verdict, {**_str(headers), "Retry-After": str(retry)})
-    if response is not None and not context.middleware:
-        decisions = (*context.decisions, *context.shadow)
-        for name, value in rate_limit_headers(decisions, limiter.header_style, now=limiter.now()):
-            response.headers[name.decode("latin-1")] = value.decode("latin-1")
-    return check
 
 
 def server_error(exc: BaseException) -> bool:
@@ -259,21 +184,6 @@ def server_error(exc: BaseException) -> bool:
     if isinstance(exc, HTTPException):
         return exc.status_code >= 500
     return isinstance(exc, Exception)
-
-
-async def refund_server_error(limiter: RateLimiter, checks: Sequence[Check]) -> None:
-    """Give back what a request that ended in a server error was charged: a client never
-    pays for the server's failure. Best effort: a failing backend is only logged."""
-    if not checks:
-        return
-    try:
-        await limiter.backend.refund(checks)
-    except BackendError as exc:
-        logger.warning("rate-limit refund after a server error failed: {}", exc)
-
-
-def _str(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
 
 
 def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
@@ -287,3 +197,78 @@ def attached_limits(endpoint: Any) -> tuple[RouteLimit, ...]:
 
 def mark(endpoint: Any, limit: RouteLimit) -> None:
     setattr(endpoint, ROUTE_LIMITS_ATTR, (*attached_limits(endpoint), limit))
+
+
+class RouteLimitsCache:
+    """The limits attached to each route, found once per route (one cache per middleware).
+
+    Decorator marks on the endpoint and guards among the route's dependencies (FastAPI merges
+    router- and app-level dependencies into each route). Guards that take the user from
+    another dependency can't be checked before the app runs: they check themselves."""
+
+    __slots__ = ("_cache",)
+
+    def __init__(self) -> None:
+        # id(route) -> (route, its limits). Holding the route keeps its id from being reused.
+        self._cache: dict[int, tuple[Any, tuple[RouteLimit, ...]]] = {}
+
+    def of(self, route: Any) -> tuple[RouteLimit, ...]:
+        """The limits attached to ``route`` (``()`` for ``None``)."""
+        if route is None:
+            return ()
+        cached = self._cache.get(id(route))
+        if cached is not None and cached[0] is route:
+            return cached[1]
+        limits = list(attached_limits(getattr(route, "endpoint", None)))
+        seen: set[int] = set()
+        stack = list(getattr(getattr(route, "dependant", None), "dependencies", ()))
+        while stack:
+            dependant = stack.pop()
+            call = getattr(dependant, "call", None)
+            # A RateLimit guard (found by shape: dependencies.py imports this module).
+            limit = getattr(call, "limit", None)
+            if (
+                isinstance(limit, RouteLimit)
+                and getattr(call, "user_dependency", True) is None
+                and id(call) not in seen
+            ):
+                seen.add(id(call))
+                limits.append(limit)
+            stack.extend(getattr(dependant, "dependencies", ()))
+        result = tuple(limits)
+        if len(self._cache) >= 4096:
+            self._cache.clear()
+        self._cache[id(route)] = (route, result)
+        return result
+
+
+async def add_route_checks(
+    checks: list[Check],
+    limits: Sequence[RouteLimit],
+    context: RequestContext,
+    limiter: Any,
+    connection: HTTPConnection,
+) -> None:
+    """Add the checks of ``limits`` (a route's) to ``checks`` (the limiter's levels), so that
+    all of them go to the backend in one call; the guards then see them handled."""
+    seen: set[tuple[object, ...]] | None = None
+    for limit in limits:
+        if limit.limiter is not None and limit.limiter is not limiter:
+            continue  # bound to another limiter: it checks for itself
+        key_value = await limit.key_value(connection) if limit.needs_key else None
+        check = limit.check(context, key_value)
+        context.handled = context.handled | {id(limit)}
+        if check is None:
+            continue
+        # A decorator and a guard with the same rate and scope on one route are one limit:
+        # the same storage key twice in one backend call would be refused
+        # (backends.base.ensure_distinct), a 500 on every request. Count it once.
+        if seen is None:
+            seen = {storage_key(c) for c in checks}
+        key = storage_key(check)
+        if key in seen:
+            continue
+        seen.add(key)
+        checks.append(check)
+        if limit.refund_when is not None:
+            context.refundable = (*context.refundable, (limit.refund_when, check))

@@ -22,7 +22,7 @@ from starlette.routing import BaseRoute, Host, Match, Mount
 from ._types import Scope
 from .costs import endpoint_key
 
-__all__ = ["ResolvedRoute", "request_method", "resolve_route"]
+__all__ = ["ResolvedRoute", "RouteResolver", "request_method"]
 
 UNMATCHED = "<unmatched>"
 #: The method of an endpoint key for a method that is neither standard nor declared by the
@@ -48,65 +48,74 @@ class ResolvedRoute:
 
 
 _UNMATCHED = ResolvedRoute(UNMATCHED, None)
-# (routes id, routes count, type, method, root_path, path, host) -> (routes, ResolvedRoute).
-# The key holds everything matching reads, so what one client sends decides only its own
-# entry. Emptied when full, so random paths cost a route scan, never memory. The value holds
-# the routes list itself: while cached it cannot be freed and its id reused; the count
-# catches added routes.
-_cache: dict[tuple[int, int, str, str, str, str, bytes], tuple[object, ResolvedRoute]] = {}
-# routes id -> (routes, routes count, whether a Host route is anywhere in the tree).
-_host_routed: dict[int, tuple[object, int, bool]] = {}
 #: A longer Host header is matched but not cached (it cannot be a real host name).
 _MAX_CACHED_HOST = 256
 
 
-def resolve_route(routes: Sequence[BaseRoute], scope: Scope) -> ResolvedRoute:
-    """Match ``scope`` against ``routes`` the way Starlette's router will."""
-    # Only where Host routes exist does the Host header change the match: elsewhere it is
-    # left out of the key, so hostile hosts cannot churn the cache.
-    host = _host_header(scope) if _uses_host(routes) else b""
-    cache_key = (
-        id(routes),
-        len(routes),
-        scope["type"],
-        scope.get("method", ""),
-        scope.get("root_path", ""),
-        scope["path"],
-        host,
-    )
-    cached = _cache.get(cache_key)
-    if cached is not None and cached[0] is routes:
-        return cached[1]
-    found = _search(routes, scope, "") or _UNMATCHED
-    method = request_method(scope)
-    if method is OTHER_METHOD and found.route is not None:
-        # A method outside the standard set keeps its name only where the app declares it.
-        declared = getattr(found.route, "methods", None)
-        raw = scope.get("method")
-        if isinstance(raw, str) and isinstance(declared, (set, frozenset)) and raw in declared:
-            method = raw
-    # The endpoint string is built here, once per cached path, not per request.
-    found = ResolvedRoute(found.template, found.route, endpoint_key(method, found.template))
-    if (
-        method is not OTHER_METHOD
-        and len(host) <= _MAX_CACHED_HOST
-        and len(cache_key[5]) <= _MAX_CACHED_PATH
-    ):
-        if len(_cache) >= _CACHE_SIZE:
-            _cache.clear()
-        _cache[cache_key] = (routes, found)
-    return found
+class RouteResolver:
+    """Matches requests to routes, with its own caches (one per limiter, never shared by the
+    apps of a process)."""
 
+    __slots__ = ("_cache", "_host_routed")
 
-def _uses_host(routes: Sequence[BaseRoute]) -> bool:
-    known = _host_routed.get(id(routes))
-    if known is not None and known[0] is routes and known[1] == len(routes):
-        return known[2]
-    found = _has_host(routes, 0)
-    if len(_host_routed) >= 64:  # one entry per app (and per routes list)
-        _host_routed.clear()
-    _host_routed[id(routes)] = (routes, len(routes), found)
-    return found
+    def __init__(self) -> None:
+        # (routes id, routes count, type, method, root_path, path, host) -> (routes, resolved).
+        # The key holds everything matching reads, so what one client sends decides only its
+        # own entry. Emptied when full, so random paths cost a route scan, never memory. The
+        # value holds the routes list itself: while cached it cannot be freed and its id
+        # reused; the count catches added routes.
+        self._cache: dict[
+            tuple[int, int, str, str, str, str, bytes], tuple[object, ResolvedRoute]
+        ] = {}
+        # routes id -> (routes, routes count, whether a Host route is anywhere in the tree).
+        self._host_routed: dict[int, tuple[object, int, bool]] = {}
+
+    def resolve(self, routes: Sequence[BaseRoute], scope: Scope) -> ResolvedRoute:
+        """Match ``scope`` against ``routes`` the way Starlette's router will."""
+        # Only where Host routes exist does the Host header change the match: elsewhere it
+        # is left out of the key, so hostile hosts cannot churn the cache.
+        host = _host_header(scope) if self._uses_host(routes) else b""
+        cache_key = (
+            id(routes),
+            len(routes),
+            scope["type"],
+            scope.get("method", ""),
+            scope.get("root_path", ""),
+            scope["path"],
+            host,
+        )
+        cached = self._cache.get(cache_key)
+        if cached is not None and cached[0] is routes:
+            return cached[1]
+        found = _search(routes, scope, "") or _UNMATCHED
+        method = request_method(scope)
+        if method is OTHER_METHOD and found.route is not None:
+            # A method outside the standard set keeps its name only where the app declares it.
+            declared = getattr(found.route, "methods", None)
+            raw = scope.get("method")
+            if isinstance(raw, str) and isinstance(declared, (set, frozenset)) and raw in declared:
+                method = raw
+        # The endpoint string is built here, once per cached path, not per request.
+        found = ResolvedRoute(found.template, found.route, endpoint_key(method, found.template))
+        if (
+            method is not OTHER_METHOD
+            and len(host) <= _MAX_CACHED_HOST
+            and len(cache_key[5]) <= _MAX_CACHED_PATH
+        ):
+            if len(self._cache) >= _CACHE_SIZE:
+                self._cache.clear()
+            self._cache[cache_key] = (routes, found)
+        return found
+
+    def _uses_host(self, routes: Sequence[BaseRoute]) -> bool:
+        known = self._host_routed.get(id(routes))
+        if known is not None and known[0] is routes and known[1] == len(routes):
+            return known[2]
+        found = _has_host(routes, 0)
+        if len(self._host_routed) >= 64:  # one entry per app (and per routes list)
+            self._host_routed.clear()
+        self._host_routed[id(routes)] = (routes, len(routes), found)
+        return found
 
 
 def _has_host(routes: Iterable[BaseRoute], depth: int) -> bool:
@@ -133,7 +142,7 @@ def _host_header(scope: Scope) -> bytes:
 
 def request_method(scope: Scope) -> str:
     """The method an endpoint key uses: a WebSocket handshake is ``"WEBSOCKET"``, a method
-    outside the standard set is :data:`OTHER_METHOD` (see :func:`resolve_route` for methods
+    outside the standard set is :data:`OTHER_METHOD` (see :meth:`RouteResolver.resolve` for methods
     a route declares)."""
     if scope["type"] != "http":
         return "WEBSOCKET"

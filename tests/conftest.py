@@ -1,4 +1,4 @@
-"""Shared fixtures: real Redis servers started on demand (see ``tests/servers.py``).
+"""Shared fixtures: real Redis servers started on demand (see ``tests/servers/``).
 
 The session-scoped server fixtures are lazy: a set-up is only started when the first test
 that needs it runs, and it is stopped at the end of the session.  When ``redis-server`` is

@@ -51,10 +51,10 @@ async def test_one_master_down_fails_only_its_own_keys(
         assert (await client.get("/work")).status_code == 200  # loads the slot map
 
     def node_of(ip: str) -> str:
-        _, ip_check = limiter.level_checks(limiter.operator_context(ip=ip))
+        _, ip_check = limiter.level_checks(limiter.operator.context(ip=ip))
         return backend.node_of(ip_check)
 
-    global_check = limiter.level_checks(limiter.operator_context())[0]
+    global_check = limiter.level_checks(limiter.operator.context())[0]
     assert global_check.scope == "global"
 
     # The master holding the mirrored namespace, which does not hold the global level (the
@@ -109,11 +109,11 @@ async def test_levels_on_several_masters_stay_all_or_nothing(cluster_url: str) -
     async with client_for(work_app(limiter), ip="192.0.2.1") as client:
         await client.get("/work")  # loads the slot map
     # An IP whose level lives on another master than the global one.
-    global_check = limiter.level_checks(limiter.operator_context())[0]
+    global_check = limiter.level_checks(limiter.operator.context())[0]
     ip = next(
         f"198.51.100.{i}"
         for i in range(1, 255)
-        if backend.node_of(limiter.level_checks(limiter.operator_context(ip=f"198.51.100.{i}"))[1])
+        if backend.node_of(limiter.level_checks(limiter.operator.context(ip=f"198.51.100.{i}"))[1])
         != backend.node_of(global_check)
     )
     async with client_for(work_app(limiter), ip=ip) as client:

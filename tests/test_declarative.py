@@ -73,12 +73,12 @@ async def test_static_allow_and_block_entries_apply_without_access_lists() -> No
         assert (await blocked.get("/work")).status_code == 403
     # The stored lists are still off: adding at run time names the option.
     with pytest.raises(ConfigurationError, match="access_lists"):
-        await limiter.block("ip", "198.51.100.0/24")
+        await limiter.operator.block("ip", "198.51.100.0/24")
 
 
 async def test_static_and_stored_entries_together() -> None:
     limiter = RateLimiter(ip_limit="1/minute", access_lists=True, allow=["ip:10.0.0.0/8"])
-    await limiter.block("ip", "10.9.0.0/16")
+    await limiter.operator.block("ip", "10.9.0.0/16")
     app = app_for(limiter)
     async with client_for(app, ip="10.9.1.1") as client:
         assert (await client.get("/work")).status_code == 403  # a block wins over an allow
@@ -138,7 +138,7 @@ async def test_static_user_tiers_apply_and_a_stored_tier_wins() -> None:
         assert set(policies(alice)) == {"user-pro"}
         bob = await client.get("/work", headers={"x-user": "bob"})
         assert set(policies(bob)) == {"user-free"}
-        await limiter.set_tier("alice", "free")
+        await limiter.operator.set_tier("alice", "free")
         assert set(policies(await client.get("/work", headers={"x-user": "alice"}))) == {
             "user-free"
         }
@@ -231,7 +231,7 @@ def run_python(code: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_library_is_silent_until_the_app_opts_in() -> None:
-    warn = "from fastapi_ratelimit.limiter import _warn_user_once; _warn_user_once('probe', int)"
+    warn = "from fastapi_ratelimit.identify import _WarnOnce; _WarnOnce()('probe', int)"
     silent = run_python(f"import fastapi_ratelimit; {warn}")
     assert silent.returncode == 0
     assert silent.stderr == ""
@@ -259,11 +259,11 @@ logger.remove()
 logger.add(PropagateHandler(), format="{message}")
 logger.enable("fastapi_ratelimit")
 
-from fastapi_ratelimit.limiter import _warn_user_once
-_warn_user_once("probe", int)
+from fastapi_ratelimit.identify import _WarnOnce
+_WarnOnce()("probe", int)
 """
     bridged = run_python(code)
-    assert "fastapi_ratelimit.limiter WARNING rate limit: unusable user identity" in bridged.stdout
+    assert "fastapi_ratelimit.identify WARNING rate limit: unusable user identity" in bridged.stdout
 
 
 @pytest.mark.redis

@@ -128,7 +128,7 @@ async def test_a_reset_is_seen_at_once(redis_url: str) -> None:
         async with client_for(make_app(limiter), ip="198.51.100.9") as client:
             statuses = [(await client.get("/hello")).status_code for _ in range(4)]
             assert statuses == [200, 200, 429, 429]
-            await limiter.reset(ip="198.51.100.9")
+            await limiter.operator.reset(ip="198.51.100.9")
             assert (await client.get("/hello")).status_code == 200
     finally:
         await backend.aclose()

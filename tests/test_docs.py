@@ -7,7 +7,7 @@ The convention (also in docs/contributing.md):
 - The blocks of one page run in order in one namespace, as a reader would type them into
   ``python -m asyncio``: a later block may use what an earlier one defined, and top-level
   ``await`` works. Samples assert what the text claims (statuses, headers).
-- Pages that name a Redis set-up get a real one from ``tests/servers.py`` in its place:
+- Pages that name a Redis set-up get a real one from ``tests/servers/`` in its place:
   ``redis://localhost:6379/0`` (standalone), ``redis://localhost:7000`` (a Cluster node) and
   ``[("localhost", 26379)]`` (the Sentinels of ``"mymaster"``).
 - ``<!-- docs-test: skip REASON -->`` on the line before a ``python`` block skips it; the

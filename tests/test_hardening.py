@@ -26,7 +26,7 @@ from fastapi_ratelimit.admin import admin_router
 from fastapi_ratelimit.cli import _short as cli_short
 from fastapi_ratelimit.cli import main as cli_main
 from fastapi_ratelimit.dynamic import DynamicLimits
-from fastapi_ratelimit.limiter import user_identity
+from fastapi_ratelimit.identify import user_identity
 
 TOKEN = "s3cret-admin-token-0123"
 MAX_TTL = 10 * 365 * 86400.0  # the longest TTL accepted: ten years
@@ -213,11 +213,11 @@ BAD_TTLS: list[Any] = [math.inf, float("1e400"), math.nan, -1, 0, 1e12, True, "6
 async def test_python_api_rejects_bad_list_ttls(method: str, ttl: Any) -> None:
     limiter = RateLimiter(access_lists=True)
     with pytest.raises(ConfigurationError) as raised:
-        await getattr(limiter, method)("ip", "192.0.2.0/24", ttl=ttl)
+        await getattr(limiter.operator, method)("ip", "192.0.2.0/24", ttl=ttl)
     assert raised.value.field == "ttl"
-    assert await limiter.blocked() == []
-    assert await limiter.allowed() == []
-    entry = await getattr(limiter, method)("ip", "192.0.2.0/24", ttl=MAX_TTL)
+    assert await limiter.operator.blocked() == []
+    assert await limiter.operator.allowed() == []
+    entry = await getattr(limiter.operator, method)("ip", "192.0.2.0/24", ttl=MAX_TTL)
     assert entry.expires_at is not None
 
 
@@ -225,7 +225,7 @@ async def test_python_api_rejects_bad_list_ttls(method: str, ttl: Any) -> None:
 async def test_tier_and_override_ttls_are_checked_too(ttl: Any) -> None:
     limiter = RateLimiter(tiers=DEFAULT_TIERS, dynamic=DynamicLimits())
     with pytest.raises(ConfigurationError, match="ttl"):
-        await limiter.set_tier("alice", "pro", ttl=ttl)
+        await limiter.operator.set_tier("alice", "pro", ttl=ttl)
     assert limiter.dynamic is not None
     with pytest.raises(ConfigurationError, match="ttl"):
         await limiter.dynamic.set_override(0.5, ttl=ttl)

@@ -35,7 +35,6 @@ from fastapi_ratelimit import (
     RateLimitMiddleware,
     RedisBackend,
     dynamic,
-    routing,
 )
 from fastapi_ratelimit.admin import admin_router
 from fastapi_ratelimit.breaker import MAX_ENDPOINTS, EndpointBreaker
@@ -152,7 +151,7 @@ async def test_the_penalty_box_holds_digests_that_expire_and_are_applied_without
         next(v for f, v in (await redis_client.hgetall(key)).items() if f != b"#version")
     )
     await asyncio.sleep(last["expires_at"] - time.time() + 0.01)
-    assert await limiter.cleanup() == 1
+    assert await limiter.operator.cleanup() == 1
     assert await redis_client.hlen(key) == 1
     await limiter.aclose()
 
@@ -246,7 +245,7 @@ def query_limiter() -> RateLimiter:
 
 async def test_padding_the_query_string_never_hides_the_api_key() -> None:
     limiter = query_limiter()
-    await limiter.block("api_key", "blocked-key")
+    await limiter.operator.block("api_key", "blocked-key")
     app = query_key_app(limiter)
     padding = "&" * 100 + "x=1&" * 100
     async with client_for(app) as client:
@@ -429,7 +428,7 @@ async def test_100k_hostile_requests_keep_every_structure_under_its_bound() -> N
         dynamic=DynamicLimits(load=LoadMonitor(sampler=lambda: (10.0, 10.0)), behaviour=behaviour),
         trusted_proxies=["10.0.0.0/8"],
     )
-    await limiter.block("ip", "198.51.100.0/24")  # the lists are not empty: they are read
+    await limiter.operator.block("ip", "198.51.100.0/24")  # the lists are not empty: they are read
     app = everything_app(limiter)
     statuses: dict[int, int] = {}
 
@@ -454,9 +453,10 @@ async def test_100k_hostile_requests_keep_every_structure_under_its_bound() -> N
     assert not any(500 < status < 600 and status != 503 for status in statuses), statuses
     assert statuses.get(429, 0) > 0  # the recurring clients were limited (and boxed)
     # Each structure at or under its documented bound, whatever the clients sent.
-    assert len(routing._cache) <= 4096
-    assert all(len(key[5]) <= 512 and len(key[6]) <= 256 for key in routing._cache)
-    endpoints = set(limiter._plans)
+    routes = limiter.pricing.routes._cache
+    assert len(routes) <= 4096
+    assert all(len(key[5]) <= 512 and len(key[6]) <= 256 for key in routes)
+    endpoints = set(limiter.levels.plans)
     assert len(endpoints) <= 64  # route templates x methods, never client strings
     assert all(len(endpoint) <= 64 for endpoint in endpoints)
     assert "OTHER /items/{id}" in endpoints
@@ -470,8 +470,8 @@ async def test_100k_hostile_requests_keep_every_structure_under_its_bound() -> N
     assert all(len(key) == 32 for key in behaviour._stats)  # digests, not client input
     assert len(backend) <= backend.max_keys
     assert len(backend.key_builder.cached) <= 8192
-    assert len(limiter._client_ip._cache) <= 4096
-    assert len(limiter._client_ip._chains) <= 4096
+    assert len(limiter.identifier.client_ip._cache) <= 4096
+    assert len(limiter.identifier.client_ip._chains) <= 4096
     assert growth < RSS_CEILING, f"RSS grew by {growth / 2**20:.0f} MiB"
     await limiter.aclose()
 
@@ -527,7 +527,7 @@ async def test_the_admin_api_never_needs_a_raw_api_key_in_a_url() -> None:
             f"/admin/tiers/api_key/{RAW_KEY}", json={"tier": "pro"}, headers=auth
         )
         assert path_form.status_code == 422
-        assert await limiter.get_tier(RAW_KEY, kind="api_key") is None
+        assert await limiter.operator.get_tier(RAW_KEY, kind="api_key") is None
         await ops.post("/admin/block", json=entry, headers=auth)
         query_form = await ops.delete(
             "/admin/block", params={"kind": "api_key", "value": RAW_KEY}, headers=auth

@@ -44,7 +44,7 @@ def limiter_on(url: str, **options: object) -> RateLimiter:
 
 async def limit_of(limiter: RateLimiter, scope: str) -> tuple[int, int]:
     """(limit, remaining) of a level for the test client, as that instance sees it now."""
-    decisions = await limiter.inspect(ip="203.0.113.7", endpoint="GET /work")
+    decisions = await limiter.operator.inspect(ip="203.0.113.7", endpoint="GET /work")
     (decision,) = [d for d in decisions if d.scope == scope]
     return decision.limit, decision.remaining
 
@@ -68,7 +68,7 @@ async def test_a_changed_limit_reaches_every_instance_counters_kept(redis_url: s
             assert policies(await b.get("/work"))["ip"]["q"] == 5  # the 5th of 5
 
             # Python API, on the first instance; the second applies it on its next refresh.
-            await first.set_limit("ip", "20/day", by="test")
+            await first.operator.set_limit("ip", "20/day", by="test")
 
             async def second_sees(limit: int) -> bool:
                 return (await limit_of(second, "ip"))[0] == limit
@@ -84,7 +84,7 @@ async def test_a_changed_limit_reaches_every_instance_counters_kept(redis_url: s
             # Invalid values are refused on every surface, and 20/day stays in force.
             for rate in INVALID:
                 with pytest.raises(ConfigurationError, match=r"^rate"):
-                    await first.set_limit("ip", rate)
+                    await first.operator.set_limit("ip", rate)
                 refused = await admin.put(
                     "/admin/limits", json={"level": "ip", "rate": rate}, headers=ADMIN
                 )
@@ -95,7 +95,9 @@ async def test_a_changed_limit_reaches_every_instance_counters_kept(redis_url: s
                 assert done.returncode == 2
                 assert "error: rate" in done.stderr
             with pytest.raises(ConfigurationError, match=r"^level"):
-                await first.set_limit("user", "10/day")  # a level this limiter doesn't have
+                await first.operator.set_limit(
+                    "user", "10/day"
+                )  # a level this limiter doesn't have
             assert await limit_of(first, "ip") == (20, 14)
             assert await limit_of(second, "ip") == (20, 14)
 
@@ -137,7 +139,7 @@ async def second_sees_endpoint(limiter: RateLimiter, limit: int) -> bool:
 async def test_the_opt_in_is_needed_and_needs_a_store() -> None:
     limiter = RateLimiter(ip_limit="5/day")
     with pytest.raises(ConfigurationError, match=r"^limit_overrides: "):
-        await limiter.set_limit("ip", "10/day")
+        await limiter.operator.set_limit("ip", "10/day")
     app = FastAPI()
     app.include_router(admin_router(limiter, token=TOKEN), prefix="/admin")
     async with client_for(app) as client:

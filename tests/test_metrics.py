@@ -176,7 +176,7 @@ async def test_backend_errors_by_kind_and_the_breaker_state() -> None:
 async def test_refusals_before_any_limit_are_counted_with_their_reason() -> None:
     limiter = RateLimiter(ip_limit="10/minute", access_lists=True)
     app, _ = make_app(limiter)
-    await limiter.block("ip", "127.0.0.1")
+    await limiter.operator.block("ip", "127.0.0.1")
     async with client(app) as http:
         assert (await http.get("/items/a")).status_code == 403
         _, families = await scrape(http)

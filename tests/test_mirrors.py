@@ -253,7 +253,7 @@ async def test_cli_block_reaches_every_instance_with_lists(redis_url: str) -> No
             await blocked()
             assert (await third.get("/work")).status_code == 200
         with pytest.raises(ConfigurationError, match=r"^access_lists: "):
-            await unlisted.block("ip", CLIENT_IP)
+            await unlisted.operator.block("ip", CLIENT_IP)
     finally:
         for limiter in (*limiters, unlisted):
             await limiter.aclose()

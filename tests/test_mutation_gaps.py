@@ -89,7 +89,7 @@ async def test_shadow_levels_are_charged() -> None:
     async with client_for(app) as client:
         statuses = [(await client.get("/x")).status_code for _ in range(5)]
     assert statuses == [200] * 5
-    levels = {d.scope: d.remaining for d in await limiter.inspect(ip="203.0.113.7")}
+    levels = {d.scope: d.remaining for d in await limiter.operator.inspect(ip="203.0.113.7")}
     assert levels == {"global": 95, "ip": 0}
 
 
@@ -99,7 +99,7 @@ async def test_shadow_levels_are_charged_by_each_request() -> None:
     async with client_for(plain_app(limiter)) as client:
         for _ in range(2):
             assert (await client.get("/x")).status_code == 200
-    [ip] = await limiter.inspect(ip="203.0.113.7")
+    [ip] = await limiter.operator.inspect(ip="203.0.113.7")
     assert ip.remaining == 3
 
 
@@ -261,13 +261,13 @@ def tiered_limiter(backend: MemoryBackend) -> RateLimiter:
 
 async def test_get_tier_and_clear_tier_of_an_identity_without_one() -> None:
     limiter = tiered_limiter(MemoryBackend())
-    assert await limiter.get_tier("nobody") is None
-    assert await limiter.clear_tier("nobody") is False  # nothing stored anywhere yet
-    await limiter.set_tier("alice", "pro")
-    assert await limiter.get_tier("alice") == "pro"
-    assert await limiter.clear_tier("nobody") is False  # stored ones, but not this one
-    assert await limiter.clear_tier("alice") is True
-    assert await limiter.get_tier("alice") is None
+    assert await limiter.operator.get_tier("nobody") is None
+    assert await limiter.operator.clear_tier("nobody") is False  # nothing stored anywhere yet
+    await limiter.operator.set_tier("alice", "pro")
+    assert await limiter.operator.get_tier("alice") == "pro"
+    assert await limiter.operator.clear_tier("nobody") is False  # stored ones, but not this one
+    assert await limiter.operator.clear_tier("alice") is True
+    assert await limiter.operator.get_tier("alice") is None
 
 
 async def test_deleting_operator_state_moves_its_version_on() -> None:
@@ -286,17 +286,17 @@ async def test_reset_forgets_the_user_under_every_tier() -> None:
     async with client_for(plain_app(limiter)) as client:
         for tier in ("free", "pro", "team"):
             if tier != "free":
-                await limiter.set_tier("alice", tier)
+                await limiter.operator.set_tier("alice", tier)
             assert (await client.get("/x", headers=alice)).status_code == 200
-        assert await limiter.reset(user="alice") == 3
+        assert await limiter.operator.reset(user="alice") == 3
         left = {}
         for tier in ("pro", "team", "free"):
-            await limiter.set_tier("alice", tier)
+            await limiter.operator.set_tier("alice", tier)
             left[tier] = remaining(await client.get("/x", headers=alice))
     assert left == {"pro": "49", "team": "499", "free": "4"}
-    assert await limiter.reset(ip="198.51.100.1") == 0  # no IP level: nothing to forget
+    assert await limiter.operator.reset(ip="198.51.100.1") == 0  # no IP level: nothing to forget
     ip_only = RateLimiter(ip_limit="5/minute")
-    assert await ip_only.reset(ip="198.51.100.1") == 1
+    assert await ip_only.operator.reset(ip="198.51.100.1") == 1
 
 
 async def test_no_breaker_on_the_awaited_path() -> None:

@@ -59,14 +59,16 @@ async def test_stored_tier_applies_and_keeps_counters(make_backend: Any, audit: 
         first = await client.get("/work", headers=alice)
         assert "user-free" in policies(first)
         assert remaining(first) == "99"
-        await limiter.set_tier("alice", "pro", by="ops")
+        await limiter.operator.set_tier("alice", "pro", by="ops")
         upgraded = await client.get("/work", headers=alice)
         assert "user-pro" in policies(upgraded)
         # Same bucket, nothing reset: the bucket holds what it held as Free (99 tokens, one
         # spent now); from here it refills at Pro's 50/s towards Pro's 2000.
         assert 97 <= int(remaining(upgraded)) <= 99
-        assert await limiter.get_tier("alice") == "pro"
-        assert await limiter.clear_tier("alice", by="ops")  # this instance applies it at once
+        assert await limiter.operator.get_tier("alice") == "pro"
+        assert await limiter.operator.clear_tier(
+            "alice", by="ops"
+        )  # this instance applies it at once
         back = await client.get("/work", headers=alice)
         assert "user-free" in policies(back)
     assert any("tier user alice = pro by 'ops'" in line for line in audit)
@@ -78,7 +80,7 @@ async def test_tier_ttl_and_unknown_stored_tier(make_backend: Any, audit: list[s
     limiter = tiered(backend)
     app = work_app(limiter)
     async with client_for(app) as client:
-        await limiter.set_tier("bob", "enterprise", ttl=0.4)
+        await limiter.operator.set_tier("bob", "enterprise", ttl=0.4)
         assert "user-enterprise" in policies(await client.get("/work", headers={"x-user": "bob"}))
         await asyncio.sleep(0.5)
         assert "user-free" in policies(await client.get("/work", headers={"x-user": "bob"}))
@@ -100,7 +102,7 @@ async def test_tier_ttl_and_unknown_stored_tier(make_backend: Any, audit: list[s
             assert await carol_on("free")
     assert sum("unknown tier 'platinum'" in line for line in audit) == 1
     with pytest.raises(ConfigurationError, match=r"^tier: "):
-        await limiter.set_tier("bob", "gold")
+        await limiter.operator.set_tier("bob", "gold")
 
 
 @pytest.mark.parametrize("make_backend", LOCAL, indirect=True)
@@ -110,7 +112,7 @@ async def test_api_key_tier_sets_the_api_key_level(make_backend: Any) -> None:
     async with client_for(app) as client:
         key = {"x-api-key": "sk_live_123"}
         assert policies(await client.get("/work", headers=key))["api_key"]["q"] == 10
-        await limiter.set_tier("sk_live_123", "basic", kind="api_key")  # applied at once
+        await limiter.operator.set_tier("sk_live_123", "basic", kind="api_key")  # applied at once
         assert "api_key-basic" in policies(await client.get("/work", headers=key))
 
 
@@ -125,8 +127,8 @@ async def test_changes_propagate_between_instances(redis_url: str) -> None:
     try:
         async with client_for(app_two) as client:
             await client.get("/work")  # loads the lists and tiers once
-            await one.set_tier("dave", "pro")
-            await one.allow("ip", "203.0.113.0/24", reason="partner", by="ops")
+            await one.operator.set_tier("dave", "pro")
+            await one.operator.allow("ip", "203.0.113.0/24", reason="partner", by="ops")
 
             async def dave(allowed: bool) -> bool:
                 response = await client.get("/work", headers={"x-user": "dave"})
@@ -136,7 +138,7 @@ async def test_changes_propagate_between_instances(redis_url: str) -> None:
 
             # Instance two learns both from its background refresh (refresh_interval 0.2 s).
             await until(lambda: dave(allowed=True), "the allow-list entry propagated")
-            await one.unallow("ip", "203.0.113.0/24")
+            await one.operator.unallow("ip", "203.0.113.0/24")
             await until(lambda: dave(allowed=False), "the removal propagated")
     finally:
         await one.aclose()
@@ -157,11 +159,11 @@ async def test_allow_and_block_lists(make_backend: Any) -> None:
         refresh_interval=0.1,
     )
     app = work_app(limiter)
-    await limiter.allow("ip", "198.51.100.0/24", reason="office", by="ops")
-    await limiter.allow("user", "vip")
-    await limiter.allow("api_key", "sk_partner")
-    await limiter.block("ip", "192.0.2.66")
-    await limiter.block("user", "mallory")
+    await limiter.operator.allow("ip", "198.51.100.0/24", reason="office", by="ops")
+    await limiter.operator.allow("user", "vip")
+    await limiter.operator.allow("api_key", "sk_partner")
+    await limiter.operator.block("ip", "192.0.2.66")
+    await limiter.operator.block("user", "mallory")
     async with client_for(app, ip="198.51.100.9") as office, client_for(app) as other:
         for _ in range(3):
             response = await office.get("/work")
@@ -190,12 +192,12 @@ async def test_allow_and_block_lists(make_backend: Any) -> None:
         for _ in range(3):
             forwarded = await proxy.get("/work", headers={"x-forwarded-for": "198.51.100.20"})
             assert forwarded.status_code == 200
-    entries = {(e.kind, e.value): e for e in await limiter.allowed()}
+    entries = {(e.kind, e.value): e for e in await limiter.operator.allowed()}
     assert entries[("ip", "198.51.100.0/24")].reason == "office"
     assert entries[("ip", "198.51.100.0/24")].added_by == "ops"
     assert entries[("ip", "198.51.100.0/24")].added_at > 0
     assert ("api_key", "sk_partner") not in entries  # stored as its hash, never raw
-    assert {e.value for e in await limiter.blocked()} == {"192.0.2.66/32", "mallory"}
+    assert {e.value for e in await limiter.operator.blocked()} == {"192.0.2.66/32", "mallory"}
 
 
 @pytest.mark.parametrize("make_backend", LOCAL, indirect=True)
@@ -204,14 +206,14 @@ async def test_expiry_and_cleanup(make_backend: Any) -> None:
         backend=make_backend(), ip_limit="1/minute", access_lists=True, refresh_interval=0.1
     )
     app = work_app(limiter)
-    await limiter.block("ip", "203.0.113.7", ttl=0.3)
+    await limiter.operator.block("ip", "203.0.113.7", ttl=0.3)
     async with client_for(app) as client:
         assert (await client.get("/work")).status_code == 403
         await asyncio.sleep(0.35)
         assert (await client.get("/work")).status_code == 200
-    assert await limiter.blocked() == []
-    assert await limiter.cleanup() == 1
-    assert await limiter.cleanup() == 0
+    assert await limiter.operator.blocked() == []
+    assert await limiter.operator.cleanup() == 1
+    assert await limiter.operator.cleanup() == 0
 
 
 @pytest.mark.parametrize(
@@ -256,7 +258,7 @@ def test_network_rejections(value: str, fragment: str) -> None:
 async def test_ipv4_mapped_clients_match_ipv4_entries() -> None:
     limiter = RateLimiter(ip_limit="1/minute", access_lists=True, refresh_interval=0.1)
     app = work_app(limiter)
-    await limiter.allow("ip", "192.0.2.0/24")
+    await limiter.operator.allow("ip", "192.0.2.0/24")
     async with client_for(app, ip="::ffff:192.0.2.10") as client:
         for _ in range(3):
             assert (await client.get("/work")).status_code == 200

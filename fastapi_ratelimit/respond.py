@@ -1,0 +1,149 @@
+"""Step 6 of a request: the answer. A refused request gets its denial (429, 403 for a cost no
+wait would help, the 503s) before the app runs; an admitted one passes through a per-request
+:class:`Responder` that adds the rate-limit headers (formatted in :mod:`.headers`) to
+``http.response.start`` and forwards everything else untouched."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable
+from operator import itemgetter, methodcaller
+from typing import TYPE_CHECKING, Any
+
+from starlette.responses import Response
+
+from ._types import ASGIApp, Message, Receive, Scope, Send
+from .context import RequestContext
+from .decision import Verdict, never
+from .dynamic import LoadMonitor
+from .headers import HEADER_NAMES, HeaderStyle, rate_limit_headers, retry_after_value
+from .responses import (
+    backend_unavailable_response,
+    cost_exceeds_limit_response,
+    quota_exceeded_response,
+    reduced_capacity_response,
+)
+
+if TYPE_CHECKING:
+    from .limiter import RateLimiter
+
+__all__ = ["Responder", "denial_response", "refuse", "unavailable_response"]
+
+_NAME = itemgetter(0)
+_LOWER = methodcaller("lower")  # bytes as ASGI says; a str from a sloppy app must not raise
+_NO_HEADERS = HeaderStyle.NONE  # a module constant: Enum member lookups run Python code
+
+
+def denial_response(limiter: RateLimiter, context: RequestContext, verdict: Verdict) -> Response:
+    """The response for a request the limiter's levels refused."""
+    if never(verdict.decisions):
+        return cost_exceeds_limit_response(verdict.decisions, context.cost)
+    headers = rate_limit_headers(context.decisions, limiter.header_style, now=time.time())
+    dynamic = limiter.dynamic
+    if (
+        context.reduced
+        and dynamic is not None
+        and dynamic.reduced_capacity_status
+        and any(d.scope != "client" for d in verdict.denied)
+    ):
+        # Refused because load (or an operator) shrank the quotas: the draft's 503.
+        retry = retry_after_value(verdict.decisions)
+        return reduced_capacity_response(retry, headers=headers)
+    return limiter.response_builder(verdict.decisions, headers)
+
+
+def unavailable_response(limiter: RateLimiter) -> Response:
+    """The 503 for a request the failure policy refuses."""
+    return backend_unavailable_response(limiter.retry_after_unavailable())
+
+
+async def refuse(scope: Scope, receive: Receive, send: Send, response: Any) -> None:
+    """Send a refusal over HTTP, or refuse a WebSocket handshake before accept."""
+    if scope["type"] == "http":
+        await response(scope, receive, send)
+        return
+    # WebSocket: servers with the denial-response extension get the real 429; the others a
+    # close with 1008 (policy violation), which they answer with 403.
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": response.status_code,
+                "headers": response.raw_headers,
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": response.body})
+        return
+    message = await receive()
+    if message["type"] == "websocket.connect":
+        await send({"type": "websocket.close", "code": 1008, "reason": "rate limit exceeded"})
+
+
+class Responder:
+    """One per request (per-request state never lives on the middleware)."""
+
+    __slots__ = ("_send", "app", "context", "replaced", "status")
+
+    def __init__(self, app: ASGIApp, context: RequestContext, send: Send) -> None:
+        self.app = app
+        self.context = context
+        self._send = send
+        self.status: int | None = None
+        self.replaced = False
+
+    async def run_measured(self, scope: Scope, receive: Receive, load: LoadMonitor) -> None:
+        """Run the app, feeding the load monitor its in-flight count, status and latency."""
+        started = time.monotonic()
+        load.in_flight += 1
+        try:
+            await self.app(scope, receive, self.send)
+        finally:
+            load.in_flight -= 1
+            # An exception that escaped the app is a 500 as far as load goes.
+            load.record(self.status or 500, time.monotonic() - started)
+
+    def send(self, message: Message) -> Awaitable[None]:
+        # Not a coroutine function: it edits the message and hands back the next ``send``'s
+        # awaitable, so passing a message on costs no coroutine of its own.
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = status = message["status"]
+            context = self.context
+            if status == 429 and context.denial is not None:
+                # A route guard denied: send the problem+json 429 instead of the framework's
+                # rendering of the exception, and drop the app's body.
+                self.replaced = True
+                return _send_denial(self._send, context, context.denial)
+            style = context.limiter.header_style
+            decisions = context.decisions
+            if context.shadow:
+                decisions = (*decisions, *context.shadow)
+            if decisions and style is not _NO_HEADERS:
+                ours = rate_limit_headers(decisions, style, now=time.time())
+                headers = message.get("headers", ())
+                names = HEADER_NAMES[style]
+                # Replace, never append: each header appears once even if the app set one.
+                # The check is C code alone (map, lower, isdisjoint); a new list, since
+                # the app's own list may be reused for other responses.
+                if names.isdisjoint(map(_LOWER, map(_NAME, headers))):
+                    message["headers"] = [*headers, *ours]
+                else:
+                    message["headers"] = [
+                        header for header in headers if header[0].lower() not in names
+                    ] + ours
+        elif self.replaced and kind == "http.response.body":
+            return _nothing()
+        return self._send(message)
+
+
+async def _send_denial(send: Send, context: RequestContext, denial: Verdict) -> None:
+    """A route guard's denial, as problem+json with our headers."""
+    style = context.limiter.header_style
+    headers = rate_limit_headers(context.decisions, style, now=time.time())
+    response = quota_exceeded_response(denial.decisions, headers=headers)
+    await send({"type": "http.response.start", "status": 429, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+async def _nothing() -> None:
+    """An awaitable that does nothing: a dropped message."""
