@@ -16,6 +16,8 @@ from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .routing import OTHER_METHOD, STANDARD_METHODS
+
 if TYPE_CHECKING:
     from .context import RequestContext
     from .decision import Verdict
@@ -26,9 +28,6 @@ __all__ = ["CHECK_BUCKETS", "DELAY_BUCKETS", "Histogram", "Recorder", "error_kin
 CHECK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 #: Throttling delays are at most 60 s (``RateLimiter(delay=...)``).
 DELAY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-_METHODS = frozenset(
-    ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT", "WEBSOCKET")
-)
 # Far more scopes than any configuration has; beyond it counts are folded into one "other"
 # series rather than growing without end.
 _MAX_SERIES = 2048
@@ -132,9 +131,10 @@ class Recorder:
 
     def _endpoint_labels(self, endpoint: str) -> tuple[str, str]:
         method, _, template = endpoint.partition(" ")
-        if method not in _METHODS:
-            # A client chooses the method string: any other becomes one series.
-            method = "OTHER"
+        if method not in STANDARD_METHODS:
+            # A method a route declares keeps its name in the endpoint key; as a label it
+            # becomes one series with every other.
+            method = OTHER_METHOD
         labels = (template, method)
         # Templates come from the app's routes, so the labels are bounded; the cache's keys
         # (raw methods) are not: emptied when full, so random methods cost time, never memory.

@@ -28,7 +28,8 @@ UNMATCHED = "<unmatched>"
 #: The method of an endpoint key for a method that is neither standard nor declared by the
 #: route it matched.
 OTHER_METHOD = "OTHER"
-_STANDARD_METHODS = frozenset(
+#: The methods an endpoint key (and a metrics label) may carry by name.
+STANDARD_METHODS = frozenset(
     ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT", "WEBSOCKET")
 )
 #: Most entries in the route cache; paths longer than _MAX_CACHED_PATH are resolved, never
@@ -147,7 +148,7 @@ def request_method(scope: Scope) -> str:
     if scope["type"] != "http":
         return "WEBSOCKET"
     method = scope.get("method")
-    return method if isinstance(method, str) and method in _STANDARD_METHODS else OTHER_METHOD
+    return method if isinstance(method, str) and method in STANDARD_METHODS else OTHER_METHOD
 
 
 def _search(routes: Iterable[BaseRoute], scope: Scope, prefix: str) -> ResolvedRoute | None:

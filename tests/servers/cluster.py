@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import subprocess
-from types import TracebackType
-from typing import TypeVar
 
 from .process import (
     HOST,
     RedisReplyError,
+    ServerSet,
     _info_fields,
     _wait_until,
     redis_cli_binary,
 )
 from .standalone import RedisServer
 
-_C = TypeVar("_C", bound="RedisCluster")
 
-
-class RedisCluster:
+class RedisCluster(ServerSet):
     """Three cluster-enabled masters (no replicas) holding all 16384 slots."""
 
     def __init__(self, size: int = 3, node_timeout_ms: int = 2000) -> None:
@@ -118,18 +115,6 @@ class RedisCluster:
         """Stop every node and remove their directories."""
         for node in self.nodes:
             node.close()
-
-    def __enter__(self: _C) -> _C:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 # --------------------------------------------------------------------------- sentinel

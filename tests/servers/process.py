@@ -14,7 +14,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import BinaryIO, Protocol, TypeAlias
+from types import TracebackType
+from typing import BinaryIO, Protocol, Self, TypeAlias
 
 HOST = "127.0.0.1"
 CLUSTER_BUS_OFFSET = 10000
@@ -159,6 +160,28 @@ def _wait_until(
 
 class _Closable(Protocol):
     def close(self) -> None: ...
+
+
+class ServerSet:
+    """A set-up of several servers (Cluster, Sentinel): ``with`` starts it and stops it."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 #: Every server still running, by pid: stopped at exit whatever happened.

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from types import TracebackType
-from typing import TypeVar
-
 from .process import (
     HOST,
+    ServerSet,
     _wait_until,
     redis_server_binary,
 )
 from .standalone import RedisServer
-
-_T = TypeVar("_T", bound="RedisSentinelSetup")
 
 
 class _SentinelServer(RedisServer):
@@ -50,7 +46,7 @@ class _SentinelServer(RedisServer):
         return [binary, str(self.config_path), "--sentinel"]
 
 
-class RedisSentinelSetup:
+class RedisSentinelSetup(ServerSet):
     """One master, one replica of it, and one sentinel monitoring ``mymaster`` (quorum 1)."""
 
     service_name = "mymaster"
@@ -106,15 +102,3 @@ class RedisSentinelSetup:
         """Stop sentinel, replica and master and remove their directories."""
         for server in (self.sentinel, self.replica, self.master):
             server.close()
-
-    def __enter__(self: _T) -> _T:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
