@@ -11,11 +11,12 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
+from loguru import logger
 from starlette.requests import HTTPConnection
 
 from ._types import Scope
 from .access import AccessLists
-from .backends.base import Backend, Check
+from .backends.base import WARM_UP_TIMEOUT, Backend, Check, WarmsUp
 from .backends.memory import MemoryBackend
 from .breaker import CircuitBreaker, EndpointBreaker
 from .context import RequestContext
@@ -351,6 +352,35 @@ class RateLimiter:
     def retry_after_unavailable(self) -> int:
         """Seconds until the backend is worth trying again (for a 503's Retry-After)."""
         return self.enforcer.failure.retry_after()
+
+    async def warm_up(self, timeout: float = WARM_UP_TIMEOUT) -> bool:  # noqa: ASYNC109
+        """Set up the backend's connections and scripts before the first request, so that no
+        request's own timeout has to cover them (see :meth:`RedisBackend.warm_up
+        <fastapi_ratelimit.backends.redis.RedisBackend.warm_up>`; the memory backend has
+        nothing to set up).
+
+        :class:`~fastapi_ratelimit.RateLimitMiddleware` calls it at lifespan start-up. Apps
+        that use only ``@rate_limit`` or ``Depends(RateLimit(...))`` call it from their own
+        lifespan: ``await limiter.warm_up()``.
+
+        Takes at most ``timeout`` seconds (5 by default) and never raises: when the backend
+        cannot be reached it logs one warning and returns ``False``, and requests then follow
+        ``on_backend_error`` as they would have. ``True`` when the backend is ready. A failed
+        warm-up does not count towards the circuit breaker.
+        """
+        backend = self.backend
+        if not isinstance(backend, WarmsUp):
+            return True
+        try:
+            await backend.warm_up(timeout)
+        except Exception as exc:  # start-up must go on whatever a backend raises
+            logger.warning(
+                "rate-limit backend not ready at start-up; requests follow on_backend_error "
+                "until it is: {}",
+                exc,
+            )
+            return False
+        return True
 
     async def aclose(self) -> None:
         """Stop background refreshes and close the backend. Call it from the app's lifespan

@@ -166,8 +166,8 @@ async def test_a_connection_lost_as_it_is_made_fails_its_callers_at_once(
     pipe = Pipe(host=redis_server.host, port=redis_server.port)
     opened = pipe._open
 
-    async def open_then_lose() -> Any:
-        protocol = await opened()
+    async def open_then_lose(bound: float | None = None) -> Any:
+        protocol = await opened(bound)
         asyncio.get_running_loop().call_soon(protocol.abort)
         return protocol
 

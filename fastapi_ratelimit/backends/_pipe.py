@@ -19,6 +19,8 @@ loop's lag), whatever the connection is doing. Waiting for a new connection, its
 and SCRIPT LOAD counts against the same ``timeout``: the connect timeout (5 s unless the client
 sets ``socket_connect_timeout``) bounds the shared attempt, never a caller. Concurrent callers
 share one attempt, which carries on when they give up, so the next callers can use it.
+At start-up, :meth:`Pipe.warm_up` opens the connection with a bound of its own (see
+``RedisBackend.warm_up``), so the first call does not pay for it.
 
 Used only where redis-py adds nothing we need: plain TCP or Unix-socket
 connections of a standalone client, RESP2, password or ACL user (see :func:`pipe_for`);
@@ -209,6 +211,17 @@ class Pipe:
         finally:
             timer.cancel()
 
+    async def warm_up(self, bound: float) -> None:
+        """Open the connection (AUTH, SELECT, SCRIPT LOAD) now unless one is open, allowing it
+        ``bound`` seconds instead of the connect timeout: meant for start-up, before the first
+        call, whose own ``timeout`` would otherwise include it. Raises ``RedisTimeoutError``
+        or ``RedisConnectionError`` as a call would."""
+        protocol = self._protocol
+        loop = asyncio.get_running_loop()
+        if protocol is not None and not protocol.lost and protocol.loop is loop:
+            return
+        await self._connect(bound, bound)
+
     def close(self) -> None:
         """Close the connection for good (pending callers get a ConnectionError)."""
         self._closed = True
@@ -217,9 +230,14 @@ class Pipe:
             protocol.lost = True
             protocol.transport.close()
 
-    async def _connect(self, timeout: float | None) -> _Protocol:  # noqa: ASYNC109
+    async def _connect(
+        self,
+        timeout: float | None,  # noqa: ASYNC109
+        bound: float | None = None,
+    ) -> _Protocol:
         # Concurrent callers share one attempt rather than each opening a connection; each
-        # waits for it at most its own ``timeout`` (the attempt carries on without it).
+        # waits for it at most its own ``timeout`` (the attempt carries on without it). A new
+        # attempt gets ``bound`` seconds, the connect timeout unless given.
         if self._closed:
             raise RedisConnectionError("the backend was closed")
         if self._protocol is not None:
@@ -232,7 +250,7 @@ class Pipe:
             or connecting.get_loop() is not asyncio.get_running_loop()
         ):
             # A finished attempt is never reused: its failure was its own callers' answer.
-            connecting = self._connecting = asyncio.ensure_future(self._open())
+            connecting = self._connecting = asyncio.ensure_future(self._open(bound))
             connecting.add_done_callback(_retrieved)
         try:
             if timeout is None:
@@ -243,10 +261,11 @@ class Pipe:
             if connecting.done() and self._connecting is connecting:
                 self._connecting = None
 
-    async def _open(self) -> _Protocol:
+    async def _open(self, bound: float | None = None) -> _Protocol:
         loop = asyncio.get_running_loop()
+        bound = self._connect_timeout if bound is None else bound
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout(bound):
                 if self._path is not None:
                     _, protocol = await loop.create_unix_connection(_Protocol, self._path)
                 else:
@@ -265,9 +284,7 @@ class Pipe:
                     protocol.abort()
                     raise
         except TimeoutError:
-            raise RedisTimeoutError(
-                f"connecting to Redis timed out after {self._connect_timeout}s"
-            ) from None
+            raise RedisTimeoutError(f"connecting to Redis timed out after {bound}s") from None
         except OSError as exc:
             raise RedisConnectionError(f"cannot connect to Redis: {exc}") from exc
         if self._closed:  # closed while connecting: keep nothing open

@@ -15,7 +15,12 @@ from ..decision import Decision, Verdict, new_decision
 from ..keys import Identity
 from ..policy import Policy
 
-__all__ = ["Backend", "Check"]
+__all__ = ["WARM_UP_TIMEOUT", "Backend", "Check", "WarmsUp"]
+
+#: Seconds a start-up warm-up (:class:`WarmsUp`) may take by default: a connection, its
+#: handshake and a script load, with room for a loaded machine or a full garbage collection,
+#: yet short enough that a Redis that does not answer delays start-up only this long.
+WARM_UP_TIMEOUT = 5.0
 
 
 class _CheckFields(NamedTuple):
@@ -73,6 +78,19 @@ class Backend(Protocol):
 
     async def aclose(self) -> None:
         """Release connections. The backend must not be used afterwards."""
+        ...
+
+
+@runtime_checkable
+class WarmsUp(Protocol):
+    """A backend with set-up worth doing before the first request (connections, scripts), so
+    that no request's own timeout has to cover it. Optional: :class:`Backend` does not ask for
+    it, and :meth:`RateLimiter.warm_up <fastapi_ratelimit.RateLimiter.warm_up>` skips a backend
+    without it (the memory backend has nothing to set up)."""
+
+    async def warm_up(self, timeout: float = WARM_UP_TIMEOUT) -> None:  # noqa: ASYNC109
+        """Do the set-up now, within ``timeout`` seconds in all; raise
+        :class:`~fastapi_ratelimit.errors.BackendError` when that is not possible."""
         ...
 
 

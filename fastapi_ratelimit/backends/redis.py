@@ -30,6 +30,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..clock import Clock
 from ..decision import Decision, Verdict
@@ -40,7 +41,7 @@ from ._denials import DenialCache
 from ._pipe import bulk as _bulk
 from ._pipe import pack, pipe_for
 from ._scripts import multi_level_script
-from .base import Check, ensure_distinct, make_decision
+from .base import WARM_UP_TIMEOUT, Check, ensure_distinct, make_decision
 
 # redis-py's Sentinel gained annotations only in 8.2; before that its constructor counts as an
 # untyped call under mypy --strict. A typed view of it type-checks against both, so a redis
@@ -80,7 +81,9 @@ class RedisBackend:
             other commands. ``False``: always redis-py. On that connection ``timeout`` runs
             from the moment a call is made, so it also covers waiting for a new connection
             (and its ``SCRIPT LOAD``), behind the calls pipelined before it, and a reload
-            after ``NOSCRIPT``: the latency a request can gain stays bounded.
+            after ``NOSCRIPT``: the latency a request can gain stays bounded. So that the
+            first request does not pay for the connection, :meth:`warm_up` makes it at
+            start-up.
         denial_cache: most denials kept in this process until their ``retry_after``, so
             that a client hammering past its limit costs no Redis round trip per request
             (see :mod:`~fastapi_ratelimit.backends._denials`); ``0`` turns it off.
@@ -316,6 +319,58 @@ class RedisBackend:
         else:
             await self._call("reset", self._client.delete, *keys)
 
+    async def warm_up(self, timeout: float = WARM_UP_TIMEOUT) -> None:  # noqa: ASYNC109
+        """Connect and load the script now, before the first request.
+
+        Otherwise the first call of the process connects, and loads the script, within its
+        own per-call ``timeout`` (50 ms by default): on a busy machine or after a full
+        garbage collection it runs over, and the first request fails open (or gets a 503
+        under ``on_backend_error="deny"``) while Redis is fine. Here the set-up gets
+        ``timeout`` seconds (5 by default) in all, outside any request:
+
+        - standalone: the multiplexed connection is opened (AUTH, SELECT, ``SCRIPT LOAD``);
+        - every kind: the script is loaded with redis-py, over a connection its pool keeps
+          for the requests and the operator-state polls; through Sentinel that first looks
+          the master up, on a Cluster it loads the slot map first and reaches every master.
+
+        A connection attempt cut short by the client's own connect timeout (``from_url``
+        sets it to the per-call ``timeout``) is tried again while time is left. Raises
+        :class:`~fastapi_ratelimit.errors.BackendError` when Redis cannot be reached in
+        time; requests then connect as they would have, under the failure policy. Safe to
+        call again: what is set up already is not redone. ``RateLimitMiddleware`` calls it
+        at lifespan start-up, through :meth:`RateLimiter.warm_up
+        <fastapi_ratelimit.RateLimiter.warm_up>`.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    try:
+                        await self._warm_up_once(deadline)
+                        return
+                    except RedisTimeoutError:
+                        # The client's connect timeout, far shorter than ours, ran out: try
+                        # again (at most every 50 ms) until the outer timeout ends it.
+                        await asyncio.sleep(0.05)
+        except TimeoutError as exc:
+            raise BackendError(
+                f"Redis warm-up timed out after {timeout}s ({self._where()})"
+            ) from exc
+        except Exception as exc:  # as in _call: whatever fails, it is a backend failure
+            cause = f"{type(exc).__name__}: {_scrub(str(exc))}"
+            raise BackendError(f"Redis warm-up failed: {cause} ({self._where()})") from exc
+
+    async def _warm_up_once(self, deadline: float) -> None:
+        if self._cluster:
+            await self._initialize(None)  # the slot map, within the warm-up's time
+        # SCRIPT LOAD goes to every master of a Cluster, and leaves a connection to each (or
+        # to the one master) in redis-py's pool.
+        await self._client.script_load(self._source)
+        if self._pipe is not None:
+            left = deadline - asyncio.get_running_loop().time()
+            await self._pipe.warm_up(max(left, 0.0))
+
     async def aclose(self) -> None:
         if self._pipe is not None:
             self._pipe.close()
@@ -463,7 +518,7 @@ class RedisBackend:
         client = self._client
         try:
             if not self._initialized:
-                await self._initialize()
+                await self._initialize(self._timeout)
             async with self._slots:
                 if self._timeout is None:
                     try:
@@ -524,7 +579,7 @@ class RedisBackend:
     async def _call(self, operation: str, function: Any, *args: Any) -> Any:
         try:
             if not self._initialized:
-                await self._initialize()
+                await self._initialize(self._timeout)
             async with self._slots:
                 if self._timeout is None:
                     return await function(*args)
@@ -543,15 +598,15 @@ class RedisBackend:
                 f"({self._where()})"
             ) from exc
 
-    async def _initialize(self) -> None:
+    async def _initialize(self, timeout: float | None) -> None:  # noqa: ASYNC109
         async with self._init_lock:
             if self._initialized:
                 return
             assert isinstance(self._client, RedisCluster)
-            if self._timeout is None:
+            if timeout is None:
                 await self._client.initialize()
             else:
-                async with asyncio.timeout(self._timeout):
+                async with asyncio.timeout(timeout):
                     await self._client.initialize()
             self._initialized = True
 
