@@ -10,6 +10,9 @@ untouched) and, after the response, refunds or adjusts by status or reported cos
 :meth:`RateLimitMiddleware.__call__` shows a request's steps in order, each a call into the
 module that owns it (see ``docs/architecture.md``).
 
+At lifespan start-up it warms the limiter up (:meth:`RateLimiter.warm_up`, see
+``lifespan.py``): the backend connects and loads its scripts before the first request.
+
 Add it *inside* ``CORSMiddleware`` (that is, add it first: Starlette runs the last added
 middleware outermost), so that a 429 still gets CORS headers and preflights are answered by
 CORS without ever reaching the limiter.
@@ -29,6 +32,7 @@ from .after import after_response, needs_after_response
 from .context import SCOPE_KEY
 from .errors import BackendError, ConfigurationError
 from .identity import QUERY_TOO_LONG, QueryTooLong
+from .lifespan import warm_up_on_startup
 from .limiter import RateLimiter
 from .respond import Responder, denial_response, refuse, unavailable_response
 from .responses import bad_request_response, blocked_response, endpoint_unavailable_response
@@ -41,6 +45,10 @@ DEFAULT_EXEMPT = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json")
 
 class RateLimitMiddleware:
     """Rate-limit every HTTP request and WebSocket handshake of ``app``.
+
+    At lifespan start-up, once the app reports it complete, it runs
+    :meth:`RateLimiter.warm_up` (at most 5 s, never failing the start-up), so the backend is
+    connected and its scripts loaded before the first request.
 
     Args:
         app: the ASGI app.
@@ -78,6 +86,9 @@ class RateLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind != "http" and (kind != "websocket" or not self._websockets):
+            if kind == "lifespan":
+                # Connect and load scripts before the first request (lifespan.py).
+                send = warm_up_on_startup(self.limiter, send)
             await self.app(scope, receive, send)
             return
         if self._skip(scope):

@@ -627,21 +627,45 @@ async def test_routes_added_later_are_resolved_afresh() -> None:
 
 
 async def test_lifespan_and_other_scopes_pass_through() -> None:
-    seen: list[str] = []
+    # The app's lifespan messages reach it, and its answers reach the server, unchanged and
+    # in order; with the memory backend the start-up warm-up has nothing to do.
+    received: list[str] = []
+    sent: list[dict[str, str]] = []
 
     async def inner(scope: Any, receive: Any, send: Any) -> None:
-        seen.append(scope["type"])
+        assert scope["type"] == "lifespan"
+        while True:
+            message = await receive()
+            received.append(message["type"])
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     middleware = RateLimitMiddleware(inner, limiter=RateLimiter(ip_limit="1/minute"))
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
 
     async def receive() -> dict[str, str]:
-        return {"type": "lifespan.startup"}
+        return next(messages)
 
     async def send(message: Any) -> None:
-        pass
+        sent.append(message)
 
     await middleware({"type": "lifespan"}, receive, send)
-    assert seen == ["lifespan"]
+    assert received == ["lifespan.startup", "lifespan.shutdown"]
+    assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
+
+    failed = {"type": "lifespan.startup.failed", "message": "boom"}
+
+    async def failing(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send(failed)
+
+    sent.clear()
+    messages = iter([{"type": "lifespan.startup"}])
+    await RateLimitMiddleware(failing, limiter=RateLimiter())({"type": "lifespan"}, receive, send)
+    assert sent == [failed]
 
 
 async def test_per_level_memory_state_uses_fake_clock() -> None:
