@@ -11,6 +11,7 @@ Standard library only.  Meant for tests: put it between a Redis client and a rea
         proxy.refuse()                  # new connections get ECONNREFUSED
         proxy.reset_connections()       # every open connection is aborted (RST)
         proxy.pass_through()            # back to normal, on the same port
+        proxy.delay_new_connections(0.5)  # new connections start forwarding 0.5 s late
 
 Modes apply at once to existing *and* new connections and to every chunk that has not
 been forwarded yet:
@@ -29,6 +30,10 @@ been forwarded yet:
 * ``refuse`` -- close the listening socket, so connecting fails at once with
   ``ECONNREFUSED``.  Connections already open keep forwarding without delay.  Any other
   mode listens again on the *same* port (``SO_REUSEADDR``).
+
+Beside the mode, :meth:`FaultProxy.delay_new_connections` holds each connection accepted
+from then on for a while before it forwards anything, either way: a slow connection set-up
+(a loaded server, a TLS handshake), with no effect on connections already open.
 
 Every connection is served by one task, which runs four child tasks in a task group: a
 reader and a forwarder for each direction, joined by a FIFO of ``(arrival time, chunk)``.
@@ -195,6 +200,7 @@ class FaultProxy:
         self._request_delay = 0.0
         self._reply_delay = 0.0
         self._budgets: dict[str, int | None] = {"request": None, "reply": None}
+        self._connect_delay = 0.0
         self._listener: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connections: set[_Connection] = set()
@@ -306,6 +312,14 @@ class FaultProxy:
         """
         self._set_mode("refuse", 0.0, 0.0)
 
+    def delay_new_connections(self, seconds: float) -> None:
+        """Hold every connection accepted from now on for ``seconds`` before it forwards
+        anything, either way (what the client sends meanwhile is held, not dropped).
+        Connections already open, and the mode, are unaffected; ``0`` turns it off."""
+        if seconds < 0:
+            raise ValueError(f"delay must be >= 0, got {seconds!r}")
+        self._connect_delay = seconds
+
     def reset_connections(self) -> None:
         """Abort every open connection now (RST to both sides); the mode is unchanged."""
         for conn in list(self._connections):
@@ -390,6 +404,8 @@ class FaultProxy:
 
     async def _serve(self, conn: _Connection) -> None:
         try:
+            if self._connect_delay:
+                await asyncio.sleep(self._connect_delay)
             try:
                 async with asyncio.timeout(_CONNECT_TIMEOUT):
                     up_reader, up_writer = await asyncio.open_connection(

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import http_sf
 import httpx
+import uvicorn
 
 RATE_HEADERS = (
     "ratelimit",
@@ -30,6 +34,49 @@ async def client_for(
     transport = httpx.ASGITransport(app=app, client=(ip, port))
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
         yield client
+
+
+@asynccontextmanager
+async def live_server(app: Any, *, lifespan: str = "off", **options: Any) -> AsyncIterator[int]:
+    """Serve ``app`` with uvicorn on 127.0.0.1 as a task of the running loop; yield the port
+    once uvicorn serves (with ``lifespan="on"``: once the app's start-up is complete).
+
+    The listening socket is bound here (port 0) and handed to uvicorn, so there is no race
+    for the port and no ``sys.exit`` from uvicorn when a port turns out to be taken.
+    """
+    host, patience = "127.0.0.1", 10.0  # generous for small shared CI machines
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    port: int = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        log_config=None,  # leave the test process's logging configuration alone
+        lifespan=lifespan,
+        timeout_graceful_shutdown=5,
+        **options,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        deadline = time.monotonic() + patience
+        while not server.started:
+            if task.done():
+                task.result()  # raises what made the server stop
+                raise RuntimeError("uvicorn stopped before it started")
+            if time.monotonic() > deadline:
+                raise TimeoutError("uvicorn did not start")
+            await asyncio.sleep(0.01)
+        yield port
+    finally:
+        server.should_exit = True
+        try:
+            await asyncio.wait_for(task, patience)
+        finally:
+            sock.close()
 
 
 def policies(response: httpx.Response) -> dict[str, dict[str, Any]]:

@@ -146,6 +146,29 @@ async def test_switching_to_pass_through_releases_delayed_chunks_at_once(
         await close(writer)
 
 
+async def test_delay_new_connections_holds_only_connections_opened_after(
+    proxy: FaultProxy,
+) -> None:
+    old_reader, old_writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    new_writer = None
+    try:
+        async with asyncio.timeout(5):
+            assert await raw_ping(old_reader, old_writer) == PONG
+            proxy.delay_new_connections(0.3)
+            start = time.monotonic()
+            new_reader, new_writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            pong = asyncio.ensure_future(raw_ping(new_reader, new_writer))
+            # The connection open before is not held; the new one's PING waits its turn.
+            assert await raw_ping(old_reader, old_writer) == PONG
+            assert not pong.done()
+            assert await pong == PONG
+            assert time.monotonic() - start >= 0.3
+    finally:
+        await close(old_writer)
+        if new_writer is not None:
+            await close(new_writer)
+
+
 async def test_blackhole_hangs_new_and_existing_connections(proxy: FaultProxy) -> None:
     async with client(proxy) as r:
         async with asyncio.timeout(5):
@@ -322,5 +345,7 @@ def test_invalid_delay_arguments() -> None:
         fault_proxy.delay(-1)
     with pytest.raises(ValueError, match=">= 0"):
         fault_proxy.cut_after(-1)
+    with pytest.raises(ValueError, match=">= 0"):
+        fault_proxy.delay_new_connections(-1)
     with pytest.raises(ValueError, match="direction"):
         fault_proxy.cut_after(1, direction="up")  # type: ignore[arg-type]

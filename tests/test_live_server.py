@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import StreamingResponse
+from http_helpers import live_server
 from starlette.types import ASGIApp, Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
@@ -34,47 +32,6 @@ TIMEOUT = 10.0  # generous for small shared CI machines; a passing run takes mil
 RATE_HEADERS = ("ratelimit", "ratelimit-policy", "x-ratelimit-limit", "x-ratelimit-remaining")
 WS_IMPLEMENTATIONS = ["websockets-sansio", "wsproto"]  # "websockets" (legacy) is deprecated
 HTTP_IMPLEMENTATIONS = ["h11", "httptools"]
-
-
-@asynccontextmanager
-async def live_server(app: ASGIApp, **options: Any) -> AsyncIterator[int]:
-    """Serve ``app`` with uvicorn on 127.0.0.1 as a task of the running loop; yield the port.
-
-    The listening socket is bound here (port 0) and handed to uvicorn, so there is no race
-    for the port and no ``sys.exit`` from uvicorn when a port turns out to be taken.
-    """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((HOST, 0))
-    port: int = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        host=HOST,
-        port=port,
-        log_level="warning",
-        log_config=None,  # leave the test process's logging configuration alone
-        lifespan="off",
-        timeout_graceful_shutdown=5,
-        **options,
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not server.started:
-            if task.done():
-                task.result()  # raises what made the server stop
-                raise RuntimeError("uvicorn stopped before it started")
-            if time.monotonic() > deadline:
-                raise TimeoutError("uvicorn did not start")
-            await asyncio.sleep(0.01)
-        yield port
-    finally:
-        server.should_exit = True
-        try:
-            await asyncio.wait_for(task, TIMEOUT)
-        finally:
-            sock.close()
 
 
 def http_client(port: int) -> httpx.AsyncClient:
