@@ -337,9 +337,9 @@ class RedisBackend:
         sets it to the per-call ``timeout``) is tried again while time is left. Raises
         :class:`~fastapi_ratelimit.errors.BackendError` when Redis cannot be reached in
         time; requests then connect as they would have, under the failure policy. Safe to
-        call again: what is set up already is not redone. ``RateLimitMiddleware`` calls it
-        at lifespan start-up, through :meth:`RateLimiter.warm_up
-        <fastapi_ratelimit.RateLimiter.warm_up>`.
+        call again: open connections are kept, and the script load costs one round trip.
+        ``RateLimitMiddleware`` calls it at lifespan start-up, through
+        :meth:`RateLimiter.warm_up <fastapi_ratelimit.RateLimiter.warm_up>`.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
