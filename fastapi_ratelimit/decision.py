@@ -124,7 +124,7 @@ def never(decisions: Sequence[Decision]) -> bool:
     """Whether a level refused for good: the request costs more than it ever admits, and no
     ``Retry-After`` would be true."""
     # A plain loop: asked of every denial, and a generator would be a frame per decision.
-    for decision in decisions:
+    for decision in decisions:  # noqa: SIM110
         if decision.retry_after == math.inf:
             return True
     return False

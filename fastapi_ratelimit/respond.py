@@ -28,7 +28,7 @@ from .responses import (
 if TYPE_CHECKING:
     from .limiter import RateLimiter
 
-__all__ = ["Responder", "deny", "denial_response", "refuse", "unavailable_response"]
+__all__ = ["Responder", "denial_response", "deny", "refuse", "unavailable_response"]
 
 _NAME = itemgetter(0)
 _LOWER = methodcaller("lower")  # bytes as ASGI says; a str from a sloppy app must not raise

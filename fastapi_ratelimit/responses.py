@@ -27,7 +27,7 @@ from typing import Any
 from starlette.responses import Response
 
 from .decision import Decision, binding_of
-from .headers import binding_retry_after, retry_after_value
+from .headers import binding_retry_after
 
 __all__ = [
     "PROBLEM_JSON",

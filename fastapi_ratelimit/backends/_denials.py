@@ -78,7 +78,7 @@ class DenialCache:
                 return Verdict(tuple(_moved_on(d, now - sent) for d in verdict.decisions), False)
         found: list[Decision] = []
         # The entries looked up by C code (map): during a flood, every request passes here.
-        for check, key, entry in zip(checks, keys, map(entries.get, keys)):
+        for check, key, entry in zip(checks, keys, map(entries.get, keys), strict=True):
             if entry is None:
                 continue
             policy, cost, until, decision = entry
