@@ -123,4 +123,8 @@ def binding_of(decisions: Sequence[Decision]) -> Decision:
 def never(decisions: Sequence[Decision]) -> bool:
     """Whether a level refused for good: the request costs more than it ever admits, and no
     ``Retry-After`` would be true."""
-    return any(d.retry_after == math.inf for d in decisions)
+    # A plain loop: asked of every denial, and a generator would be a frame per decision.
+    for decision in decisions:  # noqa: SIM110
+        if decision.retry_after == math.inf:
+            return True
+    return False

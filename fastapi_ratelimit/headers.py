@@ -37,6 +37,7 @@ from .errors import ConfigurationError
 __all__ = [
     "HEADER_NAMES",
     "HeaderStyle",
+    "binding_retry_after",
     "parse_header_style",
     "rate_limit_headers",
     "retry_after_value",
@@ -144,8 +145,15 @@ def retry_after_value(decisions: Sequence[Decision]) -> int:
     """
     if not decisions:
         return 1
-    wait = max((d.retry_after for d in decisions if not d.allowed), default=0.0)
-    return max(_ceil_seconds(wait), _reset_seconds(binding_of(decisions)), 1)
+    return binding_retry_after(binding_of(decisions))
+
+
+def binding_retry_after(binding: Decision) -> int:
+    """:func:`retry_after_value` of decisions whose binding one (:func:`~.decision.binding_of`)
+    is ``binding``, for callers that have it already."""
+    # One number covers both floors: with a denial, the binding decision is the one with the
+    # longest wait, and t is that wait rounded up (at least 1); without one, t is all there is.
+    return max(_reset_seconds(binding), 1)
 
 
 def _reset_seconds(decision: Decision) -> int:
@@ -156,10 +164,6 @@ def _reset_seconds(decision: Decision) -> int:
     # A denied client must wait at least a second: t=0 would invite an immediate retry.
     retry = decision.retry_after
     return math.ceil(retry) if retry > 1 else 1
-
-
-def _ceil_seconds(seconds: float) -> int:
-    return math.ceil(seconds) if seconds > 0 else 0
 
 
 def _ietf(

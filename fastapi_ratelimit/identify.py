@@ -27,6 +27,8 @@ Resolver = Callable[[HTTPConnection], Any]
 _OBJECT_STR: Any = object.__str__
 #: Longest user identity keyed on; a longer one is treated as anonymous (keyed by IP).
 _MAX_USER_IDENTITY = 1024
+#: What resolvers usually return, none of it awaitable: no need to ask inspect.isawaitable.
+_PLAIN = frozenset({str, int, type(None)})
 
 
 class _WarnOnce:
@@ -171,15 +173,22 @@ class Identifier:
 
     async def identify(self, limiter: Any, scope: Scope) -> RequestContext:
         """Who is calling: IP, API key, user and tiers (the endpoint and cost come next)."""
-        user = self._default_user(scope)
         if self._user_resolver is not None:
             try:
-                resolved = await _maybe_await(self._user_resolver(HTTPConnection(scope)))
+                resolved = self._user_resolver(HTTPConnection(scope))
+                # Awaited only if it must be: a plain value costs no coroutine.
+                if type(resolved) not in _PLAIN and inspect.isawaitable(resolved):
+                    resolved = await resolved
             except Exception as exc:
                 # A failing resolver must not fail the request: the caller is anonymous.
                 self.warn("user_resolver()", type(self._user_resolver), exc)
                 resolved = None
-            user = user_identity(resolved, self.warn)
+            if type(resolved) is str and 0 < len(resolved) <= _MAX_USER_IDENTITY:
+                user: str | None = resolved  # what user_identity() would make of it
+            else:
+                user = user_identity(resolved, self.warn)
+        else:
+            user = self._default_user(scope)
         api_key = self._api_key_of(scope)
         tier: Tier | None = None
         key_tier: Tier | None = None
@@ -200,7 +209,9 @@ class Identifier:
         name = None
         if self._tier_resolver is not None:
             try:
-                name = await _maybe_await(self._tier_resolver(HTTPConnection(scope)))
+                name = self._tier_resolver(HTTPConnection(scope))
+                if type(name) not in _PLAIN and inspect.isawaitable(name):
+                    name = await name
             except Exception as exc:
                 # As for an unknown tier: the default tier applies, never a 500.
                 self.warn("tier_resolver()", type(self._tier_resolver), exc)
@@ -272,9 +283,3 @@ def _user_tiers(value: Any, tiers: Mapping[str, Tier] | None) -> dict[str, str]:
                 f"user_tiers[{user!r}]", tier, f"is not one of the tiers ({', '.join(tiers)})"
             )
     return dict(value)
-
-
-async def _maybe_await(value: Any) -> Any:
-    if inspect.isawaitable(value):
-        return await value
-    return value

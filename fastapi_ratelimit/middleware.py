@@ -34,7 +34,7 @@ from .errors import BackendError, ConfigurationError
 from .identity import QUERY_TOO_LONG, QueryTooLong
 from .lifespan import warm_up_on_startup
 from .limiter import RateLimiter
-from .respond import Responder, denial_response, refuse, unavailable_response
+from .respond import Responder, deny, refuse, unavailable_response
 from .responses import bad_request_response, blocked_response, endpoint_unavailable_response
 from .route_limits import RouteLimitsCache, add_route_checks
 
@@ -165,7 +165,7 @@ class RateLimitMiddleware:
 
         # 6. Respond (respond.py): the denial, or the app with our headers on its response.
         if verdict is not None and not verdict.allowed:
-            await refuse(scope, receive, send, denial_response(limiter, context, verdict))
+            await deny(scope, receive, send, limiter, context, verdict)
             return
         scope[SCOPE_KEY] = context
         if kind == "websocket":

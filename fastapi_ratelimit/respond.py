@@ -20,14 +20,15 @@ from .headers import HEADER_NAMES, HeaderStyle, rate_limit_headers, retry_after_
 from .responses import (
     backend_unavailable_response,
     cost_exceeds_limit_response,
-    quota_exceeded_response,
+    default_response,
+    quota_exceeded_parts,
     reduced_capacity_response,
 )
 
 if TYPE_CHECKING:
     from .limiter import RateLimiter
 
-__all__ = ["Responder", "denial_response", "refuse", "unavailable_response"]
+__all__ = ["Responder", "denial_response", "deny", "refuse", "unavailable_response"]
 
 _NAME = itemgetter(0)
 _LOWER = methodcaller("lower")  # bytes as ASGI says; a str from a sloppy app must not raise
@@ -50,6 +51,31 @@ def denial_response(limiter: RateLimiter, context: RequestContext, verdict: Verd
         retry = retry_after_value(verdict.decisions)
         return reduced_capacity_response(retry, headers=headers)
     return limiter.response_builder(verdict.decisions, headers)
+
+
+async def deny(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    limiter: RateLimiter,
+    context: RequestContext,
+    verdict: Verdict,
+) -> None:
+    """Answer a request the limiter's levels refused: :func:`denial_response`, refused."""
+    if (
+        scope["type"] == "http"
+        and limiter.response_builder is default_response
+        and not context.reduced
+        and not never(verdict.decisions)
+    ):
+        # The usual 429, and under a flood nearly every answer: the two messages the
+        # Response would send, byte for byte, without building one.
+        headers = rate_limit_headers(context.decisions, limiter.header_style, now=time.time())
+        raw, body = quota_exceeded_parts(verdict.decisions, headers)
+        await send({"type": "http.response.start", "status": 429, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
+        return
+    await refuse(scope, receive, send, denial_response(limiter, context, verdict))
 
 
 def unavailable_response(limiter: RateLimiter) -> Response:
@@ -140,9 +166,9 @@ async def _send_denial(send: Send, context: RequestContext, denial: Verdict) -> 
     """A route guard's denial, as problem+json with our headers."""
     style = context.limiter.header_style
     headers = rate_limit_headers(context.decisions, style, now=time.time())
-    response = quota_exceeded_response(denial.decisions, headers=headers)
-    await send({"type": "http.response.start", "status": 429, "headers": response.raw_headers})
-    await send({"type": "http.response.body", "body": response.body})
+    raw, body = quota_exceeded_parts(denial.decisions, headers)
+    await send({"type": "http.response.start", "status": 429, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _nothing() -> None:

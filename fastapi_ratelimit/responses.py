@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from functools import lru_cache
+from operator import itemgetter, methodcaller
 from typing import Any
 
 from starlette.responses import Response
 
-from .decision import Decision, Verdict
-from .headers import retry_after_value
+from .decision import Decision, binding_of
+from .headers import binding_retry_after
 
 __all__ = [
     "PROBLEM_JSON",
@@ -34,6 +36,7 @@ __all__ = [
     "blocked_response",
     "cost_exceeds_limit_response",
     "endpoint_unavailable_response",
+    "quota_exceeded_parts",
     "quota_exceeded_response",
     "reduced_capacity_response",
 ]
@@ -48,6 +51,11 @@ COST_EXCEEDS_LIMIT_TYPE = "tag:fastapi-ratelimit,2026:cost-exceeds-limit"
 
 # Extra headers may not override these: the body, and so its length and type, is ours.
 _OWN_HEADERS = frozenset({b"content-length", b"content-type"})
+# Extra headers none of which is named so are appended as they are (the rate-limit headers).
+_FILTERED = _OWN_HEADERS | {b"retry-after"}
+_CONTENT_TYPE = (b"content-type", PROBLEM_JSON.encode("latin-1"))
+_NAME = itemgetter(0)
+_LOWER = methodcaller("lower")
 # One encoder for every body: json.dumps with any non-default argument builds a new
 # JSONEncoder per call, a measurable share of each 429 under a flood.
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
@@ -70,24 +78,55 @@ def quota_exceeded_response(
     Raises:
         ValueError: when no decision is a denial (a 429 would then be a lie).
     """
+    content, retry_after = _quota_exceeded_body(decisions)
+    response = Response(content, status_code=429, media_type=PROBLEM_JSON)
+    response.raw_headers += _after_framing(retry_after, headers)
+    return response
+
+
+def quota_exceeded_parts(
+    decisions: Sequence[Decision], headers: Sequence[tuple[bytes, bytes]]
+) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The headers and body of :func:`quota_exceeded_response`, byte for byte, without the
+    ``Response`` object: for the middleware, which sends its 429s as two ASGI messages.
+
+    Raises:
+        ValueError: when no decision is a denial.
+    """
+    content, retry_after = _quota_exceeded_body(decisions)
+    # As Starlette's Response would frame it: length, then type.
+    framing = [(b"content-length", b"%d" % len(content)), _CONTENT_TYPE]
+    return framing + _after_framing(retry_after, headers), content
+
+
+def _quota_exceeded_body(decisions: Sequence[Decision]) -> tuple[bytes, int]:
+    """The 429's problem body and its ``retry_after``. Under a flood of denials this runs for
+    every request, so everything but the number comes from a cache."""
     denied = [d for d in decisions if not d.allowed]
     if not denied:
         raise ValueError("quota_exceeded_response needs at least one denied decision")
-    binding = Verdict(tuple(denied)).binding
-    assert binding is not None  # denied is not empty
-    retry_after = retry_after_value(decisions)
-    scope = str(binding.scope)
+    binding = binding_of(decisions)  # a denied one: the longest wait
+    retry_after = binding_retry_after(binding)
+    head = _quota_exceeded_head(binding.scope, tuple([d.policy for d in denied]))
+    return b"%b%d}" % (head, retry_after), retry_after
+
+
+@lru_cache(maxsize=1024)
+def _quota_exceeded_head(binding_scope: str, policies: tuple[str, ...]) -> bytes:
+    """The 429 body up to its ``retry_after`` value. Scopes and policy names come from the
+    configuration, so the combinations are few and the cache stays small."""
+    scope = str(binding_scope)
     body = {
         "type": QUOTA_EXCEEDED_TYPE,
         "title": QUOTA_EXCEEDED_TITLE,
         "status": 429,
         "detail": f"Rate limit exceeded at the {scope} level.",
         # dict.fromkeys: de-duplicated, first occurrence's order kept.
-        "violated-policies": list(dict.fromkeys(str(d.policy) for d in denied)),
+        "violated-policies": list(dict.fromkeys(str(policy) for policy in policies)),
         "scope": scope,
-        "retry_after": retry_after,
     }
-    return _problem(429, body, retry_after, headers)
+    # retry_after comes last: its member is appended per response.
+    return _json(body)[:-1] + b',"retry_after":'
 
 
 def backend_unavailable_response(retry_after: int = 1) -> Response:
@@ -187,12 +226,21 @@ def _problem(
 ) -> Response:
     content = _json(body)
     response = Response(content, status_code=status, media_type=PROBLEM_JSON)
-    raw = response.raw_headers
+    response.raw_headers += _after_framing(retry_after, extra)
+    return response
+
+
+def _after_framing(
+    retry_after: int, extra: Sequence[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """``Retry-After`` (unless ``extra`` holds one), then ``extra`` less any framing header."""
+    # The rate-limit headers (the usual extra) name none of them: checked by C code alone.
+    if _FILTERED.isdisjoint(map(_LOWER, map(_NAME, extra))):
+        return [(b"retry-after", b"%d" % retry_after), *extra]
     extra_headers = [(name, value) for name, value in extra if name.lower() not in _OWN_HEADERS]
     if not any(name.lower() == b"retry-after" for name, _ in extra_headers):
-        raw.append((b"retry-after", b"%d" % retry_after))
-    raw.extend(extra_headers)
-    return response
+        extra_headers.insert(0, (b"retry-after", b"%d" % retry_after))
+    return extra_headers
 
 
 #: ``(decisions, headers) -> Response``: what ``RateLimiter(response_builder=...)`` takes.

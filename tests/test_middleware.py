@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 from typing import Any
 
 import httpx
@@ -32,6 +33,7 @@ from fastapi_ratelimit import (
     Verdict,
     report_cost,
 )
+from fastapi_ratelimit.responses import default_response
 
 
 def make_app(limiter: RateLimiter, **middleware: Any) -> FastAPI:
@@ -733,3 +735,63 @@ async def test_memory_and_redis_backends_behave_alike(make_backend: Any) -> None
     ip_policy = Policy("ip", "30/minute", Algorithm.GCRA)
     verdict = await backend.peek([Check(ip_policy, "ip", "203.0.113.7")])
     assert verdict.decisions[0].remaining == 0
+
+
+def _denying_limiter(headers: str, builder: Any = None) -> RateLimiter:
+    return RateLimiter(
+        backend=MemoryBackend(clock=FakeClock()),
+        global_limit="100/minute",
+        ip_limit="2/minute",
+        user_limit="1/minute",
+        user_resolver=lambda connection: connection.headers.get("x-user"),
+        headers=headers,
+        response_builder=builder,
+    )
+
+
+async def _answers(limiter: RateLimiter) -> list[tuple[int, list[tuple[bytes, bytes]], bytes]]:
+    """Status, raw headers in order (x-ratelimit-reset's value blanked: it reads the wall
+    clock) and body of five requests: allowed, user denied, allowed, IP and user denied, IP
+    denied."""
+    answers = []
+    async with client_for(make_app(limiter)) as client:
+        for user in ("alice", "alice", "bob", "bob", "carol"):
+            response = await client.get("/hello", headers={"x-user": user})
+            raw = [
+                (name, b"" if name == b"x-ratelimit-reset" else value)
+                for name, value in response.headers.raw
+            ]
+            answers.append((response.status_code, raw, response.content))
+    return answers
+
+
+@pytest.mark.parametrize("style", ["ietf", "x-ratelimit", "both", "legacy", "none"])
+async def test_the_429_is_the_problem_response_byte_for_byte(style: str) -> None:
+    # The middleware sends its usual 429 as two ASGI messages without building a Response
+    # (the denial flood's path). It must be exactly the response a response_builder gets
+    # from default_response: same headers in the same order, same body.
+    def through_a_response(decisions: Any, headers: Any) -> Any:
+        return default_response(decisions, headers)
+
+    fast = await _answers(_denying_limiter(style))
+    built = await _answers(_denying_limiter(style, through_a_response))
+    assert [status for status, _, _ in fast] == [200, 429, 200, 429, 429]
+    assert fast == built
+    assert [json.loads(body)["violated-policies"] for _, _, body in fast[3:]] == [
+        ["ip", "user"],
+        ["ip"],
+    ]
+
+
+async def test_an_async_user_resolver_is_awaited() -> None:
+    async def resolver(connection: Any) -> Any:
+        await asyncio.sleep(0)
+        return {"id": connection.headers.get("x-user")}
+
+    limiter = RateLimiter(ip_limit="100/minute", user_limit="1/minute", user_resolver=resolver)
+    async with client_for(make_app(limiter)) as client:
+        statuses = [
+            (await client.get("/hello", headers={"x-user": user})).status_code
+            for user in ("alice", "alice", "bob")
+        ]
+    assert statuses == [200, 429, 200]

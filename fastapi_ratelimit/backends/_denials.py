@@ -31,7 +31,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from ..decision import Decision, Verdict
+from ..decision import Decision, Verdict, new_decision
 from ..policy import Policy
 from .base import Check
 
@@ -77,8 +77,8 @@ class DenialCache:
             ):
                 return Verdict(tuple(_moved_on(d, now - sent) for d in verdict.decisions), False)
         found: list[Decision] = []
-        for check, key in zip(checks, keys, strict=True):
-            entry = entries.get(key)
+        # The entries looked up by C code (map): during a flood, every request passes here.
+        for check, key, entry in zip(checks, keys, map(entries.get, keys), strict=True):
             if entry is None:
                 continue
             policy, cost, until, decision = entry
@@ -125,9 +125,14 @@ class DenialCache:
 
 def _moved_on(decision: Decision, waited: float) -> Decision:
     """``decision`` as it reads ``waited`` seconds after it was made."""
-    if decision.allowed:
-        return decision._replace(reset_after=max(decision.reset_after - waited, 0.0))
-    retry = decision.retry_after - waited
-    return decision._replace(
-        retry_after=retry, reset_after=max(decision.reset_after - waited, retry)
+    # Built as a tuple (one C call), not with _replace (two Python-level calls): one of these
+    # is made for every request a cached denial answers.
+    allowed, limit, remaining, reset_after, retry_after, policy, scope, window = decision
+    if allowed:
+        reset_after = max(reset_after - waited, 0.0)
+    else:
+        retry_after = retry_after - waited
+        reset_after = max(reset_after - waited, retry_after)
+    return new_decision(
+        (allowed, limit, remaining, reset_after, retry_after, policy, scope, window)
     )

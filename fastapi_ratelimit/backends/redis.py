@@ -240,6 +240,15 @@ class RedisBackend:
         policy = check.policy
         return self._keys.key(check.scope, policy.bucket, policy.code, check.identity)
 
+    def _keys_of(self, checks: Sequence[Check]) -> list[str]:
+        """:meth:`key_for` of each check. The key builder's cache is read here, as the memory
+        backend reads it: a key built lately (most are) costs no call of its own."""
+        cached = self._keys.cached
+        return [
+            cached.get((c.scope, c.policy.bucket, c.policy.code, c.identity)) or self.key_for(c)
+            for c in checks
+        ]
+
     @property
     def cluster(self) -> bool:
         """Whether the client is a Redis Cluster (the limiter then breaks per node)."""
@@ -275,12 +284,12 @@ class RedisBackend:
         else:
             # Standalone and Sentinel: straight to the one script call. (No coroutine of
             # its own: every object a request holds while it waits counts, see context.py.)
-            keys = [self.key_for(c) for c in checks]
+            keys = self._keys_of(checks)
             ensure_distinct(keys)
             verdict = Verdict(tuple(await self._eval("h", checks, keys)))
         if denials is not None and not verdict.allowed:
             if keys is None:
-                keys = [self.key_for(c) for c in checks]
+                keys = self._keys_of(checks)
             denials.store(checks, keys, verdict, sent)
         return verdict
 
@@ -291,7 +300,7 @@ class RedisBackend:
         denials = self._denials
         if denials is None or not denials:  # empty while no client is over its limit
             return None
-        return denials.lookup(checks, [self.key_for(c) for c in checks])
+        return denials.lookup(checks, self._keys_of(checks))
 
     async def peek(self, checks: Sequence[Check]) -> Verdict:
         return await self._run("p", checks)
@@ -303,7 +312,7 @@ class RedisBackend:
             await self._run("r", checks)
 
     async def reset(self, checks: Sequence[Check]) -> None:
-        keys = [self.key_for(c) for c in checks]
+        keys = self._keys_of(checks)
         if not keys:
             return
         if self._denials is not None:
@@ -426,7 +435,7 @@ class RedisBackend:
     async def _run(self, mode: _Mode, checks: Sequence[Check]) -> Verdict:
         if not checks:
             return Verdict(())
-        keys = [self.key_for(c) for c in checks]
+        keys = self._keys_of(checks)
         if len(keys) > 1:
             ensure_distinct(keys)
         if not self._cluster:
