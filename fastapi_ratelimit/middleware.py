@@ -47,8 +47,9 @@ class RateLimitMiddleware:
     """Rate-limit every HTTP request and WebSocket handshake of ``app``.
 
     At lifespan start-up, once the app reports it complete, it runs
-    :meth:`RateLimiter.warm_up` (at most 5 s, never failing the start-up), so the backend is
-    connected and its scripts loaded before the first request.
+    :meth:`RateLimiter.warm_up` (at most 5 s, never failing the start-up; ``warm_up=False``
+    turns it off), so the backend is connected and its scripts loaded before the first
+    request.
 
     Args:
         app: the ASGI app.
@@ -57,6 +58,9 @@ class RateLimitMiddleware:
             :data:`DEFAULT_EXEMPT` (health, metrics and the API docs).
         default_exempt: ``False`` drops :data:`DEFAULT_EXEMPT`: then only ``exempt`` is exempt.
         websockets: limit WebSocket handshakes (a denied one is refused before accept).
+        warm_up: ``False`` leaves lifespan start-up alone: the backend then connects on the
+            first request, inside that request's timeout (for an app that warms the limiter
+            up itself, or must start within milliseconds whatever Redis does).
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class RateLimitMiddleware:
         exempt: Iterable[str] = (),
         default_exempt: bool = True,
         websockets: bool = True,
+        warm_up: bool = True,
     ) -> None:
         if not isinstance(limiter, RateLimiter):
             raise ConfigurationError("limiter", limiter, "must be a RateLimiter")
@@ -81,12 +86,15 @@ class RateLimitMiddleware:
         self._exact = frozenset(p.rstrip("/") or "/" for p in paths)
         self._prefixes = tuple((p.rstrip("/") + "/") for p in paths if p != "/")
         self._websockets = websockets
+        if not isinstance(warm_up, bool):
+            raise ConfigurationError("warm_up", warm_up, "must be True or False")
+        self._warm_up = warm_up
         self._route_limits = RouteLimitsCache()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind != "http" and (kind != "websocket" or not self._websockets):
-            if kind == "lifespan":
+            if kind == "lifespan" and self._warm_up:
                 # Connect and load scripts before the first request (lifespan.py).
                 send = warm_up_on_startup(self.limiter, send)
             await self.app(scope, receive, send)

@@ -24,7 +24,13 @@ from http_helpers import live_server, remaining
 from loguru import logger
 from servers import RedisCluster, RedisSentinelSetup, RedisServer
 
-from fastapi_ratelimit import MemoryBackend, RateLimiter, RateLimitMiddleware, RedisBackend
+from fastapi_ratelimit import (
+    ConfigurationError,
+    MemoryBackend,
+    RateLimiter,
+    RateLimitMiddleware,
+    RedisBackend,
+)
 from fastapi_ratelimit.backends.base import WARM_UP_TIMEOUT
 
 #: Longer than the 50 ms per-call timeout, well within the warm-up's bound.
@@ -32,7 +38,7 @@ SLOW_CONNECT = 0.5
 assert 0.05 < SLOW_CONNECT < WARM_UP_TIMEOUT / 4
 
 
-def app_for(limiter: RateLimiter) -> FastAPI:
+def app_for(limiter: RateLimiter, **options: Any) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
@@ -44,16 +50,16 @@ def app_for(limiter: RateLimiter) -> FastAPI:
     async def hello() -> dict[str, str]:
         return {"hello": "world"}
 
-    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    app.add_middleware(RateLimitMiddleware, limiter=limiter, **options)
     return app
 
 
 @asynccontextmanager
-async def serving(limiter: RateLimiter) -> AsyncIterator[httpx.AsyncClient]:
+async def serving(limiter: RateLimiter, **options: Any) -> AsyncIterator[httpx.AsyncClient]:
     """The app behind uvicorn with its lifespan on; the client is handed out once uvicorn
     serves, that is after the app's start-up (and the warm-up) completed."""
     async with (
-        live_server(app_for(limiter), lifespan="on") as port,
+        live_server(app_for(limiter, **options), lifespan="on") as port,
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client,
     ):
         yield client
@@ -134,6 +140,31 @@ async def test_first_request_is_decided_though_connecting_outlasts_its_timeout(
                 assert proxy.stats.connections_accepted == connected
                 assert stats.calls("evalsha") == 1
                 assert stats.noscript_errors() == 0
+
+
+@pytest.mark.redis
+async def test_warm_up_false_leaves_start_up_alone(redis_server: RedisServer) -> None:
+    with redis.Redis(host=redis_server.host, port=redis_server.port) as r:
+        r.flushall()  # counts other tests left for this client
+    with stats_of(redis_server) as (stats,):
+        async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+            backend = RedisBackend.from_url(proxy.url)
+            limiter = RateLimiter(backend=backend, ip_limit="5/minute", on_backend_error="deny")
+            async with serving(limiter, warm_up=False) as client:
+                # Serving, and Redis has not heard from this process yet.
+                assert proxy.stats.connections_accepted == 0
+                assert stats.calls("script|load") == 0
+
+                first = await client.get("/hello")  # connects now, on a fast connection
+                assert first.status_code == 200
+                assert remaining(first) == "4"
+                assert proxy.stats.connections_accepted >= 1
+
+
+def test_warm_up_must_be_a_bool() -> None:
+    limiter = RateLimiter(backend=MemoryBackend(), ip_limit="5/minute")
+    with pytest.raises(ConfigurationError, match="warm_up"):
+        RateLimitMiddleware(FastAPI(), limiter=limiter, warm_up="no")  # type: ignore[arg-type]
 
 
 # -- Redis down or silent at start-up --------------------------------------------------------
