@@ -37,6 +37,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench_http import production_headers
 from runner import APPS, BENCH, HOST, PATH, TRUSTED_PROXY, RedisServer, free_port, log
 
 CONNECTIONS = 32
@@ -45,18 +46,14 @@ COUNTS = (1_000, 3_000)
 
 
 def requests(count: int, ips: int, seed: int) -> list[bytes]:
+    """``count`` requests with the headers ``production.lua`` sends (``bench_http``'s own
+    definition of that traffic), each value drawn at random."""
     rng = random.Random(seed)
     made = []
     for _ in range(count):
-        i = rng.randrange(ips)
-        made.append(
-            (
-                f"GET {PATH} HTTP/1.1\r\nHost: {HOST}\r\n"
-                f"X-Forwarded-For: 198.18.{i // 256 % 256}.{i % 256}\r\n"
-                f"X-API-Key: key-{rng.randrange(1_000):06d}\r\n"
-                f"X-User: user-{rng.randrange(5_000):05d}\r\n\r\n"
-            ).encode()
-        )
+        headers = production_headers(rng.randrange(ips), rng.randrange(1_000), rng.randrange(5_000))
+        lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        made.append(f"GET {PATH} HTTP/1.1\r\nHost: {HOST}\r\n{lines}\r\n".encode())
     return made
 
 
