@@ -38,7 +38,9 @@ __all__ = [
     "HEADER_NAMES",
     "HeaderStyle",
     "binding_retry_after",
+    "ietf_admitted",
     "parse_header_style",
+    "policy_header",
     "rate_limit_headers",
     "retry_after_value",
 ]
@@ -169,10 +171,27 @@ def _reset_seconds(decision: Decision) -> int:
 def _ietf(
     decisions: Sequence[Decision], binding: Decision, remaining: int, t: int
 ) -> list[tuple[bytes, bytes]]:
-    # The cache key is built by C code alone (itemgetter and map): no Python frame per level.
-    policy_header = _policy_header(tuple(map(_POLICY_FIELDS, decisions)))
     status = b'"%s";r=%d;t=%d' % (_name_bytes(binding.policy), remaining, t)
-    return [(b"ratelimit-policy", policy_header), (b"ratelimit", status)]
+    return [(b"ratelimit-policy", policy_header(decisions)), (b"ratelimit", status)]
+
+
+def policy_header(decisions: Sequence[Decision]) -> bytes:
+    """The ``RateLimit-Policy`` value of ``decisions`` (built once per combination)."""
+    # The cache key is built by C code alone (itemgetter and map): no Python frame per level.
+    return _policy_header(tuple(map(_POLICY_FIELDS, decisions)))
+
+
+def ietf_admitted(policies: bytes, binding: Decision) -> list[tuple[bytes, bytes]]:
+    """The ``ietf`` headers of an admitted request, its ``RateLimit-Policy`` value given
+    (:func:`policy_header`): :func:`rate_limit_headers` for a caller that knows the binding
+    decision already and keeps the policy header (the express path)."""
+    reset = binding.reset_after
+    status = b'"%s";r=%d;t=%d' % (
+        _name_bytes(binding.policy),
+        binding.remaining,
+        math.ceil(reset) if reset > 0 else 0,
+    )
+    return [(b"ratelimit-policy", policies), (b"ratelimit", status)]
 
 
 #: A decision's (policy, limit, window): what its ``RateLimit-Policy`` member is made of.

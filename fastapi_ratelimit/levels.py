@@ -92,6 +92,11 @@ class Levels:
         # endpoint -> its plan; bounded, since a client can send any method string.
         self.plans: dict[str, EndpointPlan] = {}
 
+    @property
+    def has_composites(self) -> bool:
+        """Whether any :class:`CompositeLimit` is configured."""
+        return bool(self._composites)
+
     def overridable(self) -> dict[str, Policy]:
         """The levels an operator may change at run time, by target key."""
         levels = {

@@ -31,6 +31,7 @@ from ._types import ASGIApp, Receive, Scope, Send
 from .after import after_response, needs_after_response
 from .context import SCOPE_KEY
 from .errors import BackendError, ConfigurationError
+from .express import Express
 from .identity import QUERY_TOO_LONG, QueryTooLong
 from .lifespan import warm_up_on_startup
 from .limiter import RateLimiter
@@ -90,8 +91,28 @@ class RateLimitMiddleware:
             raise ConfigurationError("warm_up", warm_up, "must be True or False")
         self._warm_up = warm_up
         self._route_limits = RouteLimitsCache()
+        #: The express path (express.py), when the limiter's configuration allows it.
+        self._express = (
+            Express(app, limiter, self._route_limits, self._skip)
+            if Express.applies(limiter)
+            else None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The express path (express.py) serves the commonest requests, or hands back the
+        # caller it identified for the general path to go on with (a refused request).
+        express = self._express
+        context = None
+        if express is not None and scope["type"] == "http":
+            entry = express.entry(scope)
+            if entry is not None:
+                try:
+                    context = await express.serve(entry, scope, receive, send)
+                except QueryTooLong:
+                    await refuse(scope, receive, send, bad_request_response(QUERY_TOO_LONG))
+                    return
+                if context is None:
+                    return
         kind = scope["type"]
         if kind != "http" and (kind != "websocket" or not self._websockets):
             if kind == "lifespan" and self._warm_up:
@@ -110,7 +131,9 @@ class RateLimitMiddleware:
         # 1. Identify: IP, API key, user, tiers (identify.py).
         identifier = limiter.identifier
         try:
-            if identifier.sync:
+            if context is not None:
+                pass  # identified by the express path
+            elif identifier.sync:
                 context = identifier.identify_now(limiter, scope)
             else:
                 context = await identifier.identify(limiter, scope)

@@ -35,6 +35,11 @@ class Pricing:
         self.routes = RouteResolver()
         self._warned_cost_function = False
 
+    @property
+    def has_cost_function(self) -> bool:
+        """Whether the app's ``cost_function`` prices requests."""
+        return self._cost_function is not None
+
     def price(self, context: RequestContext, scope: Scope) -> None:
         """Find the endpoint and work out the request's cost."""
         routes = getattr(scope.get("app"), "routes", None)

@@ -108,14 +108,24 @@ async def refuse(scope: Scope, receive: Receive, send: Send, response: Any) -> N
 class Responder:
     """One per request (per-request state never lives on the middleware)."""
 
-    __slots__ = ("_send", "app", "context", "replaced", "status")
+    __slots__ = ("_decided", "_headers", "_send", "app", "context", "replaced", "status")
 
-    def __init__(self, app: ASGIApp, context: RequestContext, send: Send) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        context: RequestContext,
+        send: Send,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         self.app = app
         self.context = context
         self._send = send
         self.status: int | None = None
         self.replaced = False
+        #: Our headers, built already (the express path), for the decisions as they are now:
+        #: used unless a guard adds decisions while the app runs.
+        self._headers = headers
+        self._decided = context.decisions
 
     async def run_measured(self, scope: Scope, receive: Receive, load: LoadMonitor) -> None:
         """Run the app, feeding the load monitor its in-flight count, status and latency."""
@@ -145,7 +155,9 @@ class Responder:
             if context.shadow:
                 decisions = (*decisions, *context.shadow)
             if decisions and style is not _NO_HEADERS:
-                ours = rate_limit_headers(decisions, style, now=time.time())
+                ours = self._headers
+                if ours is None or decisions is not self._decided:
+                    ours = rate_limit_headers(decisions, style, now=time.time())
                 headers = message.get("headers", ())
                 names = HEADER_NAMES[style]
                 # Replace, never append: each header appears once even if the app set one.

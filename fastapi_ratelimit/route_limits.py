@@ -209,8 +209,9 @@ class RouteLimitsCache:
     __slots__ = ("_cache",)
 
     def __init__(self) -> None:
-        # id(route) -> (route, its limits). Holding the route keeps its id from being reused.
-        self._cache: dict[int, tuple[Any, tuple[RouteLimit, ...]]] = {}
+        # id(route) -> (route, its limits, whether it has any guard or mark at all). Holding
+        # the route keeps its id from being reused.
+        self._cache: dict[int, tuple[Any, tuple[RouteLimit, ...], bool]] = {}
 
     def of(self, route: Any) -> tuple[RouteLimit, ...]:
         """The limits attached to ``route`` (``()`` for ``None``)."""
@@ -219,7 +220,21 @@ class RouteLimitsCache:
         cached = self._cache.get(id(route))
         if cached is not None and cached[0] is route:
             return cached[1]
+        return self._find(route)[1]
+
+    def guarded(self, route: Any) -> bool:
+        """Whether ``route`` has any route limit, including guards that check themselves
+        (those taking the user from another dependency)."""
+        if route is None:
+            return False
+        cached = self._cache.get(id(route))
+        if cached is not None and cached[0] is route:
+            return cached[2]
+        return self._find(route)[2]
+
+    def _find(self, route: Any) -> tuple[Any, tuple[RouteLimit, ...], bool]:
         limits = list(attached_limits(getattr(route, "endpoint", None)))
+        guarded = bool(limits)
         seen: set[int] = set()
         stack = list(getattr(getattr(route, "dependant", None), "dependencies", ()))
         while stack:
@@ -227,19 +242,17 @@ class RouteLimitsCache:
             call = getattr(dependant, "call", None)
             # A RateLimit guard (found by shape: dependencies.py imports this module).
             limit = getattr(call, "limit", None)
-            if (
-                isinstance(limit, RouteLimit)
-                and getattr(call, "user_dependency", True) is None
-                and id(call) not in seen
-            ):
-                seen.add(id(call))
-                limits.append(limit)
+            if isinstance(limit, RouteLimit):
+                guarded = True
+                if getattr(call, "user_dependency", True) is None and id(call) not in seen:
+                    seen.add(id(call))
+                    limits.append(limit)
             stack.extend(getattr(dependant, "dependencies", ()))
-        result = tuple(limits)
+        found = (route, tuple(limits), guarded)
         if len(self._cache) >= 4096:
             self._cache.clear()
-        self._cache[id(route)] = (route, result)
-        return result
+        self._cache[id(route)] = found
+        return found
 
 
 async def add_route_checks(

@@ -75,7 +75,7 @@ class RouteResolver:
         """Match ``scope`` against ``routes`` the way Starlette's router will."""
         # Only where Host routes exist does the Host header change the match: elsewhere it
         # is left out of the key, so hostile hosts cannot churn the cache.
-        host = _host_header(scope) if self._uses_host(routes) else b""
+        host = _host_header(scope) if self.uses_host(routes) else b""
         cache_key = (
             id(routes),
             len(routes),
@@ -108,7 +108,8 @@ class RouteResolver:
             self._cache[cache_key] = (routes, found)
         return found
 
-    def _uses_host(self, routes: Sequence[BaseRoute]) -> bool:
+    def uses_host(self, routes: Sequence[BaseRoute]) -> bool:
+        """Whether any route (mounted ones included) routes by ``Host``."""
         known = self._host_routed.get(id(routes))
         if known is not None and known[0] is routes and known[1] == len(routes):
             return known[2]

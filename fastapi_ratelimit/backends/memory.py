@@ -30,10 +30,10 @@ from ..clock import Clock, SystemClock
 from ..decision import Decision, Verdict, new_decision, new_verdict
 from ..errors import ConfigurationError
 from ..keys import Identity, KeyBuilder
-from ..policy import Algorithm
+from ..policy import Algorithm, Policy
 from .base import Check, ensure_distinct, make_decision
 
-__all__ = ["MemoryBackend"]
+__all__ = ["Level", "MemoryBackend"]
 
 _FW, _SL, _SC, _TB, _GC = (
     Algorithm.FIXED_WINDOW,
@@ -42,11 +42,14 @@ _FW, _SL, _SC, _TB, _GC = (
     Algorithm.TOKEN_BUCKET,
     Algorithm.GCRA,
 )
-#: Scopes whose short identities are kept as they are in store keys (see _store_key).
+#: Scopes whose short identities are kept as they are in store keys (see store_key).
 _RAW_SCOPES = frozenset({"global", "ip", "endpoint", "user"})
 _RAW_MAX = 64
 #: A key of the store: a tuple for a short IP, user or endpoint identity, else the hashed key.
 _StoreKey = tuple[str, str, str, str] | str
+#: A level as :meth:`MemoryBackend.admit_levels` takes it (see :meth:`MemoryBackend.level`):
+#: policy, scope, identity slot, store key, then the policy's figures the arithmetic reads.
+Level = tuple[Policy, str, int, "_StoreKey | None", str, str, int, int, str, float]
 
 #: Expired keys dropped from the LRU end on each insert: keeps memory trending down without a
 #: background task.
@@ -211,9 +214,9 @@ class MemoryBackend:
 
     def _key(self, check: Check) -> _StoreKey:
         policy = check.policy
-        return self._store_key(check.scope, policy.bucket, policy.code, check.identity)
+        return self.store_key(check.scope, policy.bucket, policy.code, check.identity)
 
-    def _store_key(self, scope: str, bucket: str, code: str, identity: Identity) -> _StoreKey:
+    def store_key(self, scope: str, bucket: str, code: str, identity: Identity) -> _StoreKey:
         """The key of a level's state in this process's store.
 
         A short IP, user or endpoint identity is kept as it is, in a tuple: these never leave
@@ -263,7 +266,7 @@ class MemoryBackend:
             policy, scope, identity, cost = check  # one unpacking: cheaper than 4 lookups
             if policy.algorithm is not _SC:
                 return None
-            # _store_key, inline: this runs per level of every request.
+            # store_key, inline: this runs per level of every request.
             if scope in _RAW_SCOPES and type(identity) is str and len(identity) <= _RAW_MAX:
                 key: _StoreKey = (scope, policy.bucket, policy.code, identity)
             else:
@@ -329,12 +332,116 @@ class MemoryBackend:
             self._store_new(fresh, now)
         return new_verdict((tuple(decisions), True))
 
+    def admit_levels(
+        self, levels: Sequence[Level], identities: Sequence[str | None], cost: int
+    ) -> tuple[tuple[Decision, ...], int] | None:
+        """The express path's decision (see ``express.py``): :meth:`_admit_all` for levels
+        worked out once per endpoint (:func:`level`), with the binding decision picked on
+        the way.
+
+        A shared level brings its store key; a per-client one (key ``None``) is keyed on
+        ``identities[slot]`` and left out when that is ``None``. Every policy is a sliding
+        window counter and no two levels share a scope (the caller vouches for both), so no
+        two share a key. Returns the decisions and the index of the binding one
+        (:func:`~..decision.binding_of`'s rule), or ``None``, with nothing changed, when a
+        level refuses: :meth:`hit_now` then decides.
+        """
+        now = self._clock.now_us()
+        data = self._data
+        floor = math.floor
+        decisions: list[Decision] = []
+        writes: list[tuple[_StoreKey, tuple[int, Any] | None, tuple[int, Any]]] = []
+        margin = self._margin_us
+        # Every share left is below 1 (an admitted level leaves less than its limit), so
+        # the first level always takes the lead.
+        best = best_remaining = 0
+        best_share = 2.0
+        window = start = elapsed = 0
+        weight = 0.0
+        for _, scope, slot, key, bucket, code, limit, period, name, seconds in levels:
+            if key is None:
+                identity = identities[slot]
+                if identity is None:
+                    continue
+                if scope in _RAW_SCOPES and len(identity) <= _RAW_MAX:
+                    key = (scope, bucket, code, identity)
+                else:
+                    key = self._hashed_key(scope, bucket, code, identity)
+            if period != window:  # levels mostly share a window: its math once
+                window = period
+                # As sliding_window_counter.evaluate has it (float division, then floor):
+                # the same start to the bit.
+                start = floor(now / window) * window
+                elapsed = now - start
+                weight = (window - elapsed) / window
+            entry = data.get(key)
+            cur = prev = 0
+            if entry is not None and entry[0] > now:
+                state = entry[1]
+                if state[0] == start:
+                    cur, prev = state[1], state[2]
+                elif state[0] == start - window:
+                    prev = state[1]
+            available = limit - (prev * weight + cur)
+            if not cost <= available:
+                return None
+            reset_us = 2 * window - elapsed
+            writes.append((key, entry, (now + reset_us + margin, (start, cur + cost, prev))))
+            # floor(available - cost), which is not negative here.
+            remaining = int(available - cost)
+            share = remaining / limit
+            if share < best_share or (share == best_share and remaining < best_remaining):
+                best, best_share, best_remaining = len(decisions), share, remaining
+            decisions.append(
+                new_decision(
+                    (True, limit, remaining, reset_us / 1_000_000, 0.0, name, scope, seconds)
+                )
+            )
+        fresh = []
+        for key, entry, value in writes:
+            if entry is not None:
+                data[key] = value
+                data.move_to_end(key)
+            else:
+                fresh.append((key, value))
+        if fresh:
+            self._store_new(fresh, now)
+        return tuple(decisions), best
+
+    def level(self, policy: Policy, scope: str, slot: int, identity: str | None) -> Level:
+        """A level for :meth:`admit_levels`: a sliding window counter ``policy`` at
+        ``scope``, shared (keyed on ``identity``) or, with ``identity`` ``None``, per client
+        (keyed on the ``slot`` of the request's identities)."""
+        if policy.algorithm is not _SC:
+            raise ValueError(f"not a sliding window counter: {policy!r}")
+        key = (
+            None
+            if identity is None
+            else self.store_key(scope, policy.bucket, policy.code, identity)
+        )
+        rate = policy.rate
+        # The decision's limit is the policy's; the arithmetic's the rate's (one number for
+        # this algorithm, which has no burst).
+        assert policy.limit == rate.limit
+        return (
+            policy,
+            scope,
+            slot,
+            key,
+            policy.bucket,
+            policy.code,
+            rate.limit,
+            rate.period_us,
+            policy.name,
+            policy.window,
+        )
+
     def _check(self, checks: Sequence[Check], *, commit: bool) -> Verdict:
         # The general path (every algorithm, denials, peeks): one pass to evaluate, one to
         # commit and answer, with lookups and stores inline.
         now = self._clock.now_us()
         data = self._data
-        key_of = self._store_key
+        key_of = self.store_key
         rows: list[tuple[Check, _StoreKey, tuple[int, Any] | None, Any, Evaluation]] = []
         all_allowed = True
         for check in checks:
