@@ -32,14 +32,13 @@ from .after import after_response
 from .backends.base import Check, new_check
 from .backends.memory import Level, MemoryBackend
 from .context import SCOPE_KEY, RequestContext
-from .headers import ietf_admitted, policy_header
+from .headers import HeaderStyle, ietf_admitted, policy_header
 from .policy import Algorithm
 from .respond import Responder
 from .route_limits import RouteLimitsCache
 from .routing import STANDARD_METHODS
 
 if TYPE_CHECKING:
-    from .headers import HeaderStyle
     from .limiter import RateLimiter
 
 __all__ = ["Express"]
@@ -48,6 +47,7 @@ __all__ = ["Express"]
 _MAX_ENTRIES = 4096
 _MAX_PATH = 512
 _SLIDING = Algorithm.SLIDING_WINDOW_COUNTER
+_IETF = HeaderStyle.IETF  # a module constant: Enum member lookups run Python code
 #: The identity slots of per-client levels (see :meth:`MemoryBackend.admit_levels`).
 _IP, _API_KEY, _USER = 0, 1, 2
 
@@ -55,14 +55,32 @@ _IP, _API_KEY, _USER = 0, 1, 2
 class _Entry:
     """What the express path knows about one (method, root path, path)."""
 
-    __slots__ = ("cost", "count", "endpoint", "levels", "policies", "route", "routes", "size")
+    __slots__ = (
+        "backend",
+        "cost",
+        "count",
+        "endpoint",
+        "levels",
+        "policies",
+        "route",
+        "routes",
+        "size",
+    )
 
     def __init__(
-        self, routes: list[Any], endpoint: str, route: Any, cost: int, levels: tuple[Level, ...]
+        self,
+        routes: list[Any],
+        backend: Any,
+        endpoint: str,
+        route: Any,
+        cost: int,
+        levels: tuple[Level, ...],
     ) -> None:
-        # The app's route list as it was (the entry is stale once it changes).
+        # The app's route list as it was, and the backend whose store keys the levels hold:
+        # the entry is stale once either changes.
         self.routes = routes
         self.size = len(routes)
+        self.backend = backend
         self.endpoint = endpoint
         self.route = route
         self.cost = cost
@@ -73,14 +91,14 @@ class _Entry:
 
 
 #: The entry of an exempt path: served without limiting or counting.
-_EXEMPT = _Entry([], "", None, 0, ())
+_EXEMPT = _Entry([], None, "", None, 0, ())
 
 
 class Express:
     """The express path of one middleware (``None`` there when the limiter's configuration
     rules it out, see :meth:`applies`)."""
 
-    __slots__ = ("_app", "_entries", "_ietf", "_limiter", "_route_limits", "_skip")
+    __slots__ = ("_app", "_entries", "_limiter", "_route_limits", "_skip")
 
     def __init__(
         self,
@@ -95,8 +113,6 @@ class Express:
         #: The middleware's exemption rule (paths and preflights).
         self._skip = skip
         self._entries: dict[tuple[str, str, str], _Entry] = {}
-        style: HeaderStyle = limiter.header_style
-        self._ietf = style == "ietf"
 
     @staticmethod
     def applies(limiter: RateLimiter) -> bool:
@@ -117,9 +133,10 @@ class Express:
     def entry(self, scope: Scope) -> _Entry | None:
         """The entry for this request, or ``None`` when the general path must serve it."""
         limiter = self._limiter
+        backend = limiter.backend
         if (
             limiter.recorder is not None
-            or type(limiter.backend) is not MemoryBackend
+            or type(backend) is not MemoryBackend
             or (limiter.lists is not None and not limiter.lists.known_empty())
         ):
             return None
@@ -128,7 +145,12 @@ class Express:
         if entry is _EXEMPT:
             return entry
         routes = getattr(scope.get("app"), "routes", None)
-        if entry is not None and entry.routes is routes and entry.size == len(routes):
+        if (
+            entry is not None
+            and entry.routes is routes
+            and entry.size == len(routes)
+            and entry.backend is backend
+        ):
             return entry
         return self._new_entry(key, routes, scope)
 
@@ -175,7 +197,7 @@ class Express:
             if policy is None:
                 continue
             rows.append(backend.level(policy, scope_name, slot, identity))
-        return _Entry(routes, resolved.endpoint, resolved.route, plan.cost, tuple(rows))
+        return _Entry(routes, backend, resolved.endpoint, resolved.route, plan.cost, tuple(rows))
 
     async def serve(
         self, entry: _Entry, scope: Scope, receive: Receive, send: Send
@@ -209,7 +231,8 @@ class Express:
         context.middleware = True
         context.decisions = decisions
         headers = None
-        if self._ietf:
+        # Read per request, as the general path does: the limiter's attributes are public.
+        if limiter.header_style == _IETF:
             # Which per-client levels applied (all of them, usually: the empty key).
             shape = () if len(decisions) == entry.count else tuple([d.scope for d in decisions])
             policies = entry.policies.get(shape)

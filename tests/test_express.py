@@ -23,6 +23,7 @@ from fastapi_ratelimit import (
     report_cost,
 )
 from fastapi_ratelimit.express import _MAX_ENTRIES, Express
+from fastapi_ratelimit.headers import HeaderStyle
 
 pytestmark = pytest.mark.asyncio
 
@@ -330,3 +331,34 @@ async def test_a_long_path_or_odd_method_goes_the_general_way() -> None:
         assert express.entry({**base, "method": "GET", "path": "/hello"}) is not None
         response = await client.request("BREW", "/hello")
         assert response.status_code == 405
+
+
+async def test_a_replaced_backend_or_header_style_is_followed_at_once() -> None:
+    long_path = "/" + "a" * 80  # an endpoint identity too long to keep raw: hashed
+    limiter = RateLimiter(
+        backend=MemoryBackend(prefix="one"), endpoint_limits={f"GET {long_path}": "100/minute"}
+    )
+    app = FastAPI()
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+
+    @app.get(long_path)
+    async def endpoint() -> dict[str, str]:
+        return {}
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as client:
+        assert (await client.get(long_path)).headers["ratelimit"].startswith("\"endpoint\";r=99;")
+        assert _middleware(app)._express is not None
+        replaced = MemoryBackend(prefix="two", key_secret=b"s" * 32)
+        limiter.backend = replaced
+        response = await client.get(long_path)
+        assert response.headers["ratelimit"].startswith("\"endpoint\";r=99;")  # a fresh store
+        policy = limiter.levels.endpoints[f"GET {long_path}"]
+        key = replaced.store_key("endpoint", policy.bucket, policy.code, f"GET {long_path}")
+        assert isinstance(key, str) and key.startswith("two")
+        assert list(replaced._data) == [key]
+        limiter.header_style = HeaderStyle.X_RATELIMIT
+        response = await client.get(long_path)
+        assert "ratelimit" not in response.headers
+        assert response.headers["x-ratelimit-remaining"] == "98"
