@@ -14,7 +14,7 @@ It serves a request only when that request would meet nothing else:
 * the limiter (fixed at construction): every level a sliding window counter (the default
   algorithm), no tiers, composite levels, cost function, dynamic limits, limits changed at
   run time, shadow levels, delays, endpoint breaker or ``refund_when``;
-* the request (read each time): the memory backend, metrics off, no access-list entries, an
+* the request (read each time): the memory backend, no access-list entries, an
   HTTP method other than ``OPTIONS`` (preflights), a path of at most 512 characters, an app
   without host routing, and a route with no ``@rate_limit`` or ``RateLimit`` guard.
 
@@ -25,6 +25,7 @@ the two to the same statuses, headers and stored counters.
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, cast
 
 from ._types import ASGIApp, Receive, Scope, Send
@@ -32,6 +33,7 @@ from .after import after_response
 from .backends.base import Check, new_check
 from .backends.memory import Level, MemoryBackend
 from .context import SCOPE_KEY, RequestContext
+from .decision import new_verdict
 from .headers import HeaderStyle, ietf_admitted, policy_header
 from .policy import Algorithm
 from .respond import Responder
@@ -134,10 +136,8 @@ class Express:
         """The entry for this request, or ``None`` when the general path must serve it."""
         limiter = self._limiter
         backend = limiter.backend
-        if (
-            limiter.recorder is not None
-            or type(backend) is not MemoryBackend
-            or (limiter.lists is not None and not limiter.lists.known_empty())
+        if type(backend) is not MemoryBackend or (
+            limiter.lists is not None and not limiter.lists.known_empty()
         ):
             return None
         key = (scope["method"], scope.get("root_path", ""), scope["path"])
@@ -200,10 +200,11 @@ class Express:
         return _Entry(routes, backend, resolved.endpoint, resolved.route, plan.cost, tuple(rows))
 
     async def serve(
-        self, entry: _Entry, scope: Scope, receive: Receive, send: Send
+        self, entry: _Entry, scope: Scope, receive: Receive, send: Send, started: float
     ) -> RequestContext | None:
         """Serve the request (``None``), or hand back the caller as identified, with nothing
         else done, for the general path to decide and answer (a refused request).
+        ``started``: the request's ``perf_counter()`` at arrival, when metrics are on.
 
         Raises:
             QueryTooLong: as identification does; the middleware answers it.
@@ -230,6 +231,9 @@ class Express:
         context.cost = cost
         context.middleware = True
         context.decisions = decisions
+        recorder = limiter.recorder
+        if recorder is not None:
+            recorder.request(context, new_verdict((decisions, True)), perf_counter() - started)
         headers = None
         # Read per request, as the general path does: the limiter's attributes are public.
         if limiter.header_style == _IETF:

@@ -101,13 +101,16 @@ class RateLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The express path (express.py) serves the commonest requests, or hands back the
         # caller it identified for the general path to go on with (a refused request).
+        # Metrics (see recorder.py): a few dict increments per request, only when enabled.
+        recorder = self.limiter.recorder
+        started = perf_counter() if recorder is not None else 0.0
         express = self._express
         context = None
         if express is not None and scope["type"] == "http":
             entry = express.entry(scope)
             if entry is not None:
                 try:
-                    context = await express.serve(entry, scope, receive, send)
+                    context = await express.serve(entry, scope, receive, send, started)
                 except QueryTooLong:
                     await refuse(scope, receive, send, bad_request_response(QUERY_TOO_LONG))
                     return
@@ -124,9 +127,6 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limiter = self.limiter
-        # Metrics (see recorder.py): a few dict increments per request, only when enabled.
-        recorder = limiter.recorder
-        started = perf_counter() if recorder is not None else 0.0
 
         # 1. Identify: IP, API key, user, tiers (identify.py).
         identifier = limiter.identifier

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import Depends, FastAPI, HTTPException, Request
+from prometheus_client import CollectorRegistry
 
 from fastapi_ratelimit import (
     CompositeLimit,
@@ -24,6 +25,7 @@ from fastapi_ratelimit import (
 )
 from fastapi_ratelimit.express import _MAX_ENTRIES, Express
 from fastapi_ratelimit.headers import HeaderStyle
+from fastapi_ratelimit.metrics import RateLimitMetrics
 
 pytestmark = pytest.mark.asyncio
 
@@ -166,9 +168,13 @@ class _Counting:
         return context
 
 
-async def _run(config: Config, express: bool, guard: bool = False) -> tuple[list[Any], Any, int]:
+async def _run(
+    config: Config, express: bool, guard: bool = False, metrics: bool = False
+) -> tuple[list[Any], Any, int]:
     clock = FakeClock()
     app, limiter = _app(config, clock, guard)
+    if metrics:
+        RateLimitMetrics(limiter, registry=CollectorRegistry())
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app, client=("10.9.9.9", 1)), base_url="http://t"
     ) as client:
@@ -192,19 +198,27 @@ async def _run(config: Config, express: bool, guard: bool = False) -> tuple[list
             seen.append((method, path, response.status_code, ours, response.content))
     backend = limiter.backend
     assert isinstance(backend, MemoryBackend)
+    if metrics:
+        # What the metrics counted, beside what the store holds.
+        recorder = limiter.recorder
+        assert recorder is not None
+        seen.append((dict(recorder.requests), dict(recorder.scopes)))
     return seen, dict(backend._data), counting.served if counting is not None else 0
 
 
+@pytest.mark.parametrize("metrics", [False, True], ids=["", "metrics on"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-async def test_the_express_path_answers_and_counts_as_the_general_path(name: str) -> None:
+async def test_the_express_path_answers_and_counts_as_the_general_path(
+    name: str, metrics: bool
+) -> None:
     config = CONFIGS[name]
-    general, general_store, _ = await _run(config, express=False)
-    express, express_store, served = await _run(config, express=True)
+    general, general_store, _ = await _run(config, express=False, metrics=metrics)
+    express, express_store, served = await _run(config, express=True, metrics=metrics)
     for one, other in zip(general, express, strict=True):
         assert one == other
     assert express_store == general_store
     # Both outcomes happened, and the express path served most admitted requests.
-    statuses = [status for _, _, status, _, _ in general]
+    statuses = [row[2] for row in general if len(row) == 5]
     assert 429 in statuses
     assert served >= statuses.count(200) // 2
 
@@ -348,15 +362,16 @@ async def test_a_replaced_backend_or_header_style_is_followed_at_once() -> None:
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://t"
     ) as client:
-        assert (await client.get(long_path)).headers["ratelimit"].startswith("\"endpoint\";r=99;")
+        assert (await client.get(long_path)).headers["ratelimit"].startswith('"endpoint";r=99;')
         assert _middleware(app)._express is not None
         replaced = MemoryBackend(prefix="two", key_secret=b"s" * 32)
         limiter.backend = replaced
         response = await client.get(long_path)
-        assert response.headers["ratelimit"].startswith("\"endpoint\";r=99;")  # a fresh store
+        assert response.headers["ratelimit"].startswith('"endpoint";r=99;')  # a fresh store
         policy = limiter.levels.endpoints[f"GET {long_path}"]
         key = replaced.store_key("endpoint", policy.bucket, policy.code, f"GET {long_path}")
-        assert isinstance(key, str) and key.startswith("two")
+        assert isinstance(key, str)
+        assert key.startswith("two")
         assert list(replaced._data) == [key]
         limiter.header_style = HeaderStyle.X_RATELIMIT
         response = await client.get(long_path)
