@@ -189,6 +189,17 @@ VARIANTS: tuple[Variant, ...] = (
         "fastapi_ratelimit middleware, memory, 5 levels (+ API key, user via user_resolver)",
         frl_levels=5,
     ),
+    *(
+        Variant(
+            f"frl-memory-{n}-general",
+            f"app_frl_memory_{n}",
+            f"frl-memory-{n} with the express path off: the general path alone, as before it",
+            frl_levels=n,
+            env=(("BENCH_GENERAL", "1"),),
+            default=False,
+        )
+        for n in (1, 3, 5)
+    ),
     Variant(
         "frl-redis-1",
         "app_frl_redis_1",

@@ -7,11 +7,20 @@ peer *is* the client and ``trusted_proxies`` stays empty (listing 127.0.0.1 ther
 change nothing: the peer it sees is no longer 127.0.0.1).
 """
 
+import os
+
 from fastapi import FastAPI
 
 from fastapi_ratelimit import MemoryBackend, RateLimiter, RateLimitMiddleware
 
 limiter = RateLimiter(backend=MemoryBackend(), ip_limit="1000000000/minute")
+
+if os.environ.get("BENCH_GENERAL") == "1":
+    # The "-general" variants: the same app with the express path off (express.py), as the
+    # library was before it, for a before-and-after in one run.
+    from fastapi_ratelimit.express import Express
+
+    Express.applies = staticmethod(lambda limiter: False)  # type: ignore[method-assign]
 
 app = FastAPI()
 app.add_middleware(RateLimitMiddleware, limiter=limiter)

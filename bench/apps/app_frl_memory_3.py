@@ -15,6 +15,13 @@ limiter = RateLimiter(
     endpoint_limits={"GET /hello": HIGH},
 )
 
+if os.environ.get("BENCH_GENERAL") == "1":
+    # The "-general" variants: the same app with the express path off (express.py), as the
+    # library was before it, for a before-and-after in one run.
+    from fastapi_ratelimit.express import Express
+
+    Express.applies = staticmethod(lambda limiter: False)  # type: ignore[method-assign]
+
 app = FastAPI()
 app.add_middleware(RateLimitMiddleware, limiter=limiter)
 
