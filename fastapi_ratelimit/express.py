@@ -233,10 +233,13 @@ class Express:
         context.decisions = decisions
         recorder = limiter.recorder
         if recorder is not None:
-            recorder.request(context, new_verdict((decisions, True)), perf_counter() - started)
+            # No level applied (an anonymous caller, only a user level): no verdict, as on
+            # the general path.
+            verdict = new_verdict((decisions, True)) if decisions else None
+            recorder.request(context, verdict, perf_counter() - started)
         headers = None
         # Read per request, as the general path does: the limiter's attributes are public.
-        if limiter.header_style == _IETF:
+        if decisions and limiter.header_style == _IETF:
             # Which per-client levels applied (all of them, usually: the empty key).
             shape = () if len(decisions) == entry.count else tuple([d.scope for d in decisions])
             policies = entry.policies.get(shape)

@@ -143,6 +143,8 @@ CONFIGS: dict[str, Config] = {
         "headers": "x-ratelimit",
     },
     "no headers": {"ip_limit": "5/minute", "headers": "none"},
+    # Anonymous callers meet no level at all: no decision, no header.
+    "a user level only": {"user_limit": "4/minute", "user_resolver": _user},
     # Levels left with the same share and units: the binding one is the first.
     "ties": {
         "global_limit": "40/minute",
