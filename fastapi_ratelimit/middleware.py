@@ -8,7 +8,8 @@ wrapper that only edits ``http.response.start`` (streaming, files and background
 untouched) and, after the response, refunds or adjusts by status or reported cost.
 
 :meth:`RateLimitMiddleware.__call__` shows a request's steps in order, each a call into the
-module that owns it (see ``docs/architecture.md``).
+module that owns it (see ``docs/architecture.md``). The commonest requests take the express
+path first (``express.py``): the same steps, worked out once per path.
 
 At lifespan start-up it warms the limiter up (:meth:`RateLimiter.warm_up`, see
 ``lifespan.py``): the backend connects and loads its scripts before the first request.
@@ -99,11 +100,11 @@ class RateLimitMiddleware:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # The express path (express.py) serves the commonest requests, or hands back the
-        # caller it identified for the general path to go on with (a refused request).
         # Metrics (see recorder.py): a few dict increments per request, only when enabled.
         recorder = self.limiter.recorder
         started = perf_counter() if recorder is not None else 0.0
+        # The express path (express.py) serves the commonest requests, or hands back the
+        # caller it identified for the general path to go on with (a refused request).
         express = self._express
         context = None
         if express is not None and scope["type"] == "http":
