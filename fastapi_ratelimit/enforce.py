@@ -127,13 +127,16 @@ class Enforcer:
                 await dynamic.behaviour.record(record, verdict.allowed)
         return verdict
 
-    def run_now(self, checks: Sequence[Check], context: RequestContext) -> Verdict:
+    def run_now(
+        self, checks: Sequence[Check], context: RequestContext, *, refused: bool = False
+    ) -> Verdict:
         """:meth:`run` without a coroutine, for limiters that ``runs_now`` (the memory
         backend, which never waits or fails, and no dynamic limits, shadow levels or
-        delays): the same decisions, recorded the same way."""
+        delays): the same decisions, recorded the same way. ``refused``: the caller knows
+        the backend's fast attempt refuses (:meth:`MemoryBackend.hit_slow`)."""
         backend = self._limiter.backend
         assert isinstance(backend, MemoryBackend)
-        verdict = backend.hit_now(checks)
+        verdict = backend.hit_slow(checks) if refused else backend.hit_now(checks)
         if not verdict.allowed:
             verdict = self._never(checks) or verdict
         self._record(verdict, checks, context)

@@ -18,9 +18,10 @@ It serves a request only when that request would meet nothing else:
   HTTP method other than ``OPTIONS`` (preflights), a path of at most 512 characters, an app
   without host routing, and a route with no ``@rate_limit`` or ``RateLimit`` guard.
 
-Everything else, and every request a level refuses, goes to the general path before anything
-has changed, so it decides exactly as the general path would: ``tests/test_express.py`` holds
-the two to the same statuses, headers and stored counters.
+Everything else goes to the general path. A request a level refuses has changed nothing when
+that is known, and goes on from step 5 as the general path would (its decision, its denial).
+``tests/test_express.py`` holds the two paths to the same statuses, headers, bodies, stored
+counters and metrics.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .context import SCOPE_KEY, RequestContext
 from .decision import new_verdict
 from .headers import HeaderStyle, ietf_admitted, policy_header
 from .policy import Algorithm
-from .respond import Responder
+from .respond import Responder, deny
 from .route_limits import RouteLimitsCache
 from .routing import STANDARD_METHODS
 
@@ -201,17 +202,16 @@ class Express:
 
     async def serve(
         self, entry: _Entry, scope: Scope, receive: Receive, send: Send, started: float
-    ) -> RequestContext | None:
-        """Serve the request (``None``), or hand back the caller as identified, with nothing
-        else done, for the general path to decide and answer (a refused request).
-        ``started``: the request's ``perf_counter()`` at arrival, when metrics are on.
+    ) -> None:
+        """Serve the request. ``started``: its ``perf_counter()`` at arrival, when metrics
+        are on.
 
         Raises:
             QueryTooLong: as identification does; the middleware answers it.
         """
         if entry is _EXEMPT:
             await self._app(scope, receive, send)
-            return None
+            return
         limiter = self._limiter
         identifier = limiter.identifier
         if identifier.sync:
@@ -219,50 +219,62 @@ class Express:
         else:
             context = await identifier.identify(limiter, scope)
         cost = entry.cost
-        backend = cast(MemoryBackend, limiter.backend)  # entry() saw to it
-        decided = backend.admit_levels(
-            entry.levels, (context.ip, context.api_key, context.user), cost
-        )
-        if decided is None:
-            return context
-        decisions, binding = decided
         context.endpoint = entry.endpoint
         context.route = entry.route
         context.cost = cost
         context.middleware = True
-        context.decisions = decisions
+        backend = cast(MemoryBackend, limiter.backend)  # entry() saw to it
+        decided = backend.admit_levels(
+            entry.levels, (context.ip, context.api_key, context.user), cost
+        )
         recorder = limiter.recorder
-        if recorder is not None:
-            # No level applied (an anonymous caller, only a user level): no verdict, as on
-            # the general path.
-            verdict = new_verdict((decisions, True)) if decisions else None
-            recorder.request(context, verdict, perf_counter() - started)
         headers = None
-        # Read per request, as the general path does: the limiter's attributes are public.
-        if decisions and limiter.header_style == _IETF:
-            # Which per-client levels applied (all of them, usually: the empty key).
-            shape = () if len(decisions) == entry.count else tuple([d.scope for d in decisions])
-            policies = entry.policies.get(shape)
-            if policies is None:
-                policies = entry.policies[shape] = policy_header(decisions)
-            headers = ietf_admitted(policies, decisions[binding])
+        if decided is None:
+            # A level refuses (nothing has changed): the general path's decision and
+            # denial, from step 5 on, with the checks it would have made.
+            verdict = limiter.enforcer.run_now(_checks(entry, context), context, refused=True)
+            if recorder is not None:
+                recorder.request(context, verdict, perf_counter() - started)
+            if not verdict.allowed:
+                await deny(scope, receive, send, limiter, context, verdict)
+                return
+            # Admitted after all (a window turned in between): recorded, charged included.
+            unrecorded = False
+        else:
+            decisions, binding = decided
+            context.decisions = decisions
+            if recorder is not None:
+                # No level applied (an anonymous caller, only a user level): no verdict, as
+                # on the general path.
+                verdict_ = new_verdict((decisions, True)) if decisions else None
+                recorder.request(context, verdict_, perf_counter() - started)
+            # Read per request, as the general path does: the limiter's attributes are public.
+            if decisions and limiter.header_style == _IETF:
+                # Which per-client levels applied (all of them, usually: the empty key).
+                shape = () if len(decisions) == entry.count else tuple([d.scope for d in decisions])
+                policies = entry.policies.get(shape)
+                if policies is None:
+                    policies = entry.policies[shape] = policy_header(decisions)
+                headers = ietf_admitted(policies, decisions[binding])
+            # What the general path records as charged is built only if it is ever read.
+            unrecorded = True
         scope[SCOPE_KEY] = context
         responder = Responder(self._app, context, send, headers)
         try:
             await self._app(scope, receive, responder.send)
         except Exception:
             # As on the general path: an error escaping the app is not charged.
-            context.charged = (*_checks(entry, context), *context.charged)
+            if unrecorded:
+                context.charged = (*_checks(entry, context), *context.charged)
             await after_response(limiter, context, 500)
             raise
         status = responder.status
         # needs_after_response(): nothing is refundable on a route without guards, and
         # applies() ruled out refunds by status and the endpoint breaker.
         if context.reported_cost is not None or (status is not None and status >= 500):
-            # What the general path records as charged, built only when it is read.
-            context.charged = (*_checks(entry, context), *context.charged)
+            if unrecorded:
+                context.charged = (*_checks(entry, context), *context.charged)
             await after_response(limiter, context, status)
-        return None
 
 
 def _checks(entry: _Entry, context: RequestContext) -> list[Check]:

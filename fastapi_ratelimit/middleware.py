@@ -103,20 +103,17 @@ class RateLimitMiddleware:
         # Metrics (see recorder.py): a few dict increments per request, only when enabled.
         recorder = self.limiter.recorder
         started = perf_counter() if recorder is not None else 0.0
-        # The express path (express.py) serves the commonest requests, or hands back the
-        # caller it identified for the general path to go on with (a refused request).
+        # The express path (express.py): the commonest requests, the same steps worked out
+        # once per path.
         express = self._express
-        context = None
         if express is not None and scope["type"] == "http":
             entry = express.entry(scope)
             if entry is not None:
                 try:
-                    context = await express.serve(entry, scope, receive, send, started)
+                    await express.serve(entry, scope, receive, send, started)
                 except QueryTooLong:
                     await refuse(scope, receive, send, bad_request_response(QUERY_TOO_LONG))
-                    return
-                if context is None:
-                    return
+                return
         kind = scope["type"]
         if kind != "http" and (kind != "websocket" or not self._websockets):
             if kind == "lifespan" and self._warm_up:
@@ -132,9 +129,7 @@ class RateLimitMiddleware:
         # 1. Identify: IP, API key, user, tiers (identify.py).
         identifier = limiter.identifier
         try:
-            if context is not None:
-                pass  # identified by the express path
-            elif identifier.sync:
+            if identifier.sync:
                 context = identifier.identify_now(limiter, scope)
             else:
                 context = await identifier.identify(limiter, scope)

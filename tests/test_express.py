@@ -379,3 +379,41 @@ async def test_a_replaced_backend_or_header_style_is_followed_at_once() -> None:
         response = await client.get(long_path)
         assert "ratelimit" not in response.headers
         assert response.headers["x-ratelimit-remaining"] == "98"
+
+
+class _SteppingClock:
+    """Answers each reading with the next of ``times`` (seconds), then the last forever."""
+
+    def __init__(self, *times: float) -> None:
+        self._times = [round(t * 1_000_000) for t in times]
+
+    def now_us(self) -> int:
+        return self._times.pop(0) if len(self._times) > 1 else self._times[0]
+
+
+async def test_a_refusal_that_a_turning_window_lifts_is_admitted_and_charged() -> None:
+    start = 1_700_000_000.0
+    clock = _SteppingClock(start, start + 1, start + 121)
+    limiter = RateLimiter(backend=MemoryBackend(clock=clock), ip_limit="1/minute")
+    app = FastAPI()
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        if item_id == 500:
+            raise HTTPException(500, "boom")
+        return {}
+
+    transport = httpx.ASGITransport(app=app, client=("10.0.0.1", 1))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.get("/items/1")).status_code == 200  # the one unit, at start
+        # At start + 1 the express path finds it spent; the general decision, read at
+        # start + 121, finds a new window: admitted, with its headers, and charged, so the
+        # server error gives the unit back.
+        response = await client.get("/items/500")
+        assert response.status_code == 500
+        assert response.headers["ratelimit"].startswith('"ip";r=0;t=')
+    backend = limiter.backend
+    assert isinstance(backend, MemoryBackend)
+    (state,) = [entry[1] for entry in backend._data.values()]
+    assert state[1] == 0  # refunded: this window's count is back to nothing

@@ -119,6 +119,11 @@ class MemoryBackend:
         verdict = self._admit_all(checks)
         return verdict if verdict is not None else self._check(checks, commit=True)
 
+    def hit_slow(self, checks: Sequence[Check]) -> Verdict:
+        """:meth:`hit_now` without its fast attempt, for a caller that knows it fails (the
+        express path, after :meth:`admit_levels` refused)."""
+        return self._check(checks, commit=True)
+
     async def peek(self, checks: Sequence[Check]) -> Verdict:
         return self._check(checks, commit=False)
 
