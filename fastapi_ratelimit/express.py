@@ -246,8 +246,8 @@ class Express:
             if recorder is not None:
                 # No level applied (an anonymous caller, only a user level): no verdict, as
                 # on the general path.
-                verdict_ = new_verdict((decisions, True)) if decisions else None
-                recorder.request(context, verdict_, perf_counter() - started)
+                admitted = new_verdict((decisions, True)) if decisions else None
+                recorder.request(context, admitted, perf_counter() - started)
             # Read per request, as the general path does: the limiter's attributes are public.
             if decisions and limiter.header_style == _IETF:
                 # Which per-client levels applied (all of them, usually: the empty key).
