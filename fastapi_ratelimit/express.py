@@ -63,6 +63,7 @@ class _Entry:
         "cost",
         "count",
         "endpoint",
+        "general",
         "levels",
         "policies",
         "route",
@@ -78,6 +79,7 @@ class _Entry:
         route: Any,
         cost: int,
         levels: tuple[Level, ...],
+        general: bool = False,
     ) -> None:
         # The app's route list as it was, and the backend whose store keys the levels hold:
         # the entry is stale once either changes.
@@ -89,6 +91,9 @@ class _Entry:
         self.cost = cost
         self.levels = levels
         self.count = len(levels)
+        #: The path needs the general path (its route has guards, or its endpoint a
+        #: per-client limit): kept so that it is not looked into again on every request.
+        self.general = general
         #: ``RateLimit-Policy`` by which per-client levels applied (at most 8 combinations).
         self.policies: dict[tuple[str, ...], bytes] = {}
 
@@ -152,7 +157,7 @@ class Express:
             and entry.size == len(routes)
             and entry.backend is backend
         ):
-            return entry
+            return None if entry.general else entry
         return self._new_entry(key, routes, scope)
 
     def _new_entry(self, key: tuple[str, str, str], routes: Any, scope: Scope) -> _Entry | None:
@@ -160,32 +165,31 @@ class Express:
         if method not in STANDARD_METHODS or method == "OPTIONS" or len(path) > _MAX_PATH:
             return None
         limiter = self._limiter
-        entry: _Entry | None
+        entry: _Entry
         if self._skip(scope):
             entry = _EXEMPT
         elif not isinstance(routes, list) or limiter.pricing.routes.uses_host(routes):
             return None
         else:
             entry = self._plan(routes, scope)
-        if entry is not None:
-            if len(self._entries) >= _MAX_ENTRIES:
-                self._entries.clear()
-            self._entries[key] = entry
-        return entry
+        if len(self._entries) >= _MAX_ENTRIES:
+            self._entries.clear()
+        self._entries[key] = entry
+        return None if entry.general else entry
 
-    def _plan(self, routes: list[Any], scope: Scope) -> _Entry | None:
+    def _plan(self, routes: list[Any], scope: Scope) -> _Entry:
         limiter = self._limiter
-        resolved = limiter.pricing.routes.resolve(routes, scope)
-        if self._route_limits.guarded(resolved.route):
-            return None
-        levels = limiter.levels
-        plan = levels.plans.get(resolved.endpoint) or levels.plan(resolved.endpoint)
-        if plan.client_limits or (
-            plan.policy is not None and plan.policy.algorithm is not _SLIDING
-        ):
-            return None
         backend = limiter.backend
         assert isinstance(backend, MemoryBackend)
+        resolved = limiter.pricing.routes.resolve(routes, scope)
+        levels = limiter.levels
+        plan = levels.plans.get(resolved.endpoint) or levels.plan(resolved.endpoint)
+        if (
+            self._route_limits.guarded(resolved.route)
+            or plan.client_limits
+            or (plan.policy is not None and plan.policy.algorithm is not _SLIDING)
+        ):
+            return _Entry(routes, backend, "", None, 0, (), general=True)
         # In the order Levels.checks gives them: global, IP, endpoint, API key, user.
         rows: list[Level] = []
         for policy, scope_name, slot, identity in (
