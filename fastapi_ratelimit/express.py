@@ -26,14 +26,14 @@ counters and metrics.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, cast
 
 from ._types import ASGIApp, Receive, Scope, Send
 from .after import after_response
-from .backends.base import Check, new_check
 from .backends.memory import Level, MemoryBackend
-from .context import SCOPE_KEY, RequestContext
+from .context import SCOPE_KEY
 from .decision import new_verdict
 from .headers import HeaderStyle, ietf_admitted, policy_header
 from .policy import Algorithm
@@ -113,7 +113,7 @@ class Express:
         app: ASGIApp,
         limiter: RateLimiter,
         route_limits: RouteLimitsCache,
-        skip: Any,
+        skip: Callable[[Scope], bool],
     ) -> None:
         self._app = app
         self._limiter = limiter
@@ -235,8 +235,10 @@ class Express:
         headers = None
         if decided is None:
             # A level refuses (nothing has changed): the general path's decision and
-            # denial, from step 5 on, with the checks it would have made.
-            verdict = limiter.enforcer.run_now(_checks(entry, context), context, refused=True)
+            # denial, from step 5 on, with the checks of step 4.
+            verdict = limiter.enforcer.run_now(
+                limiter.levels.checks(context), context, refused=True
+            )
             if recorder is not None:
                 recorder.request(context, verdict, perf_counter() - started)
             if not verdict.allowed:
@@ -269,7 +271,7 @@ class Express:
         except Exception:
             # As on the general path: an error escaping the app is not charged.
             if unrecorded:
-                context.charged = (*_checks(entry, context), *context.charged)
+                context.charged = (*limiter.levels.checks(context), *context.charged)
             await after_response(limiter, context, 500)
             raise
         status = responder.status
@@ -277,20 +279,5 @@ class Express:
         # applies() ruled out refunds by status and the endpoint breaker.
         if context.reported_cost is not None or (status is not None and status >= 500):
             if unrecorded:
-                context.charged = (*_checks(entry, context), *context.charged)
+                context.charged = (*limiter.levels.checks(context), *context.charged)
             await after_response(limiter, context, status)
-
-
-def _checks(entry: _Entry, context: RequestContext) -> list[Check]:
-    """The checks the general path would have made for the levels ``entry`` decided."""
-    identities = (context.ip, context.api_key, context.user)
-    checks = []
-    for policy, scope_name, slot, *_ in entry.levels:
-        identity = (
-            identities[slot]
-            if slot >= 0
-            else (context.endpoint if scope_name == "endpoint" else "")
-        )
-        if identity is not None:
-            checks.append(new_check((policy, scope_name, identity, context.cost)))
-    return checks
