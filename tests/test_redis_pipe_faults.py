@@ -330,6 +330,71 @@ async def test_a_timeout_on_a_live_connection_is_bounded_and_drops_it(
             pipe.close()
 
 
+async def test_a_shorter_timeout_queued_behind_a_longer_one_keeps_its_own_bound(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    # One timer watches the whole queue (not one per call): a call with less time than the
+    # ones before it must move that timer forward, not wait for theirs.
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        pipe = Pipe(host="127.0.0.1", port=proxy.port)
+        try:
+            assert await pipe.call(pack(b"PING"), 5.0) == b"PONG"
+            proxy.blackhole()
+            patient = asyncio.ensure_future(timed(pipe.call(pack(b"ECHO", b"long"), 30.0)))
+            elapsed, outcome = await asyncio.wait_for(
+                timed(pipe.call(pack(b"ECHO", b"short"), TIMEOUT)), 10
+            )
+            assert isinstance(outcome, TimeoutError), outcome
+            assert elapsed < TIMEOUT + MARGIN
+            # Its timeout dropped the connection: the patient call fails with it, at once.
+            elapsed, outcome = await asyncio.wait_for(patient, 10)
+            assert isinstance(outcome, RedisConnectionError), outcome
+            assert elapsed < TIMEOUT + MARGIN
+        finally:
+            pipe.close()
+
+
+async def test_the_queue_timer_waits_on_for_calls_made_after_it_was_set(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    # The timer falls due for an early call that was answered; a later call, still waiting,
+    # must get a timer of its own then, or it would wait for ever on a dead link.
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        pipe = Pipe(host="127.0.0.1", port=proxy.port)
+        try:
+            assert await pipe.call(pack(b"PING"), 5.0) == b"PONG"
+            assert await pipe.call(pack(b"ECHO", b"early"), TIMEOUT) == b"early"
+            proxy.blackhole()
+            await asyncio.sleep(TIMEOUT / 2)  # the early call's deadline falls in this one
+            elapsed, outcome = await asyncio.wait_for(
+                timed(pipe.call(pack(b"ECHO", b"late"), TIMEOUT)), 10
+            )
+            assert isinstance(outcome, TimeoutError), outcome
+            assert TIMEOUT * 0.9 <= elapsed < TIMEOUT + MARGIN
+        finally:
+            pipe.close()
+
+
+async def test_calls_answered_in_time_never_time_out_however_long_the_traffic_lasts(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    # Replies 50 ms late, calls with 1 s each, for many times the timeout: the queue's timer
+    # falls due again and again while calls wait, and must fail none of them.
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        pipe = Pipe(host="127.0.0.1", port=proxy.port)
+        try:
+            assert await pipe.call(pack(b"PING"), 5.0) == b"PONG"
+            proxy.delay(0.05)
+            calls = []
+            for i in range(60):
+                calls.append(asyncio.ensure_future(pipe.call(pack(b"ECHO", echo(i)), 1.0)))
+                await asyncio.sleep(0.05)
+            assert await asyncio.gather(*calls) == [echo(i) for i in range(60)]
+            assert proxy.stats.connections_accepted == 1
+        finally:
+            pipe.close()
+
+
 async def test_garbage_on_the_wire_drops_the_connection() -> None:
     # A stream hiredis cannot parse: the call fails at once and the next one reconnects.
     answers = [b"?not RESP\r\n", b"+second-connection\r\n"]

@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -50,6 +50,8 @@ except ImportError:  # pragma: no cover - redis[hiredis] installs it
     hiredis = None  # type: ignore[assignment]
 
 __all__ = ["Pipe", "bulk", "pack", "pipe_for"]
+
+_NEVER = float("inf")
 
 
 def pack(*parts: bytes) -> bytes:
@@ -96,6 +98,11 @@ class _Protocol(asyncio.Protocol):
         assert hiredis is not None
         self.reader = hiredis.Reader()
         self.waiters: deque[asyncio.Future[Any]] = deque()
+        #: Each waiter's deadline (loop time; ``inf`` for none), in the same order.
+        self.deadlines: deque[float] = deque()
+        #: One timer for the whole queue, due at or before its earliest deadline (see
+        #: :meth:`send`).
+        self.watch: asyncio.TimerHandle | None = None
         # An asyncio.Transport, or uvloop's, which does not subclass it.
         self.transport: Any = None
         self.lost = False
@@ -121,6 +128,7 @@ class _Protocol(asyncio.Protocol):
                 self.abort()
                 return
             waiter = waiters.popleft()
+            self.deadlines.popleft()
             if waiter.done():
                 continue  # its caller gave up; the reply is dropped, the order kept
             if isinstance(reply, hiredis.ReplyError):
@@ -130,11 +138,60 @@ class _Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self.watch is not None:
+            self.watch.cancel()
+            self.watch = None
         error = RedisConnectionError(f"connection to Redis lost: {exc or 'closed'}")
+        self.deadlines.clear()
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(error)
+
+    def send(self, command: bytes, timeout: float | None) -> asyncio.Future[Any]:
+        """Write ``command``; the future of its reply, failed with ``TimeoutError`` (and the
+        connection dropped) if none came within ``timeout`` seconds."""
+        # Written before the waiter is queued: a transport that refuses the write (uvloop's,
+        # closed but not yet reported lost, raises) leaves no orphan waiter behind.
+        self.transport.write(command)
+        loop = self.loop
+        waiter = loop.create_future()
+        self.waiters.append(waiter)
+        deadline = _NEVER if timeout is None else loop.time() + timeout
+        self.deadlines.append(deadline)
+        # One timer for the queue, not one per call: a timer per call cost each request in
+        # flight three more objects for the garbage collector to count (handle, libuv timer,
+        # context), and at a few dozen requests in flight that is what sets how often the
+        # collector runs (docs/contributing.md, "Tail latency").
+        watch = self.watch
+        if deadline != _NEVER and (watch is None or deadline < watch.when()):
+            if watch is not None:
+                watch.cancel()
+            self.watch = loop.call_at(deadline, self._expire)
+        return waiter
+
+    def _expire(self) -> None:
+        # Due at (or before) the earliest deadline of the queue as it was: a waiter whose
+        # time is up gets TimeoutError and the connection goes (a link that swallowed one
+        # reply may have swallowed more); otherwise wait for the earliest one left.
+        self.watch = None
+        if self.lost:
+            return
+        now = self.loop.time()
+        expired = [
+            waiter
+            for waiter, deadline in zip(self.waiters, self.deadlines, strict=True)
+            if deadline <= now and not waiter.done()
+        ]
+        if expired:
+            for waiter in expired:
+                waiter.set_exception(TimeoutError())
+            self.abort()
+            return
+        pending = [d for w, d in zip(self.waiters, self.deadlines, strict=True) if not w.done()]
+        earliest = min(pending, default=_NEVER)
+        if earliest != _NEVER:
+            self.watch = self.loop.call_at(earliest, self._expire)
 
     def abort(self) -> None:
         self.lost = True
@@ -175,41 +232,36 @@ class Pipe:
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._closed = False
 
-    # A timer handle per call rather than asyncio.timeout(): a third of the cost, and the
-    # expiry must also drop the connection.
-    async def call(self, command: bytes, timeout: float | None) -> Any:  # noqa: ASYNC109
-        """Send one packed command and wait for its reply. Returns or raises (``TimeoutError``
-        when time runs out) within ``timeout`` seconds of being called, connecting included."""
+    def call(self, command: bytes, timeout: float | None) -> Awaitable[Any]:
+        """Send one packed command; an awaitable of its reply, which returns or raises
+        (``TimeoutError`` when time runs out) within ``timeout`` seconds of this call,
+        connecting included.
+
+        Not a coroutine function: on an open connection it hands back the reply's future
+        itself, so a request waiting for Redis holds no coroutine of its own here."""
         protocol = self._protocol
+        if protocol is None or protocol.lost or protocol.loop is not asyncio.get_running_loop():
+            return self._call_connecting(command, timeout)
+        return protocol.send(command, timeout)
+
+    async def _call_connecting(self, command: bytes, timeout: float | None) -> Any:  # noqa: ASYNC109
+        # The connection (and its AUTH, SELECT, SCRIPT LOAD) is waited for out of this
+        # call's own time, not the connect timeout's: that one is 5 s unless the client
+        # says otherwise, and every request arriving meanwhile would wait for it.
         loop = asyncio.get_running_loop()
-        if protocol is None or protocol.lost or protocol.loop is not loop:
-            # The connection (and its AUTH, SELECT, SCRIPT LOAD) is waited for out of this
-            # call's own time, not the connect timeout's: that one is 5 s unless the client
-            # says otherwise, and every request arriving meanwhile would wait for it.
-            if timeout is None:
-                protocol = await self._connect(None)
-            else:
-                deadline = loop.time() + timeout
-                protocol = await self._connect(timeout)
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    raise TimeoutError()
-            if protocol.lost:
-                # Lost between the attempt's end and this caller's turn (a reset, another
-                # caller's timeout): its waiters were failed already, a new one would never be.
-                raise RedisConnectionError("connection to Redis lost as it was made")
-        # Written before the waiter is queued: a transport that refuses the write (uvloop's,
-        # closed but not yet reported lost, raises) leaves no orphan waiter behind.
-        protocol.transport.write(command)
-        waiter = loop.create_future()
-        protocol.waiters.append(waiter)
         if timeout is None:
-            return await waiter
-        timer = loop.call_later(timeout, _expire, waiter, protocol)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
+            protocol = await self._connect(None)
+        else:
+            deadline = loop.time() + timeout
+            protocol = await self._connect(timeout)
+            timeout = deadline - loop.time()
+            if timeout <= 0:
+                raise TimeoutError()
+        if protocol.lost:
+            # Lost between the attempt's end and this caller's turn (a reset, another
+            # caller's timeout): its waiters were failed already, a new one would never be.
+            raise RedisConnectionError("connection to Redis lost as it was made")
+        return await protocol.send(command, timeout)
 
     async def warm_up(self, bound: float) -> None:
         """Open the connection (AUTH, SELECT, SCRIPT LOAD) now unless one is open, allowing it
@@ -295,10 +347,8 @@ class Pipe:
 
 
 async def _ask(protocol: _Protocol, command: bytes) -> Any:
-    waiter = asyncio.get_running_loop().create_future()
-    protocol.waiters.append(waiter)
-    protocol.transport.write(command)
-    return await waiter
+    # Bounded by the connection attempt's own timeout (Pipe._open).
+    return await protocol.send(command, None)
 
 
 def _retrieved(attempt: asyncio.Future[Any]) -> None:
@@ -306,9 +356,3 @@ def _retrieved(attempt: asyncio.Future[Any]) -> None:
     # (otherwise asyncio logs "exception was never retrieved").
     if not attempt.cancelled():
         attempt.exception()
-
-
-def _expire(waiter: asyncio.Future[Any], protocol: _Protocol) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
-        protocol.abort()

@@ -38,8 +38,8 @@ from ..errors import BackendError, ConfigurationError
 from ..keys import KeyBuilder
 from ..logs import log_limited
 from ._denials import DenialCache
+from ._pipe import Pipe, pack, pipe_for
 from ._pipe import bulk as _bulk
-from ._pipe import pack, pipe_for
 from ._scripts import multi_level_script
 from .base import WARM_UP_TIMEOUT, Check, ensure_distinct, make_decision
 
@@ -151,6 +151,9 @@ class RedisBackend:
             if multiplex and not self._cluster and isinstance(client, Redis)
             else None
         )
+        # Without a per-call timeout, the socket-level fallback of _socket_options: a dead
+        # connection must never hold a request forever.
+        self._pipe_timeout = timeout if timeout is not None else _FALLBACK_TIMEOUT
         self._sha = self._script.sha.encode()
         # The packed EVALSHA head per number of keys, and packed keys (they repeat a lot).
         self._heads: dict[int, bytes] = {}
@@ -279,14 +282,27 @@ class RedisBackend:
         denials = self._denials
         sent = denials.now() if denials is not None else 0.0
         keys: list[str] | None = None
-        if self._cluster or len(checks) < 2:
+        if self._cluster or not checks:
             verdict = await self._run("h", checks)
         else:
-            # Standalone and Sentinel: straight to the one script call. (No coroutine of
-            # its own: every object a request holds while it waits counts, see context.py.)
+            # Standalone and Sentinel: straight to the one script call, with no coroutine
+            # between (_eval's): every object a request holds while it waits counts, see
+            # docs/contributing.md, "Tail latency".
             keys = self._keys_of(checks)
-            ensure_distinct(keys)
-            verdict = Verdict(tuple(await self._eval("h", checks, keys)))
+            if len(keys) > 1:
+                ensure_distinct(keys)
+            arg = self._arg("h", checks)
+            pipe = self._pipe
+            if pipe is None:
+                reply = await self._script_call(keys, arg)
+            else:
+                # _script_call's pipe branch, inline: one coroutine fewer held while waiting.
+                started = time.monotonic()
+                try:
+                    reply = await pipe.call(self._evalsha(keys, arg), self._pipe_timeout)
+                except Exception as exc:
+                    reply = await self._pipe_failed(pipe, keys, arg, exc, started)
+            verdict = Verdict(tuple(self._decisions(checks, reply)))
         if denials is not None and not verdict.allowed:
             if keys is None:
                 keys = self._keys_of(checks)
@@ -491,39 +507,37 @@ class RedisBackend:
         return Verdict(tuple(d for d in decisions if d is not None))
 
     async def _eval(self, mode: _Mode, checks: Sequence[Check], keys: list[str]) -> list[Decision]:
+        reply = await self._script_call(keys, self._arg(mode, checks))
+        return [] if mode == "r" else self._decisions(checks, reply)
+
+    def _arg(self, mode: _Mode, checks: Sequence[Check]) -> str:
+        """The script's one argument: mode, clock, margin and each level's policy and cost."""
         now = "-" if self._clock is None else str(self._clock.now_us())
         levels = " ".join([f"{check.policy.wire}{check.cost}" for check in checks])
-        reply = await self._script_call(keys, [f"{mode} {now} {self._margin_ms} {levels}"])
-        if mode == "r":
-            return []
-        values = [int(v) for v in reply.split()]
+        return f"{mode} {now} {self._margin_ms} {levels}"
+
+    @staticmethod
+    def _decisions(checks: Sequence[Check], reply: bytes) -> list[Decision]:
+        """The script's reply, four numbers a level, as decisions."""
+        # One iterator read four at a time: the parsing stays in C.
+        values = map(int, reply.split())
         return [
-            make_decision(check, values[j] == 1, values[j + 1], values[j + 2], values[j + 3])
-            for check, j in zip(checks, range(0, 4 * len(checks), 4), strict=True)
+            make_decision(check, allowed == 1, remaining, reset_us, retry_us)
+            for check, allowed, remaining, reset_us, retry_us in zip(
+                checks, values, values, values, values, strict=True
+            )
         ]
 
-    async def _script_call(self, keys: list[str], args: list[str]) -> Any:
+    async def _script_call(self, keys: list[str], arg: str) -> Any:
         # _call and a straight EVALSHA folded into one coroutine: every await layer costs on
         # the hot path (AsyncScript.__call__ too); the reload path stays in _reload_and_run.
         pipe = self._pipe
         if pipe is not None:
-            # Without a per-call timeout, the socket-level fallback of _socket_options: a
-            # dead connection must never hold a request forever.
-            timeout = self._timeout if self._timeout is not None else _FALLBACK_TIMEOUT
             started = time.monotonic()
             try:
-                try:
-                    return await pipe.call(self._evalsha(keys, args[0]), timeout)
-                except NoScriptError:
-                    # Flushed (SCRIPT FLUSH, a restart without persistence): EVAL sends the
-                    # source, runs it and caches it again, so EVALSHA works from then on. In
-                    # what is left of the request's time, not a second timeout of its own.
-                    left = started + timeout - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError() from None
-                    return await pipe.call(self._eval_source(keys, args[0]), left)
+                return await pipe.call(self._evalsha(keys, arg), self._pipe_timeout)
             except Exception as exc:
-                raise self._script_error(exc) from exc
+                return await self._pipe_failed(pipe, keys, arg, exc, started)
         client = self._client
         try:
             if not self._initialized:
@@ -531,16 +545,34 @@ class RedisBackend:
             async with self._slots:
                 if self._timeout is None:
                     try:
-                        return await client.evalsha(self._script.sha, len(keys), *keys, *args)
+                        return await client.evalsha(self._script.sha, len(keys), *keys, arg)
                     except NoScriptError:
-                        return await self._reload_and_run(keys, args)
+                        return await self._reload_and_run(keys, [arg])
                 async with asyncio.timeout(self._timeout):
                     try:
-                        return await client.evalsha(self._script.sha, len(keys), *keys, *args)
+                        return await client.evalsha(self._script.sha, len(keys), *keys, arg)
                     except NoScriptError:
-                        return await self._reload_and_run(keys, args)
+                        return await self._reload_and_run(keys, [arg])
         except Exception as exc:  # see _call: never anything but a BackendError
             raise self._script_error(exc) from exc
+
+    async def _pipe_failed(
+        self, pipe: Pipe, keys: list[str], arg: str, exc: Exception, started: float
+    ) -> Any:
+        """After the pipe's ``EVALSHA`` (sent at ``started``) raised ``exc``: the reply of
+        ``EVAL`` if the script was gone, else :class:`BackendError`."""
+        try:
+            if not isinstance(exc, NoScriptError):
+                raise exc
+            # Flushed (SCRIPT FLUSH, a restart without persistence): EVAL sends the source,
+            # runs it and caches it again, so EVALSHA works from then on. In what is left of
+            # the request's time, not a second timeout of its own.
+            left = started + self._pipe_timeout - time.monotonic()
+            if left <= 0:
+                raise TimeoutError()
+            return await pipe.call(self._eval_source(keys, arg), left)
+        except Exception as error:
+            raise self._script_error(error) from error
 
     def _script_error(self, exc: Exception) -> BackendError:
         if isinstance(exc, TimeoutError):
