@@ -61,13 +61,11 @@ class FailureHandling:
         allows; raises :class:`BackendError` when it failed and the policy denies."""
         limiter = self._limiter
         backend = limiter.backend
-        cached_denial = getattr(backend, "cached_denial", None)
-        if cached_denial is not None:
-            # A client known to be over a limit: answered here, as neither a success nor a
-            # failure of the backend (the breaker hears nothing).
-            known = cached_denial(checks)
-            if known is not None:
-                return cast(Verdict, known)
+        # A client known to be over a limit: answered here, as neither a success nor a
+        # failure of the backend (the breaker hears nothing).
+        known = _cached_denial(backend, checks)
+        if known is not None:
+            return known
         if self.node_breakers is not None:
             return await self.node_breakers.hit(checks, self.refuses, self._fallback)
         breaker = self.breaker
@@ -142,3 +140,12 @@ def _failure_policies(value: Any) -> tuple[str, dict[str, str]]:
             )
         per_scope[str(scope)] = policy
     return per_scope.pop("default", "allow"), per_scope
+
+
+def _cached_denial(backend: Backend, checks: Sequence[Check]) -> Verdict | None:
+    """The backend's cached denial of ``checks``, if it keeps such a cache (Redis does).
+
+    A function of its own so that the bound method dies with it: one object fewer held by
+    every request waiting for the backend (see docs/contributing.md, "Tail latency")."""
+    cached_denial = getattr(backend, "cached_denial", None)
+    return None if cached_denial is None else cast("Verdict | None", cached_denial(checks))
