@@ -330,12 +330,17 @@ async def test_a_timeout_on_a_live_connection_is_bounded_and_drops_it(
             pipe.close()
 
 
-async def test_a_shorter_timeout_queued_behind_a_longer_one_keeps_its_own_bound(
-    redis_url: str, redis_server: RedisServer
+@pytest.mark.parametrize("run", RUNNERS)
+def test_a_shorter_timeout_queued_behind_a_longer_one_keeps_its_own_bound(
+    redis_url: str, redis_server: RedisServer, run: Runner
 ) -> None:
+    run(_shorter_timeout_scenario(redis_server.port))
+
+
+async def _shorter_timeout_scenario(port: int) -> None:
     # One timer watches the whole queue (not one per call): a call with less time than the
     # ones before it must move that timer forward, not wait for theirs.
-    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+    async with FaultProxy("127.0.0.1", port) as proxy:
         pipe = Pipe(host="127.0.0.1", port=proxy.port)
         try:
             assert await pipe.call(pack(b"PING"), 5.0) == b"PONG"
@@ -354,12 +359,17 @@ async def test_a_shorter_timeout_queued_behind_a_longer_one_keeps_its_own_bound(
             pipe.close()
 
 
-async def test_the_queue_timer_waits_on_for_calls_made_after_it_was_set(
-    redis_url: str, redis_server: RedisServer
+@pytest.mark.parametrize("run", RUNNERS)
+def test_the_queue_timer_waits_on_for_calls_made_after_it_was_set(
+    redis_url: str, redis_server: RedisServer, run: Runner
 ) -> None:
+    run(_timer_rearmed_scenario(redis_server.port))
+
+
+async def _timer_rearmed_scenario(port: int) -> None:
     # The timer falls due for an early call that was answered; a later call, still waiting,
     # must get a timer of its own then, or it would wait for ever on a dead link.
-    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+    async with FaultProxy("127.0.0.1", port) as proxy:
         pipe = Pipe(host="127.0.0.1", port=proxy.port)
         try:
             assert await pipe.call(pack(b"PING"), 5.0) == b"PONG"

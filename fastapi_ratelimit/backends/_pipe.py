@@ -15,10 +15,11 @@ connects afresh. So does anything else that breaks the stream (a reply nobody as
 hiredis cannot parse): a connection is never used again after a timeout or an error of its own.
 
 Time: :meth:`Pipe.call` returns or raises within ``timeout`` of being called (plus the event
-loop's lag), whatever the connection is doing. Waiting for a new connection, its AUTH, SELECT
-and SCRIPT LOAD counts against the same ``timeout``: the connect timeout (5 s unless the client
-sets ``socket_connect_timeout``) bounds the shared attempt, never a caller. Concurrent callers
-share one attempt, which carries on when they give up, so the next callers can use it.
+loop's lag), whatever the connection is doing; one timer per connection watches the deadlines
+of all the calls waiting on it. Waiting for a new connection, its AUTH, SELECT and SCRIPT LOAD
+counts against the same ``timeout``: the connect timeout (5 s unless the client sets
+``socket_connect_timeout``) bounds the shared attempt, never a caller. Concurrent callers share
+one attempt, which carries on when they give up, so the next callers can use it.
 At start-up, :meth:`Pipe.warm_up` opens the connection with a bound of its own (see
 ``RedisBackend.warm_up``), so the first call does not pay for it.
 

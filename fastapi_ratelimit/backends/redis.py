@@ -151,9 +151,10 @@ class RedisBackend:
             if multiplex and not self._cluster and isinstance(client, Redis)
             else None
         )
-        # Without a per-call timeout, the socket-level fallback of _socket_options: a dead
-        # connection must never hold a request forever.
-        self._pipe_timeout = timeout if timeout is not None else _FALLBACK_TIMEOUT
+        # What bounds one call on the pipe (and names it in errors): without a per-call
+        # timeout, the socket-level fallback of _socket_options, since a dead connection
+        # must never hold a request forever.
+        self._call_timeout = timeout if timeout is not None else _FALLBACK_TIMEOUT
         self._sha = self._script.sha.encode()
         # The packed EVALSHA head per number of keys, and packed keys (they repeat a lot).
         self._heads: dict[int, bytes] = {}
@@ -299,7 +300,7 @@ class RedisBackend:
                 # _script_call's pipe branch, inline: one coroutine fewer held while waiting.
                 started = time.monotonic()
                 try:
-                    reply = await pipe.call(self._evalsha(keys, arg), self._pipe_timeout)
+                    reply = await pipe.call(self._evalsha(keys, arg), self._call_timeout)
                 except Exception as exc:
                     reply = await self._pipe_failed(pipe, keys, arg, exc, started)
             verdict = Verdict(tuple(self._decisions(checks, reply)))
@@ -535,7 +536,7 @@ class RedisBackend:
         if pipe is not None:
             started = time.monotonic()
             try:
-                return await pipe.call(self._evalsha(keys, arg), self._pipe_timeout)
+                return await pipe.call(self._evalsha(keys, arg), self._call_timeout)
             except Exception as exc:
                 return await self._pipe_failed(pipe, keys, arg, exc, started)
         client = self._client
@@ -567,7 +568,7 @@ class RedisBackend:
             # Flushed (SCRIPT FLUSH, a restart without persistence): EVAL sends the source,
             # runs it and caches it again, so EVALSHA works from then on. In what is left of
             # the request's time, not a second timeout of its own.
-            left = started + self._pipe_timeout - time.monotonic()
+            left = started + self._call_timeout - time.monotonic()
             if left <= 0:
                 raise TimeoutError()
             return await pipe.call(self._eval_source(keys, arg), left)
@@ -576,7 +577,9 @@ class RedisBackend:
 
     def _script_error(self, exc: Exception) -> BackendError:
         if isinstance(exc, TimeoutError):
-            return BackendError(f"Redis script timed out after {self._timeout}s ({self._where()})")
+            return BackendError(
+                f"Redis script timed out after {self._call_timeout}s ({self._where()})"
+            )
         return BackendError(
             f"Redis script failed: {type(exc).__name__}: {_scrub(str(exc))} ({self._where()})"
         )
