@@ -16,8 +16,9 @@ gets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -71,6 +72,18 @@ async def timed(call: Awaitable[Any]) -> tuple[float, Any]:
 def passed_in_client(proxy: FaultProxy) -> redis.asyncio.Redis:
     # No socket_connect_timeout: the pipe's own connection attempt may take 5 s.
     return redis.asyncio.Redis(host="127.0.0.1", port=proxy.port)
+
+
+@contextlib.asynccontextmanager
+async def piped(port: int) -> AsyncIterator[tuple[FaultProxy, Pipe]]:
+    """A pipe through a fault proxy to the redis-server on ``port``, its connection open."""
+    async with FaultProxy("127.0.0.1", port) as proxy:
+        pipe = Pipe(host="127.0.0.1", port=proxy.port)
+        try:
+            assert await pipe.call(pack(b"PING"), 5.0) == b"PONG"
+            yield proxy, pipe
+        finally:
+            pipe.close()
 
 
 async def until_served(backend: RedisBackend, i: int, within: float = 10.0) -> int:
@@ -340,23 +353,18 @@ def test_a_shorter_timeout_queued_behind_a_longer_one_keeps_its_own_bound(
 async def _shorter_timeout_scenario(port: int) -> None:
     # One timer watches the whole queue (not one per call): a call with less time than the
     # ones before it must move that timer forward, not wait for theirs.
-    async with FaultProxy("127.0.0.1", port) as proxy:
-        pipe = Pipe(host="127.0.0.1", port=proxy.port)
-        try:
-            assert await pipe.call(pack(b"PING"), 5.0) == b"PONG"
-            proxy.blackhole()
-            patient = asyncio.ensure_future(timed(pipe.call(pack(b"ECHO", b"long"), 30.0)))
-            elapsed, outcome = await asyncio.wait_for(
-                timed(pipe.call(pack(b"ECHO", b"short"), TIMEOUT)), 10
-            )
-            assert isinstance(outcome, TimeoutError), outcome
-            assert elapsed < TIMEOUT + MARGIN
-            # Its timeout dropped the connection: the patient call fails with it, at once.
-            elapsed, outcome = await asyncio.wait_for(patient, 10)
-            assert isinstance(outcome, RedisConnectionError), outcome
-            assert elapsed < TIMEOUT + MARGIN
-        finally:
-            pipe.close()
+    async with piped(port) as (proxy, pipe):
+        proxy.blackhole()
+        patient = asyncio.ensure_future(timed(pipe.call(pack(b"ECHO", b"long"), 30.0)))
+        elapsed, outcome = await asyncio.wait_for(
+            timed(pipe.call(pack(b"ECHO", b"short"), TIMEOUT)), 10
+        )
+        assert isinstance(outcome, TimeoutError), outcome
+        assert elapsed < TIMEOUT + MARGIN
+        # Its timeout dropped the connection: the patient call fails with it, at once.
+        elapsed, outcome = await asyncio.wait_for(patient, 10)
+        assert isinstance(outcome, RedisConnectionError), outcome
+        assert elapsed < TIMEOUT + MARGIN
 
 
 @pytest.mark.parametrize("run", RUNNERS)
@@ -369,20 +377,15 @@ def test_the_queue_timer_waits_on_for_calls_made_after_it_was_set(
 async def _timer_rearmed_scenario(port: int) -> None:
     # The timer falls due for an early call that was answered; a later call, still waiting,
     # must get a timer of its own then, or it would wait for ever on a dead link.
-    async with FaultProxy("127.0.0.1", port) as proxy:
-        pipe = Pipe(host="127.0.0.1", port=proxy.port)
-        try:
-            assert await pipe.call(pack(b"PING"), 5.0) == b"PONG"
-            assert await pipe.call(pack(b"ECHO", b"early"), TIMEOUT) == b"early"
-            proxy.blackhole()
-            await asyncio.sleep(TIMEOUT / 2)  # the early call's deadline falls in this one
-            elapsed, outcome = await asyncio.wait_for(
-                timed(pipe.call(pack(b"ECHO", b"late"), TIMEOUT)), 10
-            )
-            assert isinstance(outcome, TimeoutError), outcome
-            assert TIMEOUT * 0.9 <= elapsed < TIMEOUT + MARGIN
-        finally:
-            pipe.close()
+    async with piped(port) as (proxy, pipe):
+        assert await pipe.call(pack(b"ECHO", b"early"), TIMEOUT) == b"early"
+        proxy.blackhole()
+        await asyncio.sleep(TIMEOUT / 2)  # the early call's deadline falls in this one
+        elapsed, outcome = await asyncio.wait_for(
+            timed(pipe.call(pack(b"ECHO", b"late"), TIMEOUT)), 10
+        )
+        assert isinstance(outcome, TimeoutError), outcome
+        assert TIMEOUT * 0.9 <= elapsed < TIMEOUT + MARGIN
 
 
 async def test_calls_answered_in_time_never_time_out_however_long_the_traffic_lasts(
@@ -390,19 +393,14 @@ async def test_calls_answered_in_time_never_time_out_however_long_the_traffic_la
 ) -> None:
     # Replies 50 ms late, calls with 1 s each, for many times the timeout: the queue's timer
     # falls due again and again while calls wait, and must fail none of them.
-    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
-        pipe = Pipe(host="127.0.0.1", port=proxy.port)
-        try:
-            assert await pipe.call(pack(b"PING"), 5.0) == b"PONG"
-            proxy.delay(0.05)
-            calls = []
-            for i in range(60):
-                calls.append(asyncio.ensure_future(pipe.call(pack(b"ECHO", echo(i)), 1.0)))
-                await asyncio.sleep(0.05)
-            assert await asyncio.gather(*calls) == [echo(i) for i in range(60)]
-            assert proxy.stats.connections_accepted == 1
-        finally:
-            pipe.close()
+    async with piped(redis_server.port) as (proxy, pipe):
+        proxy.delay(0.05)
+        calls = []
+        for i in range(60):
+            calls.append(asyncio.ensure_future(pipe.call(pack(b"ECHO", echo(i)), 1.0)))
+            await asyncio.sleep(0.05)
+        assert await asyncio.gather(*calls) == [echo(i) for i in range(60)]
+        assert proxy.stats.connections_accepted == 1
 
 
 async def test_garbage_on_the_wire_drops_the_connection() -> None:
