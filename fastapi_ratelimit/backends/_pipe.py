@@ -161,8 +161,8 @@ class _Protocol(asyncio.Protocol):
         deadline = _NEVER if timeout is None else loop.time() + timeout
         self.deadlines.append(deadline)
         # One timer for the queue, not one per call: a timer per call cost each request in
-        # flight three more objects for the garbage collector to count (handle, libuv timer,
-        # context), and at a few dozen requests in flight that is what sets how often the
+        # flight more objects for the garbage collector to count (its handle, its libuv
+        # timer), and at a few dozen requests in flight that is what sets how often the
         # collector runs (docs/contributing.md, "Tail latency").
         watch = self.watch
         if deadline != _NEVER and (watch is None or deadline < watch.when()):
