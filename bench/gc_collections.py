@@ -54,11 +54,11 @@ def measure(app: str, args: argparse.Namespace, log_dir: str) -> dict[str, Any]:
     """One warm-up and one measured wrk run of ``app``; the collector's runs during the latter."""
     redis = RedisServer(args.redis_server, cpu=args.client_cpu) if "redis" in app else None
     env = {**os.environ, "GC_PROBE_APP": app}
-    if redis is not None:
-        redis.start()
-        env["BENCH_REDIS_URL"] = redis.url
     server = AppServer(_Probe(app), args.server_cpu, log_dir, env)
     try:
+        if redis is not None:
+            redis.start()
+            env["BENCH_REDIS_URL"] = redis.url
         server.start()
         run_wrk(args, PRODUCTION, server.url, args.warmup)
         _stats(server.port, reset=True)
