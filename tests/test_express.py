@@ -85,6 +85,13 @@ def _middleware(app: FastAPI) -> RateLimitMiddleware:
     return layer
 
 
+def _express(app: FastAPI) -> Express:
+    """The express path of ``app``'s middleware (the stack is built by a first request)."""
+    express = _middleware(app)._express
+    assert express is not None
+    return express
+
+
 def _traffic(count: int, seed: int) -> list[tuple[str, str, dict[str, str]]]:
     rng = random.Random(seed)
     paths = [("GET", "/hello")] * 6 + [
@@ -232,8 +239,7 @@ async def test_routes_with_guards_or_decorators_go_the_general_way_and_agree() -
         transport=httpx.ASGITransport(app=app), base_url="http://t"
     ) as client:
         await client.get("/health")
-        express = _middleware(app)._express
-        assert express is not None
+        express = _express(app)
         statuses = [(await client.get("/guarded")).status_code for _ in range(3)]
         assert statuses == [200, 200, 429]
         headers = {"x-user": "carol"}
@@ -296,8 +302,7 @@ async def test_per_request_conditions_send_requests_the_general_way() -> None:
     transport = httpx.ASGITransport(app=app, client=("10.0.0.1", 1))
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         assert (await client.get("/hello")).status_code == 200
-        express = _middleware(app)._express
-        assert express is not None
+        express = _express(app)
         scope = {"type": "http", "method": "GET", "path": "/hello", "root_path": "", "app": app}
         assert express.entry(scope) is not None
         # An allow-list entry: the lists must be asked, so the general path serves.
@@ -321,8 +326,7 @@ async def test_the_path_cache_is_bounded_whatever_paths_clients_send() -> None:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         await client.get("/items/0")
-        express = _middleware(app)._express
-        assert express is not None
+        express = _express(app)
         peak = 0
         for i in range(100_000):
             scope = {
@@ -346,8 +350,7 @@ async def test_a_long_path_or_odd_method_goes_the_general_way() -> None:
         transport=httpx.ASGITransport(app=app), base_url="http://t"
     ) as client:
         await client.get("/health")
-        express = _middleware(app)._express
-        assert express is not None
+        express = _express(app)
         base: dict[str, Any] = {"type": "http", "root_path": "", "app": app, "headers": []}
         assert express.entry({**base, "method": "GET", "path": "/" + "a" * 600}) is None
         assert express.entry({**base, "method": "BREW", "path": "/hello"}) is None
@@ -373,7 +376,7 @@ async def test_a_replaced_backend_or_header_style_is_followed_at_once() -> None:
         transport=httpx.ASGITransport(app=app), base_url="http://t"
     ) as client:
         assert (await client.get(long_path)).headers["ratelimit"].startswith('"endpoint";r=99;')
-        assert _middleware(app)._express is not None
+        _express(app)
         replaced = MemoryBackend(prefix="two", key_secret=b"s" * 32)
         limiter.backend = replaced
         response = await client.get(long_path)

@@ -179,19 +179,20 @@ class _Protocol(asyncio.Protocol):
         if self.lost:
             return
         now = self.loop.time()
-        expired = [
-            waiter
-            for waiter, deadline in zip(self.waiters, self.deadlines, strict=True)
-            if deadline <= now and not waiter.done()
-        ]
+        expired: list[asyncio.Future[Any]] = []
+        earliest = _NEVER
+        for waiter, deadline in zip(self.waiters, self.deadlines, strict=True):
+            if waiter.done():
+                continue  # answered, or its caller gave up: its deadline no longer counts
+            if deadline <= now:
+                expired.append(waiter)
+            elif deadline < earliest:
+                earliest = deadline
         if expired:
             for waiter in expired:
                 waiter.set_exception(TimeoutError())
             self.abort()
-            return
-        pending = [d for w, d in zip(self.waiters, self.deadlines, strict=True) if not w.done()]
-        earliest = min(pending, default=_NEVER)
-        if earliest != _NEVER:
+        elif earliest != _NEVER:
             self.watch = self.loop.call_at(earliest, self._expire)
 
     def abort(self) -> None:
