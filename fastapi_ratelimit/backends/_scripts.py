@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from importlib.resources import files
+
+from ..policy import Algorithm
 
 #: Concatenation order: helpers, one file per algorithm (same stems as ``algorithms/``), entry.
 PARTS = (
@@ -23,10 +26,26 @@ def lua_source(stem: str) -> str:
 
 @cache
 def multi_level_script() -> str:
-    """The full script text; every part is wrapped in ``do ... end`` so its locals stay local."""
+    """The full script text (see :func:`assemble`)."""
+    return assemble(lua_source)
+
+
+def assemble(source: Callable[[str], str]) -> str:
+    """The script from ``source(stem)`` for each of :data:`PARTS` (``bench/`` passes another
+    revision's files, to weigh a change to the script).
+
+    Each algorithm's file becomes the body of its loader (``LOADERS[code]``, see
+    ``_prelude.lua``), which the script runs the first time a call needs that algorithm: a
+    script's top level runs on every call, and making all five algorithms' functions each
+    time cost the server more than the commands of a one-level request.
+    """
     chunks = []
     for stem in PARTS:
-        body = lua_source(stem)
-        # The prelude's helpers and the entry point's locals must stay visible to what follows.
-        chunks.append(body if stem.startswith("_") else f"do\n{body}\nend")
+        body = source(stem)
+        if stem.startswith("_"):
+            # The prelude's helpers and the entry point's locals must stay visible to what
+            # follows.
+            chunks.append(body)
+        else:
+            chunks.append(f"LOADERS['{Algorithm(stem).code}'] = function()\n{body}\nend")
     return "\n".join(chunks)

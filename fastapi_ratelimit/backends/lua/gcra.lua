@@ -10,24 +10,25 @@ ALGORITHMS['gc'] = {
   evaluate = function(key, now, limit, window, capacity, cost)
     local interval = window / limit
     local tau = capacity * interval
-    local stored = redis.call('GET', key)
+    local stored = call('GET', key)
     local backlog = 0.0
-    if stored then backlog = math.max(tonumber(stored) - now, 0.0) end
+    if stored then backlog = max(tonumber(stored) - now, 0.0) end
     local diff = backlog + cost * interval
     local allowed = diff <= tau + GCRA_SLACK_US
     local retry = 0
-    if not allowed then retry = math.max(1, math.ceil(diff - tau - GCRA_SLACK_US)) end
-    local reset_commit = math.ceil(diff)
-    local commit = function(margin)
-      redis.call('SET', key, float_str(now + diff), 'PX', ttl_ms(reset_commit, margin))
-    end
-    return allowed, (tau - backlog) / interval, retry, reset_commit, math.ceil(backlog), commit
+    if not allowed then retry = max(1, ceil(diff - tau - GCRA_SLACK_US)) end
+    local reset_commit = ceil(diff)
+    return allowed, (tau - backlog) / interval, retry, reset_commit, ceil(backlog),
+      now + diff, reset_commit
+  end,
+  commit = function(key, margin, tat, reset_commit)
+    call('SET', key, float_str(tat), 'PX', ttl_ms(reset_commit, margin))
   end,
   refund = function(key, now, limit, window, capacity, amount)
-    local stored = redis.call('GET', key)
+    local stored = call('GET', key)
     if stored then
-      local backlog = math.max(tonumber(stored) - now, 0.0) - amount * (window / limit)
-      redis.call('SET', key, float_str(now + math.max(backlog, 0.0)), 'KEEPTTL')
+      local backlog = max(tonumber(stored) - now, 0.0) - amount * (window / limit)
+      call('SET', key, float_str(now + max(backlog, 0.0)), 'KEEPTTL')
     end
   end,
 }

@@ -4,8 +4,8 @@
 -- TTL = time until both windows stop weighing (2 * window - elapsed) + margin.
 ALGORITHMS['sc'] = {
   evaluate = function(key, now, limit, window, capacity, cost)
-    local start = math.floor(now / window) * window
-    local raw = redis.call('HMGET', key, 's', 'c', 'p')
+    local start = floor(now / window) * window
+    local raw = call('HMGET', key, 's', 'c', 'p')
     local cur, prev = 0, 0
     if raw[1] then
       local s = tonumber(raw[1])
@@ -24,14 +24,14 @@ ALGORITHMS['sc'] = {
     if not allowed then
       if cur + cost <= limit then
         local need = window - (limit - cur - cost) * window / prev
-        retry = math.ceil(need - elapsed)
+        retry = ceil(need - elapsed)
       elseif cost <= limit then
         local need = window - (limit - cost) * window / cur
-        retry = math.ceil((window - elapsed) + math.max(0, need))
+        retry = ceil((window - elapsed) + max(0, need))
       else
         retry = 2 * window - elapsed
       end
-      retry = math.max(1, retry)
+      retry = max(1, retry)
     end
     local reset_keep = 0
     if cur > 0 then
@@ -40,11 +40,11 @@ ALGORITHMS['sc'] = {
       reset_keep = window - elapsed
     end
     local horizon = 2 * window - elapsed
-    local commit = function(margin)
-      redis.call('HSET', key, 's', int_str(start), 'c', int_str(cur + cost), 'p', int_str(prev))
-      redis.call('PEXPIRE', key, ttl_ms(horizon, margin))
-    end
-    return allowed, available, retry, horizon, reset_keep, commit
+    return allowed, available, retry, horizon, reset_keep, start, cur + cost, prev, horizon
+  end,
+  commit = function(key, margin, start, count, prev, horizon)
+    call('HSET', key, 's', format('%d', start), 'c', format('%d', count), 'p', format('%d', prev))
+    call('PEXPIRE', key, ttl_ms(horizon, margin))
   end,
   refund = function(key, now, limit, window, capacity, amount)
     refund_window_count(key, now, window, amount)

@@ -4,20 +4,20 @@
 -- while now - ts < window. TTL = window + margin (the newest entry is always `now`).
 local function sl_trim(key, now, window)
   local cutoff = now - window
-  local count = redis.call('LLEN', key)
+  local count = call('LLEN', key)
   if count == 0 then return 0 end
-  if tonumber(redis.call('LINDEX', key, -1)) <= cutoff then
-    redis.call('DEL', key)
+  if tonumber(call('LINDEX', key, -1)) <= cutoff then
+    call('DEL', key)
     return 0
   end
-  if tonumber(redis.call('LINDEX', key, 0)) > cutoff then return count end
+  if tonumber(call('LINDEX', key, 0)) > cutoff then return count end
   -- Binary search for the first live entry: ts[lo] <= cutoff < ts[hi].
   local lo, hi = 0, count - 1
   while hi - lo > 1 do
-    local mid = math.floor((lo + hi) / 2)
-    if tonumber(redis.call('LINDEX', key, mid)) <= cutoff then lo = mid else hi = mid end
+    local mid = floor((lo + hi) / 2)
+    if tonumber(call('LINDEX', key, mid)) <= cutoff then lo = mid else hi = mid end
   end
-  redis.call('LTRIM', key, hi, -1)
+  call('LTRIM', key, hi, -1)
   return count - hi
 end
 
@@ -31,31 +31,31 @@ ALGORITHMS['sl'] = {
       local k = count + cost - limit
       local oldest_needed = now
       if k <= count then
-        oldest_needed = tonumber(redis.call('LINDEX', key, k - 1))
+        oldest_needed = tonumber(call('LINDEX', key, k - 1))
       elseif count > 0 then
-        oldest_needed = tonumber(redis.call('LINDEX', key, -1))
+        oldest_needed = tonumber(call('LINDEX', key, -1))
       end
-      retry = math.max(1, oldest_needed + window - now)
+      retry = max(1, oldest_needed + window - now)
     end
     local reset_keep = 0
-    if count > 0 then reset_keep = tonumber(redis.call('LINDEX', key, -1)) + window - now end
-    local commit = function(margin)
-      local stamp = int_str(now)
-      local batch = {}
-      for i = 1, cost do
-        batch[#batch + 1] = stamp
-        -- Lua's unpack has a stack limit: push in chunks.
-        if #batch == 1000 or i == cost then
-          redis.call('RPUSH', key, unpack(batch))
-          batch = {}
-        end
+    if count > 0 then reset_keep = tonumber(call('LINDEX', key, -1)) + window - now end
+    return allowed, available, retry, window, reset_keep, now, cost, window
+  end,
+  commit = function(key, margin, now, cost, window)
+    local stamp = format('%d', now)
+    local batch = {}
+    for i = 1, cost do
+      batch[#batch + 1] = stamp
+      -- Lua's unpack has a stack limit: push in chunks.
+      if #batch == 1000 or i == cost then
+        call('RPUSH', key, unpack(batch))
+        batch = {}
       end
-      redis.call('PEXPIRE', key, ttl_ms(window, margin))
     end
-    return allowed, available, retry, window, reset_keep, commit
+    call('PEXPIRE', key, ttl_ms(window, margin))
   end,
   refund = function(key, now, limit, window, capacity, amount)
     local count = sl_trim(key, now, window)
-    if count > 0 then redis.call('RPOP', key, math.min(amount, count)) end
+    if count > 0 then call('RPOP', key, min(amount, count)) end
   end,
 }

@@ -3,13 +3,13 @@
 -- Storage: hash {t = tokens (float, 17 digits), u = last update}; no key = a full bucket.
 -- TTL = time to refill completely + margin.
 local function tb_refill(key, now, limit, window, capacity)
-  local raw = redis.call('HMGET', key, 't', 'u')
+  local raw = call('HMGET', key, 't', 'u')
   if not raw[1] then return capacity, now, false end
   local tokens, updated = tonumber(raw[1]), tonumber(raw[2])
   local rate = limit / window
   -- A clock that steps back must not refill twice later: keep the newest timestamp.
-  local elapsed = math.max(0, now - updated)
-  return math.min(capacity, tokens + elapsed * rate), math.max(now, updated), true
+  local elapsed = max(0, now - updated)
+  return min(capacity, tokens + elapsed * rate), max(now, updated), true
 end
 
 ALGORITHMS['tb'] = {
@@ -18,21 +18,21 @@ ALGORITHMS['tb'] = {
     local rate = limit / window
     local allowed = cost <= tokens
     local retry = 0
-    if not allowed then retry = math.max(1, math.ceil((cost - tokens) / rate)) end
+    if not allowed then retry = max(1, ceil((cost - tokens) / rate)) end
     local left = tokens - cost
-    local reset_commit = math.max(0, math.ceil((capacity - left) / rate))
-    local reset_keep = math.max(0, math.ceil((capacity - tokens) / rate))
-    local commit = function(margin)
-      redis.call('HSET', key, 't', float_str(left), 'u', int_str(updated))
-      redis.call('PEXPIRE', key, ttl_ms(reset_commit, margin))
-    end
-    return allowed, tokens, retry, reset_commit, reset_keep, commit
+    local reset_commit = max(0, ceil((capacity - left) / rate))
+    local reset_keep = max(0, ceil((capacity - tokens) / rate))
+    return allowed, tokens, retry, reset_commit, reset_keep, left, updated, reset_commit
+  end,
+  commit = function(key, margin, left, updated, reset_commit)
+    call('HSET', key, 't', float_str(left), 'u', format('%d', updated))
+    call('PEXPIRE', key, ttl_ms(reset_commit, margin))
   end,
   refund = function(key, now, limit, window, capacity, amount)
     local tokens, updated, exists = tb_refill(key, now, limit, window, capacity)
     if exists then
-      redis.call('HSET', key, 't', float_str(math.min(capacity, tokens + amount)),
-        'u', int_str(updated))
+      call('HSET', key, 't', float_str(min(capacity, tokens + amount)),
+        'u', format('%d', updated))
     end
   end,
 }
