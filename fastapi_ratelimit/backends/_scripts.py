@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import cache
 from importlib.resources import files
 
@@ -26,22 +25,17 @@ def lua_source(stem: str) -> str:
 
 @cache
 def multi_level_script() -> str:
-    """The full script text (see :func:`assemble`)."""
-    return assemble(lua_source)
-
-
-def assemble(source: Callable[[str], str]) -> str:
-    """The script from ``source(stem)`` for each of :data:`PARTS` (``bench/`` passes another
-    revision's files, to weigh a change to the script).
+    """The full script text.
 
     Each algorithm's file becomes the body of its loader (``LOADERS[code]``, see
     ``_prelude.lua``), which the script runs the first time a call needs that algorithm: a
     script's top level runs on every call, and making all five algorithms' functions each
-    time cost the server more than the commands of a one-level request.
+    time cost the server about as much as the commands of a one-level request
+    (``bench/results/redis-script-cost.md``).
     """
     chunks = []
     for stem in PARTS:
-        body = source(stem)
+        body = lua_source(stem)
         if stem.startswith("_"):
             # The prelude's helpers and the entry point's locals must stay visible to what
             # follows.
