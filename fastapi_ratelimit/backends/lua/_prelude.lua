@@ -11,8 +11,8 @@
 --   commit(key, margin, ...those values) writes the new state and its TTL
 --   refund(key, now, limit, window, capacity, amount)
 --
--- Each algorithm's file is the body of its loader, LOADERS[code] (the loader in _scripts.py
--- wraps it so): its functions are made the first time this call needs them, not on every
+-- Each algorithm's file is the body of its loader, LOADERS[code] (_scripts.py wraps it
+-- so): its functions are made the first time this call needs them, not on every
 -- call for all five.
 local LOADERS = {}
 local ALGORITHMS = setmetatable({}, {
