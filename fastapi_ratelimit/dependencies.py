@@ -1,19 +1,27 @@
 """The ``Depends`` guard: ``dependencies=[Depends(RateLimit("10/second", scope="ip"))]`` on a
-route, an ``APIRouter`` or the whole ``FastAPI`` app."""
+route, an ``APIRouter`` or the whole ``FastAPI`` app.
+
+The guard is a dependency with ``yield``, so that an error escaping the endpoint passes back
+through it: without the middleware, it gives back what it charged for a request that ends in
+a server error, as ``@rate_limit`` does (under the middleware, the middleware does it for
+every level).
+"""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
+from .after import refund_server_error
+from .context import SCOPE_KEY, RequestContext
 from .guards import enforce
 from .policy import Algorithm, Policy
 from .rate import Rate
-from .route_limits import KeyFunc, RouteLimit
+from .route_limits import KeyFunc, RouteLimit, server_error
 
 if TYPE_CHECKING:
     from .limiter import RateLimiter
@@ -33,7 +41,10 @@ class RateLimit:
         name: policy name shown in headers (default derived from scope and rate).
         algorithm: default: the limiter's ``algorithm``.
         limiter: the :class:`RateLimiter` to use (default: the middleware's).
-        refund_when: ``(status) -> bool``; matching responses give the units back.
+        refund_when: ``(status) -> bool``; matching responses give the units back. Only
+            under :class:`~fastapi_ratelimit.RateLimitMiddleware`, which sees the status a
+            response goes out with; without it, a warning says so (server errors are given
+            back either way).
         user: a FastAPI dependency returning the current user (for example the app's
             ``get_current_user``); its result is the identity of the ``user`` part. Such a
             guard runs after that dependency, in its own backend call.
@@ -83,9 +94,24 @@ class RateLimit:
 
     async def __call__(
         self, *, connection: HTTPConnection, response: Response, user: Any = None
-    ) -> None:
+    ) -> AsyncIterator[None]:
         user = user if self.user_dependency is not None else None
-        await enforce(self.limit, connection, user=user, response=response)
+        charged = await enforce(self.limit, connection, user=user, response=response)
+        try:
+            yield
+        except Exception as exc:
+            # A server error is never charged (see the module's docstring). A validation
+            # error (422) or an HTTPException below 500 stays charged, as under the middleware.
+            context = connection.scope.get(SCOPE_KEY)
+            if (
+                charged is not None
+                and isinstance(context, RequestContext)
+                and not context.middleware
+                and server_error(exc)
+            ):
+                limiter = self.limit.limiter or context.limiter
+                await refund_server_error(limiter.backend, [charged])
+            raise
 
     def __repr__(self) -> str:
         return f"RateLimit({self.limit.policy.rate}, scope={self.limit.scope!r})"

@@ -20,6 +20,7 @@ from .headers import rate_limit_headers, retry_after_value
 from .identify import user_identity
 from .identity import QUERY_TOO_LONG, QueryTooLong
 from .limiter import RateLimiter
+from .logs import log_limited
 from .route_limits import RateLimitExceeded, RouteLimit
 
 __all__ = ["enforce"]
@@ -81,6 +82,16 @@ async def enforce(
         return None
     if limit.refund_when is not None:
         context.refundable = (*context.refundable, (limit.refund_when, check))
+        if not context.middleware:
+            # Only the middleware sees the status a response goes out with. Said at run
+            # time because nothing at construction knows whether the middleware will be there.
+            log_limited(
+                "WARNING",
+                "refund_when",
+                "refund_when of the route limit {!r} needs RateLimitMiddleware: without it "
+                "no response status is seen, so only server errors are given back",
+                check.policy.name,
+            )
     if not verdict.allowed:
         if never(verdict.decisions):
             # No wait would help: no Retry-After, and not a 429 that invites one.

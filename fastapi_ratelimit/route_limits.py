@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from starlette.exceptions import HTTPException
+from starlette.exceptions import HTTPException, WebSocketException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
@@ -180,10 +180,24 @@ class RouteLimit:
 
 
 def server_error(exc: BaseException) -> bool:
-    """Whether ``exc``, escaping an endpoint, becomes a 5xx response."""
+    """Whether ``exc``, escaping an endpoint (or, for a ``Depends`` guard, the dependencies
+    after it), becomes a 5xx response."""
     if isinstance(exc, HTTPException):
         return exc.status_code >= 500
-    return isinstance(exc, Exception)
+    return isinstance(exc, Exception) and not isinstance(exc, _CLIENT_ERRORS)
+
+
+def _client_errors() -> tuple[type[Exception], ...]:
+    # FastAPI's validation errors (a 422, a WebSocket close) are the client's, like a 4xx.
+    # FastAPI is optional: without it, nothing can raise them.
+    try:
+        from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
+    except ImportError:
+        return (WebSocketException,)
+    return (WebSocketException, RequestValidationError, WebSocketRequestValidationError)
+
+
+_CLIENT_ERRORS = _client_errors()
 
 
 def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:

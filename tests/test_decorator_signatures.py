@@ -1,5 +1,6 @@
 """@rate_limit on every endpoint signature shape (issue 14, defect 1), and server errors are
-never charged, with and without the middleware, on memory and Redis."""
+never charged, by the decorator and by the ``RateLimit`` guard, with and without the
+middleware, on memory and Redis."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ from typing import Annotated, Any
 
 import pytest
 from conftest import BackendFactory
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from http_helpers import client_for, remaining
+from loguru import logger
 
 from fastapi_ratelimit import (
+    RateLimit,
     RateLimiter,
     RateLimitExceeded,
     RateLimitMiddleware,
+    logs,
     rate_limit,
     rate_limit_exceeded_handler,
 )
@@ -138,3 +142,78 @@ async def test_a_5xx_response_is_given_back_and_a_4xx_is_not(make_backend: Backe
             404,
             429,
         ]
+
+
+def guarded(limiter: RateLimiter, *, middleware: bool) -> FastAPI:
+    """One route behind a ``RateLimit`` guard of 3 a minute (route limits count per route),
+    ending as ``mode`` says: ``ok``, ``bug`` (an error escapes) or a status it raises."""
+    guard = RateLimit("3/minute", limiter=None if middleware else limiter)
+    app = FastAPI(dependencies=[Depends(guard)])
+
+    @app.get("/act")
+    async def act(mode: str, q: int = 0) -> dict[str, int]:
+        if mode == "bug":
+            raise RuntimeError("the endpoint's own bug")
+        if mode != "ok":
+            raise HTTPException(int(mode), "raised by the endpoint")
+        return {"q": q}
+
+    if middleware:
+        app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    else:
+        app.add_exception_handler(RateLimitExceeded, rate_limit_exceeded_handler)
+    return app
+
+
+@pytest.mark.parametrize("middleware", [True, False], ids=["middleware", "guard-alone"])
+async def test_a_guard_gives_back_a_server_error_and_keeps_a_client_error(
+    make_backend: BackendFactory, middleware: bool
+) -> None:
+    limiter = RateLimiter(backend=make_backend())
+    app = guarded(limiter, middleware=middleware)
+    async with client_for(app) as client:
+
+        async def status(**params: str) -> int:
+            return (await client.get("/act", params=params)).status_code
+
+        # An error escaping the endpoint, and a raised 503: never charged.
+        for _ in range(4):
+            with pytest.raises(RuntimeError, match="own bug"):
+                await client.get("/act", params={"mode": "bug"})
+        assert [await status(mode="503") for _ in range(4)] == [503] * 4
+        # Nothing was taken: the guard's three units are all there.
+        first = await client.get("/act", params={"mode": "ok"})
+        assert (first.status_code, remaining(first)) == (200, "2")
+        # A raised 404 and a failed validation (422) are the client's: charged.
+        assert await status(mode="404") == 404
+        assert await status(mode="ok", q="x") == 422
+        assert await status(mode="ok") == 429
+
+
+async def test_a_guards_refund_when_without_the_middleware_says_it_is_not_applied(
+    make_backend: BackendFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fresh process-wide log limiter: another test's line must not hold this one back.
+    monkeypatch.setattr(logs, "_PROCESS", logs.LogLimiter())
+    lines: list[str] = []
+    handler = logger.add(lambda m: lines.append(m.record["message"]), level="WARNING")
+    limiter = RateLimiter(backend=make_backend())
+    guard = RateLimit("3/minute", limiter=limiter, refund_when=lambda status: status == 404)
+    app = FastAPI(dependencies=[Depends(guard)])
+
+    @app.get("/missing")
+    async def missing() -> None:
+        raise HTTPException(404)
+
+    app.add_exception_handler(RateLimitExceeded, rate_limit_exceeded_handler)
+    try:
+        async with client_for(app) as client:
+            statuses = [(await client.get("/missing")).status_code for _ in range(4)]
+    finally:
+        logger.remove(handler)
+    # Not applied, and said so (once: the line is rate-limited), naming the limit.
+    assert statuses == [404, 404, 404, 429]
+    assert len(lines) == 1
+    assert "refund_when" in lines[0]
+    assert "RateLimitMiddleware" in lines[0]
+    assert "route-ip-3-60s" in lines[0]
