@@ -1,17 +1,18 @@
 """Step 7 of a request, after its response: the endpoint breaker's count, units given back
 (a server error is never charged; ``refund_when`` by status) and the adjustment for a cost
-the endpoint reported (:func:`~fastapi_ratelimit.report_cost`)."""
+the endpoint reported (:func:`~fastapi_ratelimit.report_cost`).
+
+Every write here goes through the circuit breaker (``PollPolicy.write``): while the backend is
+down, nothing waits on it after a response; on a Redis Cluster, through the breaker of each
+master, so one master that is down neither delays the others' refunds nor stops them."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from loguru import logger
-
 from .backends.base import Backend, Check
 from .context import RequestContext
-from .errors import BackendError
 from .logs import log_limited
 
 if TYPE_CHECKING:
@@ -34,13 +35,10 @@ async def after_response(limiter: RateLimiter, context: RequestContext, status: 
         return
     if limiter.endpoint_breaker is not None:
         await limiter.endpoint_breaker.record(context.endpoint, status)
-    breaker = limiter.breaker
-    if breaker is not None and breaker.state != "closed":
-        return  # the backend is down: refunds would only add latency
     backend: Backend = limiter.backend
     if status >= 500:
         # A server error is never charged: every level gives its units back.
-        await refund_server_error(backend, context.charged)
+        await refund_server_error(limiter, context.charged)
         return
     try:
         refunds: list[Check] = []
@@ -68,10 +66,9 @@ async def after_response(limiter: RateLimiter, context: RequestContext, status: 
                     if c.policy.limit > c.cost
                 ]
                 if extra:
-                    await limiter.polling.call("charging a cost", lambda: backend.hit(extra))
+                    await limiter.polling.write("charging a cost", extra, backend.hit)
         if refunds:
-            # Through the breaker: a failing backend is not waited on after every response.
-            await limiter.polling.call("a refund", lambda: backend.refund(refunds))
+            await limiter.polling.write("a refund", refunds, backend.refund)
     except Exception as exc:  # a refund_when that raises: the response is already sent
         log_limited(
             "WARNING",
@@ -81,12 +78,9 @@ async def after_response(limiter: RateLimiter, context: RequestContext, status: 
         )
 
 
-async def refund_server_error(backend: Backend, checks: Sequence[Check]) -> None:
+async def refund_server_error(limiter: RateLimiter, checks: Sequence[Check]) -> None:
     """Give back what a request that ended in a server error was charged: a client never
-    pays for the server's failure. Best effort: a failing backend is only logged."""
-    if not checks:
-        return
-    try:
-        await backend.refund(checks)
-    except BackendError as exc:
-        logger.warning("rate-limit refund after a server error failed: {}", exc)
+    pays for the server's failure. Best effort, through the breaker: a failing backend is
+    logged (at most once per 10 s), never raised."""
+    if checks:
+        await limiter.polling.write("a refund after a server error", checks, limiter.backend.refund)

@@ -21,7 +21,8 @@ import contextlib
 import inspect
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from loguru import logger
@@ -31,6 +32,7 @@ from .errors import BackendError
 __all__ = ["ControlStore", "Mirror", "PollPolicy"]
 
 T = TypeVar("T")
+C = TypeVar("C")
 
 
 @runtime_checkable
@@ -86,6 +88,11 @@ class PollPolicy:
         #: The breaker a namespace's polls go through: on a Redis Cluster, the limiter makes
         #: it that of the node holding the namespace (see node_breakers.py).
         self.breaker_for: Callable[[str], Breaker | None] = lambda _: self.breaker
+        #: The checks of a write split among the breakers that guard them: one part, the
+        #: limiter's breaker, unless the limiter makes it one part per Redis Cluster master.
+        self.split: Callable[[Sequence[Any]], Sequence[tuple[Breaker | None, list[Any]]]] = (
+            lambda checks: [(self.breaker, list(checks))]
+        )
         self._failing: set[str] = set()
 
     def failed(self, namespace: str, error: Exception) -> None:
@@ -114,7 +121,28 @@ class PollPolicy:
         a failure counts towards opening it, is logged at most once per 10 s and gives
         ``None``, so no such call can turn a request into a 5xx or wait on a dead backend
         the breaker already gave up on."""
-        breaker = self.breaker
+        return await self._through(self.breaker, what, call)
+
+    async def write(
+        self, what: str, checks: Sequence[C], call: Callable[[list[C]], Awaitable[T]]
+    ) -> list[T | None]:
+        """``call(checks)`` for a write of rate-limit state (a refund, a reported cost, a
+        shadow level), as :meth:`call` does, but through the breaker of each part of
+        ``checks`` (:attr:`split`): on a Redis Cluster one call per master, each through its
+        own breaker, so a master that is down is skipped alone and opens only its own
+        breaker, and the other masters' parts still go through. Each part is one call (one
+        all-or-nothing ``hit``); results in the order of the parts."""
+        parts = self.split(checks)
+        if len(parts) == 1:
+            breaker, part = parts[0]
+            return [await self._through(breaker, what, partial(call, part))]
+        return list(
+            await asyncio.gather(*(self._through(b, what, partial(call, p)) for b, p in parts))
+        )
+
+    async def _through(
+        self, breaker: Breaker | None, what: str, call: Callable[[], Awaitable[T]]
+    ) -> T | None:
         probe = False
         if breaker is not None and not breaker.idle:
             if not breaker.allow_call():

@@ -117,7 +117,7 @@ def rate_limit(
                     and not context.middleware
                     and server_error(exc)
                 ):
-                    await refund_server_error((limit.limiter or context.limiter).backend, [charged])
+                    await refund_server_error(limit.limiter or context.limiter, [charged])
                 raise
 
         wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]

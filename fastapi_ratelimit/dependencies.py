@@ -109,8 +109,7 @@ class RateLimit:
                 and not context.middleware
                 and server_error(exc)
             ):
-                limiter = self.limit.limiter or context.limiter
-                await refund_server_error(limiter.backend, [charged])
+                await refund_server_error(self.limit.limiter or context.limiter, [charged])
             raise
 
     def __repr__(self) -> str:

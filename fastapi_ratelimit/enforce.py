@@ -9,7 +9,6 @@ import asyncio
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from functools import partial
 from operator import attrgetter, gt
 from typing import Any
 
@@ -182,9 +181,9 @@ class Enforcer:
         # Through the breaker, like the enforced levels: a dead backend is not waited on.
         backend, recorder = self._limiter.backend, self._limiter.recorder
         results = await asyncio.gather(
-            *(self._polling.call("a shadow level", partial(backend.hit, [c])) for c in checks)
+            *(self._polling.write("a shadow level", [c], backend.hit) for c in checks)
         )
-        for check, result in zip(checks, results, strict=True):
+        for check, (result,) in zip(checks, results, strict=True):
             if result is not None and recorder is not None:
                 recorder.shadow_decision(check.scope, result.allowed)
             if result is not None and self._shadow_headers:

@@ -228,6 +228,7 @@ class RateLimiter:
         self.polling = polling = PollPolicy(self.breaker)
         if self.node_breakers is not None:
             polling.breaker_for = self.node_breakers.for_namespace
+            polling.split = self.node_breakers.split
         #: Decides the checks (step 5).
         self.enforcer = Enforcer(
             self,

@@ -6,7 +6,9 @@ limited any more and under ``deny`` everybody gets 503. Here each master has a b
 own (same settings, made on first sight of the node): only the checks whose keys live on a
 master that is down follow the failure policy, while the levels on healthy masters are still
 decided, all-or-nothing among themselves (a denial refunds the levels that were admitted).
-The mirrors of operator state poll through the breaker of the node that holds their namespace.
+The mirrors of operator state poll through the breaker of the node that holds their namespace,
+and the request path's other writes (refunds, a reported cost, shadow levels) go to each
+master through its own breaker (:meth:`NodeBreakers.split`, see ``control.PollPolicy.write``).
 
 Standalone Redis and Sentinel keep the limiter's one breaker: there is one master to break.
 """
@@ -53,6 +55,14 @@ class NodeBreakers:
         """The breaker of the node holding an operator-state namespace (for the mirrors'
         polls, see control.PollPolicy)."""
         return self.breaker(self._backend.control_node(namespace))
+
+    def split(self, checks: Sequence[Check]) -> list[tuple[CircuitBreaker, list[Check]]]:
+        """``checks`` by the master holding their keys, each part with that master's breaker
+        (for :meth:`PollPolicy.write <fastapi_ratelimit.control.PollPolicy.write>`)."""
+        parts: dict[str, list[Check]] = {}
+        for check in checks:
+            parts.setdefault(self._backend.node_of(check), []).append(check)
+        return [(self.breaker(node), part) for node, part in parts.items()]
 
     def retry_after(self) -> int:
         """Seconds until every open breaker has probed again (1 when none is open): the 503

@@ -144,3 +144,96 @@ def test_a_503_waits_for_the_longest_open_breaker() -> None:
     now[0] = 30.0
     breakers.breaker("10.0.0.2:6379").record_failure()  # open at 30
     assert breakers.retry_after() == 10
+
+
+async def test_refunds_go_to_each_master_through_its_own_breaker(
+    cluster_url: str, redis_cluster: RedisCluster
+) -> None:
+    """Refunds after a response (a server error, ``refund_when``) on a cluster with a master
+    down: the dead master's share is skipped while its breaker is open, and the healthy
+    masters' shares are still given back, for every client (with one breaker for refunds,
+    the dead master's failures opened it and stopped every client's refunds)."""
+    from fastapi import FastAPI, Response
+
+    from fastapi_ratelimit import RateLimitMiddleware
+
+    limiter = RateLimiter(
+        backend=RedisBackend.from_url(cluster_url, cluster=True, timeout=0.5),
+        global_limit="100000/day",
+        ip_limit="3/day",
+        refund_when=lambda status: status == 404,
+        breaker=CircuitBreaker(failure_threshold=3, cooldown=600),
+    )
+    backend = limiter.backend
+    assert isinstance(backend, RedisBackend)
+    app = FastAPI()
+
+    @app.get("/{status}")
+    async def answer(status: int) -> Response:
+        return Response(status_code=status)
+
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    async with client_for(app, ip="192.0.2.1") as client:
+        assert (await client.get("/200")).status_code == 200  # loads the slot map
+
+    def node_of(ip: str) -> str:
+        _, ip_check = limiter.level_checks(limiter.operator.context(ip=ip))
+        return backend.node_of(ip_check)
+
+    global_check = limiter.level_checks(limiter.operator.context())[0]
+    names = [f"{node.host}:{node.port}" for node in redis_cluster.nodes]
+    index = next(i for i, name in enumerate(names) if name != backend.node_of(global_check))
+    dead_name = names[index]
+    ips = [f"198.51.100.{i}" for i in range(1, 41)]
+    on_dead = [ip for ip in ips if node_of(ip) == dead_name][:3]
+    healthy = [ip for ip in ips if node_of(ip) not in ("", dead_name)][:3]
+    assert on_dead
+    assert healthy
+
+    # Which masters each refund call reached.
+    reached: list[set[str]] = []
+    refund = backend.refund
+
+    async def recording_refund(checks: Any) -> None:
+        reached.append({backend.node_of(c) for c in checks})
+        await refund(checks)
+
+    backend.refund = recording_refund  # type: ignore[method-assign]
+    _serve_partial_slots(redis_cluster, "no")
+    try:
+        redis_cluster.stop_node(index)
+        admitted = 1
+        async with client_for(app, ip=on_dead[0]) as client:
+            # Three failed checks open the dead master's breaker (its levels fail open).
+            for _ in range(3):
+                assert (await client.get("/200")).status_code == 200
+                admitted += 1
+        assert limiter.node_breakers is not None
+        assert limiter.node_breakers.by_node[dead_name].state == "open"
+        reached.clear()
+        statuses: dict[str, list[int]] = {}
+        for ip in on_dead + healthy:
+            async with client_for(app, ip=ip) as client:
+                statuses[ip] = [(await client.get(f"/{s}")).status_code for s in [404] * 4]
+                statuses[ip] += [(await client.get(f"/{s}")).status_code for s in [500] * 4]
+                statuses[ip] += [(await client.get("/200")).status_code for _ in range(4)]
+        (global_level,) = (await backend.peek([global_check])).decisions
+    finally:
+        _serve_partial_slots(redis_cluster, "yes")
+        await limiter.aclose()
+    # Every 404 and 500 was given back: each healthy client still has its 3 a day.
+    assert {ip: statuses[ip] for ip in healthy} == dict.fromkeys(
+        healthy, [404] * 4 + [500] * 4 + [200, 200, 200, 429]
+    )
+    # The dead master's clients fail open there, and their global level was given back too.
+    assert {ip: statuses[ip] for ip in on_dead} == dict.fromkeys(
+        on_dead, [404] * 4 + [500] * 4 + [200] * 4
+    )
+    admitted += sum(status == 200 for codes in statuses.values() for status in codes)
+    assert global_level.remaining == 100000 - admitted
+    # No refund went to the dead master once its breaker was open; no other breaker opened.
+    assert reached
+    assert all(dead_name not in nodes for nodes in reached)
+    states = {node: b.state for node, b in limiter.node_breakers.by_node.items()}
+    assert states.pop(dead_name) == "open"
+    assert set(states.values()) == {"closed"}
