@@ -20,12 +20,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
-from .after import refund_server_error
-from .context import SCOPE_KEY, RequestContext
-from .guards import enforce
+from .guards import enforce, refund_if_server_error
 from .policy import Algorithm, Policy
 from .rate import Rate
-from .route_limits import KeyFunc, RouteLimit, mark, server_error
+from .route_limits import KeyFunc, RouteLimit, mark
 
 if TYPE_CHECKING:
     from .limiter import RateLimiter
@@ -108,16 +106,7 @@ def rate_limit(
                     return await func(*args, **kwargs)
                 return await run_in_threadpool(func, *args, **kwargs)
             except Exception as exc:
-                # A server error is never charged. Under the middleware, the middleware
-                # refunds every level the request was charged; without it, only this limit.
-                context = connection.scope.get(SCOPE_KEY)
-                if (
-                    charged is not None
-                    and isinstance(context, RequestContext)
-                    and not context.middleware
-                    and server_error(exc)
-                ):
-                    await refund_server_error(limit.limiter or context.limiter, [charged])
+                await refund_if_server_error(limit, connection, charged, exc)
                 raise
 
         wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]

@@ -16,12 +16,10 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
-from .after import refund_server_error
-from .context import SCOPE_KEY, RequestContext
-from .guards import enforce
+from .guards import enforce, refund_if_server_error
 from .policy import Algorithm, Policy
 from .rate import Rate
-from .route_limits import KeyFunc, RouteLimit, server_error
+from .route_limits import KeyFunc, RouteLimit
 
 if TYPE_CHECKING:
     from .limiter import RateLimiter
@@ -100,16 +98,7 @@ class RateLimit:
         try:
             yield
         except Exception as exc:
-            # A server error is never charged (see the module's docstring). A validation
-            # error (422) or an HTTPException below 500 stays charged, as under the middleware.
-            context = connection.scope.get(SCOPE_KEY)
-            if (
-                charged is not None
-                and isinstance(context, RequestContext)
-                and not context.middleware
-                and server_error(exc)
-            ):
-                await refund_server_error(self.limit.limiter or context.limiter, [charged])
+            await refund_if_server_error(self.limit, connection, charged, exc)
             raise
 
     def __repr__(self) -> str:

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
+from .after import refund_server_error
 from .backends.base import Check, storage_key
 from .context import SCOPE_KEY, RequestContext
 from .decision import never
@@ -21,9 +22,9 @@ from .identify import user_identity
 from .identity import QUERY_TOO_LONG, QueryTooLong
 from .limiter import RateLimiter
 from .logs import log_limited
-from .route_limits import RateLimitExceeded, RouteLimit
+from .route_limits import RateLimitExceeded, RouteLimit, server_error
 
-__all__ = ["enforce"]
+__all__ = ["enforce", "refund_if_server_error"]
 
 
 async def enforce(
@@ -109,6 +110,23 @@ async def enforce(
         for name, value in rate_limit_headers(decisions, limiter.header_style, now=time.time()):
             response.headers[name.decode("latin-1")] = value.decode("latin-1")
     return check
+
+
+async def refund_if_server_error(
+    limit: RouteLimit, connection: HTTPConnection, charged: Check | None, exc: Exception
+) -> None:
+    """After ``exc`` escaped the endpoint: without the middleware, give back what
+    :func:`enforce` charged when ``exc`` becomes a server error (a 5xx is never charged;
+    under the middleware, the middleware gives back every level itself). A validation error
+    (422) or an ``HTTPException`` below 500 stays charged, as under the middleware."""
+    context = connection.scope.get(SCOPE_KEY)
+    if (
+        charged is not None
+        and isinstance(context, RequestContext)
+        and not context.middleware
+        and server_error(exc)
+    ):
+        await refund_server_error(limit.limiter or context.limiter, [charged])
 
 
 def _str(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
