@@ -222,9 +222,10 @@ class RateLimitMiddleware:
             path = path[len(root) :] or "/"
         if path in self._exact or path.startswith(self._prefixes):
             return True
-        # A CORS preflight is neither limited nor counted.
+        # A CORS preflight is neither limited nor counted. It carries both headers (as
+        # Starlette's CORSMiddleware requires before it answers one): an OPTIONS without an
+        # Origin is no preflight, and must not reach an app's OPTIONS handler unlimited.
         if scope.get("method") == "OPTIONS":
-            for name, _ in scope.get("headers", ()):
-                if name == b"access-control-request-method":
-                    return True
+            names = {name for name, _ in scope.get("headers", ())}
+            return b"origin" in names and b"access-control-request-method" in names
         return False

@@ -541,6 +541,29 @@ async def test_a_preflight_reaching_the_limiter_is_not_counted() -> None:
     assert denied.status_code == 429
 
 
+async def test_an_options_without_origin_is_no_preflight_and_is_counted() -> None:
+    """Found in the session-25 audit: Access-Control-Request-Method alone made any OPTIONS
+    free, so an app's own OPTIONS handler could be called without limit (CORSMiddleware in
+    front passes an Origin-less request through too)."""
+    calls = 0
+    app = make_app(RateLimiter(ip_limit="3/minute"))
+
+    @app.options("/search")
+    async def search_options() -> dict[str, str]:
+        nonlocal calls
+        calls += 1
+        return {}
+
+    app = _with_cors(app)
+    fake = {"access-control-request-method": "GET"}  # no Origin
+    async with client_for(app) as client:
+        answers = [(await client.options("/search", headers=fake)).status_code for _ in range(5)]
+        after = await client.get("/hello")
+    assert answers == [200, 200, 200, 429, 429]
+    assert calls == 3
+    assert after.status_code == 429
+
+
 async def test_an_api_key_without_a_level_of_its_own_is_in_the_context() -> None:
     """Route guards may key on it: stripped of blanks, Latin-1, a blank one is none."""
     app = FastAPI()
