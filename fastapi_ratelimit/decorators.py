@@ -20,7 +20,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
-from .guards import enforce, refund_if_server_error
+from .context import SCOPE_KEY, RequestContext
+from .guards import add_headers, after_endpoint, enforce
 from .policy import Algorithm, Policy
 from .rate import Rate
 from .route_limits import KeyFunc, RouteLimit, mark
@@ -89,12 +90,12 @@ def rate_limit(
 
         @functools.wraps(func)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            connection = kwargs.pop(_CONNECTION, None)
-            response = kwargs.pop(_RESPONSE, None)
-            if response is None and own_response is not None:
-                response = kwargs.get(own_response)
-            if connection is None and own is not None:
-                connection = kwargs.get(own)
+            # Ours are taken out; the endpoint's own (or, under a second @rate_limit, the
+            # inner wrapper's hidden ones) are read and passed on.
+            connection = kwargs.pop(_CONNECTION, None) if own is None else kwargs.get(own)
+            response = (
+                kwargs.pop(_RESPONSE, None) if own_response is None else kwargs.get(own_response)
+            )
             if connection is None:
                 # A plain Starlette endpoint: called with the request as its only argument.
                 connection = next((a for a in args if isinstance(a, HTTPConnection)), None)
@@ -103,11 +104,24 @@ def rate_limit(
             charged = await enforce(limit, connection, response=response)
             try:
                 if is_async:
-                    return await func(*args, **kwargs)
-                return await run_in_threadpool(func, *args, **kwargs)
+                    result = await func(*args, **kwargs)
+                else:
+                    result = await run_in_threadpool(func, *args, **kwargs)
             except Exception as exc:
-                await refund_if_server_error(limit, connection, charged, exc)
+                await after_endpoint(limit, connection, charged, error=exc)
                 raise
+            context = connection.scope.get(SCOPE_KEY)
+            if isinstance(context, RequestContext) and not context.middleware:
+                if isinstance(result, Response) and result is not response:
+                    # FastAPI sends a returned response as it is (and a plain Starlette
+                    # route has no other): the headers go on it.
+                    add_headers(result, limit.limiter or context.limiter, context)
+                # A returned response's status, or the one the endpoint set on FastAPI's.
+                status = result.status_code if isinstance(result, Response) else None
+                if status is None and response is not None:
+                    status = response.status_code
+                await after_endpoint(limit, connection, charged, status=status)
+            return result
 
         wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
             parameters=parameters,

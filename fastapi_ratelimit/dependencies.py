@@ -1,10 +1,11 @@
 """The ``Depends`` guard: ``dependencies=[Depends(RateLimit("10/second", scope="ip"))]`` on a
 route, an ``APIRouter`` or the whole ``FastAPI`` app.
 
-The guard is a dependency with ``yield``, so that an error escaping the endpoint passes back
-through it: without the middleware, it gives back what it charged for a request that ends in
-a server error, as ``@rate_limit`` does (under the middleware, the middleware does it for
-every level).
+The guard is a dependency with ``yield``, so that an error escaping the endpoint (or a later
+dependency) passes back through it: without the middleware, it gives back what it charged
+when another route limit refuses the request or it ends in a server error, as ``@rate_limit``
+does (:func:`~fastapi_ratelimit.guards.after_endpoint`; under the middleware, the middleware
+does it for every level). A guard cannot see a status the endpoint returns rather than raises.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
-from .guards import enforce, refund_if_server_error
+from .guards import after_endpoint, enforce
 from .policy import Algorithm, Policy
 from .rate import Rate
 from .route_limits import KeyFunc, RouteLimit
@@ -98,7 +99,7 @@ class RateLimit:
         try:
             yield
         except Exception as exc:
-            await refund_if_server_error(self.limit, connection, charged, exc)
+            await after_endpoint(self.limit, connection, charged, error=exc)
             raise
 
     def __repr__(self) -> str:

@@ -12,7 +12,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
-from .after import refund_server_error
 from .backends.base import Check, storage_key
 from .context import SCOPE_KEY, RequestContext
 from .decision import never
@@ -24,7 +23,7 @@ from .limiter import RateLimiter
 from .logs import log_limited
 from .route_limits import RateLimitExceeded, RouteLimit, server_error
 
-__all__ = ["enforce", "refund_if_server_error"]
+__all__ = ["add_headers", "after_endpoint", "enforce"]
 
 
 async def enforce(
@@ -95,38 +94,53 @@ async def enforce(
             )
     if not verdict.allowed:
         if never(verdict.decisions):
-            # No wait would help: no Retry-After, and not a 429 that invites one.
-            raise HTTPException(
-                403,
-                f"This request costs {check.cost} units; policy {check.policy.name!r} admits "
-                f"at most {check.policy.limit} at once, so it can never pass.",
-            )
+            # No wait would help: a 403 without Retry-After, not a 429 that invites one.
+            raise RateLimitExceeded(verdict, {}, cost=check.cost)
         context.denial = verdict
         headers = rate_limit_headers(context.decisions, limiter.header_style, now=time.time())
         retry = retry_after_value(verdict.decisions)
         raise RateLimitExceeded(verdict, {**_str(headers), "Retry-After": str(retry)})
     if response is not None and not context.middleware:
-        decisions = (*context.decisions, *context.shadow)
-        for name, value in rate_limit_headers(decisions, limiter.header_style, now=time.time()):
-            response.headers[name.decode("latin-1")] = value.decode("latin-1")
+        add_headers(response, limiter, context)
     return check
 
 
-async def refund_if_server_error(
-    limit: RouteLimit, connection: HTTPConnection, charged: Check | None, exc: Exception
+def add_headers(response: Response, limiter: RateLimiter, context: RequestContext) -> None:
+    """Put the rate-limit headers of every decision so far on ``response`` (without the
+    middleware, which otherwise adds them as the response goes out)."""
+    decisions = (*context.decisions, *context.shadow)
+    for name, value in rate_limit_headers(decisions, limiter.header_style, now=time.time()):
+        response.headers[name.decode("latin-1")] = value.decode("latin-1")
+
+
+async def after_endpoint(
+    limit: RouteLimit,
+    connection: HTTPConnection,
+    charged: Check | None,
+    *,
+    error: Exception | None = None,
+    status: int | None = None,
 ) -> None:
-    """After ``exc`` escaped the endpoint: without the middleware, give back what
-    :func:`enforce` charged when ``exc`` becomes a server error (a 5xx is never charged;
-    under the middleware, the middleware gives back every level itself). A validation error
-    (422) or an ``HTTPException`` below 500 stays charged, as under the middleware."""
+    """A route limit's part once the endpoint is done (for a guard: what follows it), without
+    the middleware (under it, the middleware does this for every level). What :func:`enforce`
+    charged is given back when another route limit refused the request (a refused request
+    consumes nothing, as in the middleware's one call) or when it ends in a server error (a
+    5xx is never charged): ``error`` escaped (see :func:`server_error`), or the endpoint's
+    response has ``status``. Anything else, a 4xx included, stays charged."""
     context = connection.scope.get(SCOPE_KEY)
-    if (
-        charged is not None
-        and isinstance(context, RequestContext)
-        and not context.middleware
-        and server_error(exc)
-    ):
-        await refund_server_error(limit.limiter or context.limiter, [charged])
+    if charged is None or not isinstance(context, RequestContext) or context.middleware:
+        return
+    if isinstance(error, RateLimitExceeded):
+        refund = True
+    elif connection.scope["type"] != "http":
+        refund = False  # an accepted WebSocket handshake stays charged, as under the middleware
+    elif error is not None:
+        refund = server_error(error, connection.scope)
+    else:
+        refund = status is not None and status >= 500
+    if refund:
+        limiter: RateLimiter = limit.limiter or context.limiter
+        await limiter.polling.write("a route limit's refund", [charged], limiter.backend.refund)
 
 
 def _str(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:

@@ -15,17 +15,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from starlette.exceptions import HTTPException, WebSocketException
+from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
+from ._types import Scope
 from .backends.base import Check, storage_key
 from .context import RequestContext
 from .errors import ConfigurationError
 from .keys import Identity
 from .policy import Algorithm, Policy
 from .rate import Rate, parse_rate
-from .responses import quota_exceeded_response
+from .responses import cost_exceeds_limit_response, quota_exceeded_response
 
 if TYPE_CHECKING:
     from .decision import Verdict
@@ -38,22 +39,39 @@ PARTS = frozenset({"ip", "user", "api_key", "global", "endpoint"})
 
 
 class RateLimitExceeded(HTTPException):
-    """Raised by a guard or decorator that denies a request. Under the middleware the client
-    gets the problem+json 429; elsewhere register :func:`rate_limit_exceeded_handler`."""
+    """Raised by a guard or decorator that denies a request: a 429, or a 403 when the request
+    costs more than a level ever admits (``cost`` is then set: no wait would help). Under the
+    middleware the client gets the problem+json 429; elsewhere register
+    :func:`rate_limit_exceeded_handler`."""
 
-    def __init__(self, verdict: Verdict, headers: dict[str, str]) -> None:
+    def __init__(
+        self, verdict: Verdict, headers: dict[str, str], *, cost: int | None = None
+    ) -> None:
+        self.verdict = verdict
+        self.cost = cost
+        if cost is not None:
+            first = next(d for d in verdict.decisions if not d.allowed)
+            super().__init__(
+                403,
+                f"This request costs {cost} units; policy {first.policy!r} admits at most "
+                f"{first.limit} at once, so it can never pass.",
+                headers,
+            )
+            return
         binding = verdict.binding
         scope = binding.scope if binding is not None else "route"
         super().__init__(429, f"Rate limit exceeded at the {scope} level.", headers)
-        self.verdict = verdict
 
 
 async def rate_limit_exceeded_handler(request: Request, exc: Exception) -> Response:
-    """Exception handler rendering :class:`RateLimitExceeded` as problem+json:
+    """Exception handler rendering :class:`RateLimitExceeded` as problem+json (the 429, or
+    the 403 of a cost no wait would help):
     ``app.add_exception_handler(RateLimitExceeded, rate_limit_exceeded_handler)``."""
     if not isinstance(exc, RateLimitExceeded):  # pragma: no cover - registered for it only
         raise exc
     decisions = exc.verdict.decisions
+    if exc.cost is not None:
+        return cost_exceeds_limit_response(decisions, exc.cost)
     return quota_exceeded_response(decisions, headers=_raw(dict(exc.headers or {})))
 
 
@@ -113,6 +131,10 @@ class RouteLimit:
                 rate if isinstance(rate, Rate) else parse_rate(rate, field_name=f"{where}: rate")
             )
             default_name = f"route-{scope.replace('+', '-')}-{parsed.limit}-{parsed.period:g}s"
+            if parsed.burst is not None and parsed.burst != parsed.limit:
+                # Two limits of one rate and different bursts are two limits (the name keys
+                # the stored state, and equal keys count once).
+                default_name += f"-b{parsed.burst}"
             # Without algorithm=, the limiter's default applies (see policy_for); until a
             # limiter is known, the library's default stands in.
             policy = Policy(
@@ -179,25 +201,22 @@ class RouteLimit:
         return Check(policy, self.scope if self.key is None else "route", ident, cost)
 
 
-def server_error(exc: BaseException) -> bool:
+def server_error(exc: BaseException, scope: Scope) -> bool:
     """Whether ``exc``, escaping an endpoint (or, for a ``Depends`` guard, the dependencies
-    after it), becomes a 5xx response."""
+    after it) in the HTTP request ``scope``, becomes a 5xx response: an ``HTTPException`` by
+    its status; an exception the app has a handler for (FastAPI's validation errors, the
+    app's own: their answers are usually a 4xx, and a limit must not be dodged by them) is
+    not; any other exception is, as Starlette answers it with a 500."""
     if isinstance(exc, HTTPException):
         return exc.status_code >= 500
-    return isinstance(exc, Exception) and not isinstance(exc, _CLIENT_ERRORS)
-
-
-def _client_errors() -> tuple[type[Exception], ...]:
-    # FastAPI's validation errors (a 422, a WebSocket close) are the client's, like a 4xx.
-    # FastAPI is optional: without it, nothing can raise them.
-    try:
-        from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
-    except ImportError:
-        return (WebSocketException,)
-    return (WebSocketException, RequestValidationError, WebSocketRequestValidationError)
-
-
-_CLIENT_ERRORS = _client_errors()
+    if not isinstance(exc, Exception):
+        return False
+    # Starlette's ExceptionMiddleware leaves its handlers in the scope (a handler for
+    # Exception or 500 is the server-error middleware's, never among them).
+    handlers = scope.get("starlette.exception_handlers")
+    if handlers:
+        return not any(cls in handlers[0] for cls in type(exc).__mro__)
+    return True
 
 
 def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
