@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping
 
 from .errors import ConfigurationError
+from .rate import MAX_COUNT
 
 __all__ = ["CostTable", "endpoint_key"]
 
@@ -26,6 +27,22 @@ def check_cost(field: str, cost: object) -> int:
     if isinstance(cost, bool) or not isinstance(cost, int) or not 1 <= cost <= MAX_COST:
         raise ConfigurationError(field, cost, f"must be a whole number from 1 to {MAX_COST}")
     return cost
+
+
+#: The most a request may be charged at run time: above any limit a level can have (whose
+#: limits are at most MAX_COUNT), so a request costing it is refused for good, never admitted.
+MAX_RUN_TIME_COST = MAX_COUNT + 1
+
+
+def run_time_cost(cost: object, multiplier: float = 1.0) -> int:
+    """A cost worked out per request (``cost_function()``), times a tier's ``multiplier``: a
+    whole number >= 1. A larger one than any limit is kept at :data:`MAX_RUN_TIME_COST`, so
+    that it gets the 403 of a cost no wait would help, whatever its size."""
+    if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
+        raise ConfigurationError("cost_function()", cost, "must return a whole number >= 1")
+    if multiplier != 1.0:
+        cost = max(1, math.ceil(min(cost, MAX_RUN_TIME_COST) * multiplier))
+    return min(cost, MAX_RUN_TIME_COST)
 
 
 def check_endpoint(field: str, endpoint: object) -> str:

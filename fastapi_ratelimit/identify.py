@@ -8,6 +8,7 @@ once (per type, without the value) and the caller is anonymous or gets the defau
 from __future__ import annotations
 
 import inspect
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,6 +30,8 @@ _OBJECT_STR: Any = object.__str__
 _MAX_USER_IDENTITY = 1024
 #: What resolvers usually return, none of it awaitable: no need to ask inspect.isawaitable.
 _PLAIN = frozenset({str, int, type(None)})
+#: A header name as RFC 9110 has it (a "token").
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 class _WarnOnce:
@@ -135,9 +138,18 @@ class Identifier:
         user_tiers: Any,
     ) -> None:
         if api_key_header is not None and (
-            not isinstance(api_key_header, str) or not api_key_header
+            not isinstance(api_key_header, str) or not _TOKEN_RE.fullmatch(api_key_header)
         ):
-            raise ConfigurationError("api_key_header", api_key_header, "must be a header name")
+            # Anything else (a space, a non-Latin-1 letter) could never match a header.
+            raise ConfigurationError(
+                "api_key_header", api_key_header, "must be a header name (an HTTP token)"
+            )
+        if api_key_query is not None and (not isinstance(api_key_query, str) or not api_key_query):
+            raise ConfigurationError("api_key_query", api_key_query, "must be a parameter name")
+        if tier_resolver is not None and tiers is None:
+            raise ConfigurationError(
+                "tier_resolver", tier_resolver, "needs tiers=... to name tiers from"
+            )
         for name, value in (("user_resolver", user_resolver), ("tier_resolver", tier_resolver)):
             if value is not None and not callable(value):
                 raise ConfigurationError(name, value, "must be a callable")
@@ -278,7 +290,7 @@ def _user_tiers(value: Any, tiers: Mapping[str, Tier] | None) -> dict[str, str]:
     for user, tier in value.items():
         if not isinstance(user, str) or not user:
             raise ConfigurationError("user_tiers", user, "user ids must be non-empty strings")
-        if tier not in tiers:
+        if not isinstance(tier, str) or tier not in tiers:
             raise ConfigurationError(
                 f"user_tiers[{user!r}]", tier, f"is not one of the tiers ({', '.join(tiers)})"
             )

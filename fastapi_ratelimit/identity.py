@@ -296,9 +296,9 @@ class ClientIP:
         if not isinstance(trust_unix_socket, bool):
             raise ConfigurationError("trust_unix_socket", trust_unix_socket, "must be a bool")
         self._trust_unix_socket = trust_unix_socket
-        if isinstance(headers, (str, bytes)):
+        if isinstance(headers, (str, bytes)) or not isinstance(headers, Iterable):
             raise ConfigurationError(
-                "forwarded_headers", headers, "must be a list of header names, not a string"
+                "forwarded_headers", headers, "must be a list of header names (empty: none)"
             )
         names: list[str] = []
         for header in headers:

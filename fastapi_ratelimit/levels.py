@@ -78,6 +78,10 @@ class Levels:
         self.tiers = tiers
         self.endpoints: dict[str, Policy] = {}
         self._client_endpoints: dict[str, RouteLimit] = {}
+        if endpoint_limits is not None and not isinstance(endpoint_limits, Mapping):
+            raise ConfigurationError(
+                "endpoint_limits", endpoint_limits, "must map '<METHOD> <route>' to a rate"
+            )
         for endpoint, rate in (endpoint_limits or {}).items():
             check_endpoint("endpoint_limits", endpoint)
             if isinstance(rate, tuple):
@@ -86,7 +90,23 @@ class Levels:
             policy = _policy(f"endpoint_limits[{endpoint!r}]", "endpoint", rate, algorithm)
             assert policy is not None
             self.endpoints[endpoint] = policy
+        if isinstance(composite_limits, CompositeLimit) or not isinstance(
+            composite_limits, (list, tuple)
+        ):
+            raise ConfigurationError(
+                "composite_limits", composite_limits, "must be a list of CompositeLimit objects"
+            )
         self._composites = [_composite(composite, algorithm) for composite in composite_limits]
+        seen: set[tuple[str, str, str]] = set()
+        for _, scope, policy in self._composites:
+            if (scope, policy.bucket, policy.code) in seen:
+                # One stored state for both: every request would be refused as a duplicate.
+                raise ConfigurationError(
+                    "composite_limits",
+                    policy.name,
+                    f"is the name of two limits on {scope!r}: give each its own name=",
+                )
+            seen.add((scope, policy.bucket, policy.code))
         self.costs = costs
         self._check_costs()
         # endpoint -> its plan; bounded, since a client can send any method string.
@@ -270,8 +290,16 @@ def _composite(
         )
     scope = "+".join(parts)
     name = composite.name or "-".join(parts)
-    algorithm = Algorithm(composite.algorithm) if composite.algorithm is not None else default
-    policy = _policy(f"composite_limits[{scope!r}]", name, composite.rate, algorithm)
+    field = f"composite_limits[{scope!r}]"
+    try:
+        algorithm = Algorithm(composite.algorithm) if composite.algorithm is not None else default
+    except ValueError:
+        raise ConfigurationError(
+            f"{field}.algorithm",
+            composite.algorithm,
+            f"must be one of {', '.join(a.value for a in Algorithm)}",
+        ) from None
+    policy = _policy(field, name, composite.rate, algorithm)
     assert policy is not None
     return parts, scope, policy
 

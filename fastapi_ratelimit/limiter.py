@@ -201,6 +201,13 @@ class RateLimiter:
             default_tier=default_tier,
             user_tiers=user_tiers,
         )
+        if api_key_limit is not None and api_key_header is None and api_key_query is None:
+            raise ConfigurationError(
+                "api_key_limit", api_key_limit, "needs api_key_header or api_key_query to read keys"
+            )
+        for name, flag in (("fallback", fallback), ("allow_any_network", allow_any_network)):
+            if not isinstance(flag, bool):
+                raise ConfigurationError(name, flag, "must be True or False")
         #: Which endpoint, at what cost (step 2).
         self.pricing = Pricing(costs, cost_function, self.levels)
         for name, value in (("refund_when", refund_when), ("response_builder", response_builder)):
@@ -222,7 +229,9 @@ class RateLimiter:
         if dynamic is not None and not isinstance(dynamic, DynamicLimits):
             raise ConfigurationError("dynamic", dynamic, "must be a DynamicLimits")
         self.dynamic = dynamic
-        if not (isinstance(refresh_interval, (int, float)) and 0 < refresh_interval <= 1):
+        if isinstance(refresh_interval, bool) or not (
+            isinstance(refresh_interval, (int, float)) and 0 < refresh_interval <= 1
+        ):
             raise ConfigurationError("refresh_interval", refresh_interval, "must be in (0, 1] s")
         #: Every backend call on the request path besides the check goes through it.
         self.polling = polling = PollPolicy(self.breaker)

@@ -4,7 +4,6 @@ app's ``cost_function`` says otherwise."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 from loguru import logger
@@ -12,7 +11,7 @@ from starlette.requests import HTTPConnection
 
 from ._types import Scope
 from .context import RequestContext
-from .costs import CostTable, check_cost, endpoint_key
+from .costs import CostTable, endpoint_key, run_time_cost
 from .errors import ConfigurationError
 from .levels import Levels
 from .routing import UNMATCHED, RouteResolver, request_method
@@ -62,10 +61,9 @@ class Pricing:
     def _custom_cost(self, connection: HTTPConnection, fallback: int, multiplier: float) -> int:
         assert self._cost_function is not None
         try:
-            cost = check_cost("cost_function()", self._cost_function(connection))
+            return run_time_cost(self._cost_function(connection), multiplier)
         except Exception as exc:
             if not self._warned_cost_function:
                 self._warned_cost_function = True
                 logger.warning("cost_function failed, using the cost table: {!r}", exc)
             return fallback
-        return cost if multiplier == 1.0 else max(1, math.ceil(cost * multiplier))

@@ -111,7 +111,7 @@ def build_tiers(
                 f"tiers[{name!r}]", tier.name, "the key must be the tier's name"
             )
         built[name] = tier
-    if default_tier not in built:
+    if not isinstance(default_tier, str) or default_tier not in built:
         raise ConfigurationError(
             "default_tier", default_tier, f"is not one of the tiers ({', '.join(built)})"
         )

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from conftest import BackendFactory
 from fastapi import FastAPI, Request
-from http_helpers import client_for
+from http_helpers import client_for, remaining
 
 from fastapi_ratelimit import (
     ConfigurationError,
@@ -115,6 +115,26 @@ async def test_a_cost_function_over_the_limit_is_refused_for_good_without_retry_
         over = await client.post("/ocr/process")
         assert over.status_code == 429
         assert int(over.headers["retry-after"]) >= 1
+
+
+async def test_a_huge_cost_function_cost_is_charged_in_full_or_refused_for_good(
+    make_backend: BackendFactory,
+) -> None:
+    """Found in the session-25 audit: a cost above the cost table's bound (1,000,000) fell
+    back to the table's cost of 1, so the dearest requests were the cheapest."""
+
+    def cost(request: Any) -> int:
+        return int(request.headers.get("x-bytes", "1"))
+
+    limiter = RateLimiter(backend=make_backend(), ip_limit="100000000/day", cost_function=cost)
+    async with client_for(app_for(limiter)) as client:
+        # Far beyond any limit a level can have: refused for good, not charged 1.
+        assert_honest_refusal(
+            await client.post("/ocr/process", headers={"x-bytes": str(10**30)}), 10**12 + 1
+        )
+        big = await client.post("/ocr/process", headers={"x-bytes": "2000000"})
+        assert big.status_code == 200
+    assert remaining(big) == str(100_000_000 - 2_000_000)
 
 
 async def test_a_tier_multiplier_pushing_a_cost_over_the_limit_is_refused_for_good() -> None:

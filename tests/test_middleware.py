@@ -723,12 +723,57 @@ async def test_per_level_memory_state_uses_fake_clock() -> None:
         ({"shadow": "ip"}, "shadow"),
         ({"backend": object()}, "backend"),
         ({"user_resolver": 5}, "user_resolver"),
+        # Found in the session-25 audit: each raised another exception, or was taken and
+        # then never used.
+        ({"api_key_header": "X-Ключ"}, "api_key_header"),
+        ({"api_key_header": "X API Key"}, "api_key_header"),
+        ({"api_key_query": ["api_key"]}, "api_key_query"),
+        ({"api_key_limit": "5/minute", "api_key_header": None}, "api_key_limit"),
+        ({"endpoint_limits": [("GET /x", "5/minute")]}, "endpoint_limits"),
+        (
+            {"composite_limits": CompositeLimit(("user", "ip"), "5/minute")},
+            "composite_limits",
+        ),
+        (
+            {"composite_limits": [CompositeLimit(("user", "ip"), "5/minute", algorithm="x")]},
+            "composite_limits['user+ip'].algorithm",
+        ),
+        (
+            {
+                "composite_limits": [
+                    CompositeLimit(("api_key", "endpoint"), "2/minute"),
+                    CompositeLimit(("api_key", "endpoint"), "3/hour"),
+                ]
+            },
+            "composite_limits",
+        ),
+        ({"tiers": {"free": "1/second"}, "user_tiers": {"alice": ["free"]}}, "user_tiers['alice']"),
+        ({"tiers": {"free": "1/second"}, "default_tier": ["free"]}, "default_tier"),
+        ({"user_limit": "5/minute", "tier_resolver": lambda request: "pro"}, "tier_resolver"),
+        ({"forwarded_headers": None}, "forwarded_headers"),
+        ({"refresh_interval": True}, "refresh_interval"),
+        ({"fallback": "yes"}, "fallback"),
+        ({"allow_any_network": "yes"}, "allow_any_network"),
     ],
 )
 def test_bad_configuration_fails_at_construction(kwargs: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigurationError) as info:
         RateLimiter(**kwargs)
     assert info.value.field == field
+
+
+async def test_two_composite_limits_on_the_same_parts_with_names_of_their_own() -> None:
+    limiter = RateLimiter(
+        composite_limits=[
+            CompositeLimit(("api_key", "endpoint"), "2/minute", name="key-minute"),
+            CompositeLimit(("api_key", "endpoint"), "3/hour", name="key-hour"),
+        ]
+    )
+    app = make_app(limiter)
+    async with client_for(app) as client:
+        answers = [await client.get("/hello", headers={"X-API-Key": "k1"}) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert set(policies(answers[0])) == {"key-minute", "key-hour"}
 
 
 def test_bad_middleware_configuration() -> None:
