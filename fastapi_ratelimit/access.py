@@ -344,6 +344,12 @@ class AccessLists:
         return self._normalise_network(value.strip(), field)
 
     def _normalise_network(self, value: str, field: str) -> str:
+        if "%" in value:
+            # A zone id (fe80::1%eth0/64) names an interface, not addresses: dropped, as it
+            # is from client addresses, so that one network has one stored form.
+            head, _, tail = value.partition("%")
+            _, slash, prefix = tail.partition("/")
+            value = head + slash + prefix
         try:
             network = ipaddress.ip_network(value, strict=True)
         except ValueError as exc:

@@ -63,7 +63,8 @@ class EntryBody(BaseModel):
 
 
 class OverrideBody(BaseModel):
-    factor: float = Field(gt=0, le=10)
+    # Checked where it is used (DynamicLimits.set_override), like the TTLs: see above.
+    factor: float
     ttl: float | None = None
 
 
@@ -247,7 +248,8 @@ def _list_routes(
 
 
 def _lists_on(limiter: RateLimiter) -> None:
-    if limiter.lists is None:
+    # Static entries alone (allow=/block=) make lists too, but nothing stored applies.
+    if limiter.lists is None or not limiter.lists.mirrored:
         raise HTTPException(
             409, "this limiter applies no allow/block lists (RateLimiter(access_lists=True))"
         )

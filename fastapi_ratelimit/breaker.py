@@ -9,7 +9,7 @@ open, then open again while the backend is still down) are logged at DEBUG only,
 outage adds no line per cooldown.
 
 :class:`EndpointBreaker` guards the *protected API* (the seed's circuit-breaker integration):
-per endpoint, when the share of 5xx responses over ``window`` passes ``threshold`` (with at
+per endpoint, when the share of 5xx responses over ``window`` reaches ``threshold`` (with at
 least ``min_requests``), the endpoint answers 503 for ``open_for`` seconds, then lets traffic
 probe it again. The open state is shared by every instance through the backend.
 """
@@ -217,7 +217,8 @@ class EndpointBreaker:
     """Opens an endpoint that keeps failing (5xx), for every instance.
 
     Args:
-        threshold: share of 5xx responses that opens it (default 0.5).
+        threshold: share of 5xx responses that opens it, reached or passed (default 0.5:
+            half or more; 1: every response).
         min_requests: fewest responses in the window before it may open (default 10).
         window: seconds of history per endpoint (default 30).
         open_for: seconds it stays open before traffic probes it again (default 30).

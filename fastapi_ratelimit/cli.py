@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     url = args.redis_url or os.environ.get("RATELIMIT_REDIS_URL") or os.environ.get("REDIS_URL")
     if not url:
         return _fail(args, "no Redis URL: pass --redis-url or set RATELIMIT_REDIS_URL")
-    from redis.exceptions import RedisError
+    from redis.exceptions import RedisClusterException, RedisError
 
     from .backends.redis import redact_url
 
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, str(exc))
     except BackendError as exc:
         return _fail(args, f"cannot reach Redis: {exc}")
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         # Direct commands (SCAN, PTTL) outside the backend's own wrapping.
         return _fail(args, f"Redis at {redact_url(url)} failed: {type(exc).__name__}: {exc}")
     _print(args, result)
@@ -188,17 +188,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _run(args: argparse.Namespace, url: str) -> tuple[Any, bool]:
     from .access import AccessLists
-    from .backends.redis import RedisBackend
+    from .backends.redis import RedisBackend, redact_url
     from .tiers import TierStore
 
     secret = args.key_secret or os.environ.get("RATELIMIT_KEY_SECRET") or None
-    backend = RedisBackend.from_url(
-        url,
-        cluster=args.cluster,
-        prefix=args.prefix,
-        timeout=5.0,
-        key_secret=secret.encode("utf-8") if secret else None,
-    )
+    try:
+        backend = RedisBackend.from_url(
+            url,
+            cluster=args.cluster,
+            prefix=args.prefix,
+            timeout=5.0,
+            key_secret=secret.encode("utf-8") if secret else None,
+        )
+    except ValueError as exc:
+        # redis-py's URL parsing (a bad port, bracket or option): bad input, said in a line.
+        raise ConfigurationError("--redis-url", redact_url(url), f"is not usable: {exc}") from None
     args.keyed = secret is not None
     try:
         keys = backend.key_builder
@@ -246,13 +250,16 @@ async def _run(args: argparse.Namespace, url: str) -> tuple[Any, bool]:
                     await dynamic.set_override(args.factor, ttl=args.ttl, by=args.by)
                     return {"factor": args.factor, "ttl": args.ttl}, True
                 if args.action == "get":
+                    # The mirror keeps its last copy when Redis fails (the apps' choice);
+                    # a command must say it could not read instead of showing "no override".
+                    await backend.control_version("override")
                     return {"factor": await dynamic.override_factor()}, True
                 cleared = await dynamic.clear_override(by=args.by)
                 return {"cleared": cleared}, cleared
             finally:
                 await dynamic.aclose()
         if args.command == "limit":
-            from .limit_overrides import NAMESPACE, store_limit, stored_limits, target_key
+            from .limit_overrides import clear_limit, store_limit, stored_limits, target_key
 
             if args.action == "list":
                 return await stored_limits(backend), True
@@ -260,7 +267,7 @@ async def _run(args: argparse.Namespace, url: str) -> tuple[Any, bool]:
             if args.action == "set":
                 await store_limit(backend, key, args.rate, by=args.by)
                 return {"level": key, "rate": args.rate}, True
-            cleared = bool(await backend.control_delete(NAMESPACE, [key]))
+            cleared = await clear_limit(backend, key, by=args.by)
             return {"cleared": cleared}, cleared
         if args.command == "cleanup":
             from .control import remove_expired
@@ -309,6 +316,17 @@ async def _inspect_or_reset(args: argparse.Namespace, backend: Any) -> tuple[Any
         hint = "" if args.keyed else " (if the app sets key_secret, pass --key-secret)"
         print(f"fastapi-ratelimit: no counters found for this identity{hint}", file=sys.stderr)
     if args.command == "reset":
+        from loguru import logger
+
+        # As the admin API and limiter.operator.reset() do (identities never raw in a line).
+        logger.info(
+            "ratelimit audit: reset ip={} user={} api_key={} ({} levels) by {!r}",
+            args.ip,
+            args.user,
+            "<given>" if args.api_key else None,
+            len(found),
+            args.by,
+        )
         return {"reset": len(found), "levels": found}, bool(found)
     return found, bool(found)
 

@@ -95,7 +95,7 @@ class Enforcer:
         given = checks
         dynamic = limiter.dynamic
         if dynamic is not None:
-            checks = await self._scaled_checks(checks, context)
+            checks = await self.scaled_checks(checks, context)
             denial = await self._penalty(context)
             if denial is not None:
                 context.decisions = (*context.decisions, denial)
@@ -232,7 +232,9 @@ class Enforcer:
         finally:
             self._waiting -= 1
 
-    async def _scaled_checks(self, checks: Sequence[Check], context: RequestContext) -> list[Check]:
+    async def scaled_checks(self, checks: Sequence[Check], context: RequestContext) -> list[Check]:
+        """``checks`` under dynamic limits: the load (or operator's) factor, and the
+        client's behaviour factor on its own levels."""
         dynamic = self._limiter.dynamic
         assert dynamic is not None
         factor = await dynamic.global_factor()

@@ -142,7 +142,7 @@ class Identifier:
         ):
             # Anything else (a space, a non-Latin-1 letter) could never match a header.
             raise ConfigurationError(
-                "api_key_header", api_key_header, "must be a header name (an HTTP token)"
+                "api_key_header", api_key_header, "must be an HTTP header name"
             )
         if api_key_query is not None and (not isinstance(api_key_query, str) or not api_key_query):
             raise ConfigurationError("api_key_query", api_key_query, "must be a parameter name")

@@ -75,6 +75,14 @@ async def store_limit(store: ControlStore, key: str, rate: str, *, by: str = "")
     logger.info("ratelimit audit: limit {} = {} by {!r}", key, rate, by)
 
 
+async def clear_limit(store: ControlStore, key: str, *, by: str = "") -> bool:
+    """Remove a level's changed rate (it goes back to the configured one everywhere); returns
+    whether one was stored."""
+    removed = await store.control_delete(NAMESPACE, [key])
+    logger.info("ratelimit audit: limit {} restored by {!r}", key, by)
+    return bool(removed)
+
+
 class LimitOverrides:
     """The changed limits of one limiter: a mirror of the ``limits`` namespace, and the
     configured policies they replace."""
@@ -140,10 +148,9 @@ class LimitOverrides:
         await self._mirror.refresh()  # this instance applies it at once
 
     async def clear(self, key: str, *, by: str = "") -> bool:
-        removed = await self._store.control_delete(NAMESPACE, [key])
+        removed = await clear_limit(self._store, key, by=by)
         await self._mirror.refresh()
-        logger.info("ratelimit audit: limit {} restored by {!r}", key, by)
-        return bool(removed)
+        return removed
 
     async def entries(self) -> dict[str, dict[str, Any]]:
         """The stored limits, as every instance will apply them."""

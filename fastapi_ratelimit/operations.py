@@ -190,14 +190,19 @@ class Operator:
             and (c.scope != "global")
         ]
         tiers = self._limiter.identifier.tiers
-        if all_tiers and tiers is not None and context.user is not None:
-            # Every tier of the user level shares one bucket per algorithm: cover them all.
-            seen = {(c.policy.bucket, c.policy.algorithm) for c in checks}
-            for tier in tiers.values():
-                marker = (tier.policy.bucket, tier.policy.algorithm)
-                if marker not in seen:
-                    seen.add(marker)
-                    checks.append(Check(tier.policy, "user", context.user, 1))
+        if all_tiers and tiers is not None:
+            # Every tier of a level shares one bucket per algorithm: cover them all, for the
+            # user and for the API key (whose plan may be stored).
+            seen = {(c.scope, c.policy.bucket, c.policy.algorithm) for c in checks}
+            for scope, identity in (("user", context.user), ("api_key", context.api_key)):
+                if identity is None:
+                    continue
+                for tier in tiers.values():
+                    policy = tier.policy if scope == "user" else tier.key_policy
+                    marker = (scope, policy.bucket, policy.algorithm)
+                    if marker not in seen:
+                        seen.add(marker)
+                        checks.append(Check(policy, scope, identity, 1))
         return checks
 
     async def inspect(
@@ -217,14 +222,22 @@ class Operator:
             context.tier = identifier.tier_named(
                 name if name is not None else identifier.user_tiers.get(user)
             )
+        if api_key is not None and limiter.tier_store is not None and identifier.tiers is not None:
+            # The key's stored plan, as identification finds it (none: api_key_limit).
+            name = await limiter.tier_store.lookup("api_key", api_key)
+            context.key_tier = identifier.tiers.get(name) if name is not None else None
         checks = self._checks(context, all_tiers=False)
         global_policy = limiter.levels.global_
         if global_policy is not None:
             checks.insert(0, Check(global_policy, "global", "", 1))
         if not checks:
             return []
+        # The limits in force: changed at run time, then scaled by dynamic limits (the
+        # operator's override, the load, the client's behaviour), as a request's are.
         if limiter.limit_overrides is not None:
             checks = list(await limiter.limit_overrides.apply(checks))
+        if limiter.dynamic is not None:
+            checks = await limiter.enforcer.scaled_checks(checks, context)
         return list((await limiter.backend.peek(checks)).decisions)
 
     async def reset(

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import time
 import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from loguru import logger
@@ -33,6 +35,13 @@ __all__ = ["AlertThresholds", "LiveStats", "backend_summary"]
 
 _NAMESPACE = "stats"
 _STALE = 10.0  # seconds: an instance that wrote nothing for this long is gone
+# Limited clients are what a flood multiplies, so each layer keeps a bounded share: the
+# recorder at most 10,000 between two ticks, each second's bucket its most limited few, the
+# window's tally a bounded number (pruned to its top half when full), and the summary an
+# instance writes every second only its top entries (enough for the merged top list).
+_LIMITED_PER_SECOND = 20
+_LIMITED_KEPT = 10_000
+_LIMITED_FLUSHED = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +122,8 @@ class LiveStats:
         backend = limiters[0].backend
         self._store = backend if flush and isinstance(backend, ControlStore) else None
         self._buckets: deque[_Bucket] = deque(maxlen=window)
+        #: Denials per masked client over the buckets in the window (see _LIMITED_KEPT).
+        self._limited: dict[str, int] = {}
         self._previous: dict[tuple[str, str, str, str], int] = {}
         self._previous_scopes: dict[tuple[str, bool], int] = {}
         self._previous_errors = 0
@@ -165,12 +176,35 @@ class LiveStats:
         bucket.errors, self._previous_errors = errors - self._previous_errors, errors
         if recorder.limited:
             limited, recorder.limited = recorder.limited, {}
+            seen: dict[str, int] = {}
             for (kind, identity), n in limited.items():
                 masked = mask_identity(kind, identity)
-                bucket.limited[masked] = bucket.limited.get(masked, 0) + n
+                seen[masked] = seen.get(masked, 0) + n
+            bucket.limited = dict(
+                heapq.nlargest(_LIMITED_PER_SECOND, seen.items(), key=itemgetter(1))
+            )
+        self._tally(bucket)
         self._buckets.append(bucket)
         self.changed.set()
         self.changed = asyncio.Event()
+
+    def _tally(self, bucket: _Bucket) -> None:
+        """Keep the window's tally of limited clients: the bucket about to leave the window
+        is taken out, the new one added."""
+        tally = self._limited
+        buckets = self._buckets
+        if buckets.maxlen is not None and len(buckets) == buckets.maxlen:
+            for name, n in buckets[0].limited.items():
+                left = tally.get(name, 0) - n
+                if left > 0:
+                    tally[name] = left
+                else:
+                    tally.pop(name, None)
+        for name, n in bucket.limited.items():
+            tally[name] = tally.get(name, 0) + n
+        if len(tally) > _LIMITED_KEPT:
+            kept = heapq.nlargest(_LIMITED_KEPT // 2, tally.items(), key=itemgetter(1))
+            self._limited = dict(kept)
 
     async def aclose(self) -> None:
         await stop(self._task)
@@ -184,14 +218,12 @@ class LiveStats:
         scopes: dict[str, list[int]] = {}
         tiers: dict[str, list[int]] = {}
         endpoints: dict[str, list[int]] = {}
-        limited: dict[str, int] = {}
         for b in self._buckets:
             total, blocked, errors = total + b.total, blocked + b.blocked, errors + b.errors
             for source, target in ((b.scopes, scopes), (b.tiers, tiers), (b.endpoints, endpoints)):
                 for name, (n, d) in source.items():
                     _add2(target, name, n, d)
-            for name, n in b.limited.items():
-                limited[name] = limited.get(name, 0) + n
+        limited = dict(heapq.nlargest(_LIMITED_FLUSHED, self._limited.items(), key=itemgetter(1)))
         recent = list(self._buckets)[-120:]
         return {
             "at": time.time(),

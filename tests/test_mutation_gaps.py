@@ -407,8 +407,8 @@ def test_configuration_errors_say_field_rule_and_value(build: object, message: s
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"api_key_header": ""}, "api_key_header: must be a header name (got '')"),
-        ({"api_key_header": 5}, "api_key_header: must be a header name (got 5)"),
+        ({"api_key_header": ""}, "api_key_header: must be an HTTP header name (got '')"),
+        ({"api_key_header": 5}, "api_key_header: must be an HTTP header name (got 5)"),
         ({"dynamic": "yes"}, "dynamic: must be a DynamicLimits (got 'yes')"),
     ],
 )
