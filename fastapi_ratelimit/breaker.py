@@ -105,6 +105,11 @@ class CircuitBreaker:
         self._cooldown = cooldown
         self._clock = clock
         self._window = _Window(window)
+        self._window_seconds = window
+        #: When calls began to be counted (the first failure of a quiet spell): successes
+        #: are not counted while nothing fails (``idle``), so the failure rate only speaks
+        #: once a whole window of calls has been counted.
+        self._counting_since = 0.0
         self._consecutive = 0
         self._state: State = "closed"
         self._opened_at = 0.0
@@ -165,6 +170,9 @@ class CircuitBreaker:
                 self._window.add(self._clock(), False)
             self.idle = not self._window.failures
             return
+        if self._state == "open":
+            # A call sent before the breaker opened: the cooldown and its probe decide.
+            return
         self._probing = False
         self._window.clear()
         self._change("closed")
@@ -185,10 +193,16 @@ class CircuitBreaker:
             return
         if self._state == "open":
             return
+        if not self._window.totals(now)[1]:
+            # The first failure of a quiet spell: from now on successes are counted too.
+            self._window.clear()
+            self._counting_since = now
         self._window.add(now, True)
         calls, failures = self._window.totals(now)
         if self._consecutive >= self._threshold or (
-            calls >= self._min_calls and failures / calls >= self._rate
+            now - self._counting_since >= self._window_seconds
+            and calls >= self._min_calls
+            and failures / calls >= self._rate
         ):
             self._open(now)
 

@@ -79,7 +79,12 @@ def test_an_idle_breaker_is_one_with_nothing_to_record() -> None:
     breaker.record_success()
     assert breaker.state == "closed"  # 2 failures of 4 calls: at the rate, not under min
     breaker.record_failure()
-    assert breaker.state == "open"  # 3 of 5
+    # 3 of 5, but counted for less than a window: the successes before the first failure
+    # were not counted (idle), so the rate does not speak yet.
+    assert breaker.state == "closed"
+    clock.now += 10
+    breaker.record_failure()
+    assert breaker.state == "open"  # 4 of 6, counted over a whole window
     clock.now += 5
     assert breaker.allow_call()
     breaker.record_success()
@@ -98,9 +103,44 @@ def test_breaker_opens_on_failure_rate() -> None:
     for i in range(9):
         (breaker.record_failure if i % 2 else breaker.record_success)()
     assert breaker.state == "closed"
+    clock.now += 10  # a whole window counted since the first failure
     breaker.record_failure()
     breaker.record_failure()
     assert breaker.state == "open"
+
+
+def test_a_rare_failure_among_many_successes_does_not_open_it() -> None:
+    """Found in the session-25 audit: successes are not counted while nothing fails, so the
+    rate used to be taken over the calls since the first failure only (12 failures among
+    1,024 calls in 10 s opened it as if half had failed)."""
+    clock = Clock()
+    breaker = CircuitBreaker(clock=clock)  # 5 in a row, or >= 50% of >= 20 calls in 10 s
+    for _ in range(1000):
+        if not breaker.idle:
+            breaker.record_success()
+        clock.now += 0.009
+    for _ in range(12):
+        breaker.record_failure()
+        breaker.record_success()
+        clock.now += 0.01
+    assert breaker.state == "closed"
+
+
+async def test_a_success_sent_before_the_breaker_opened_does_not_close_it() -> None:
+    """Found in the session-25 audit: a slow call that succeeded after the breaker opened
+    closed it at once, without the cooldown or its probe."""
+    clock = Clock()
+    breaker = CircuitBreaker(failure_threshold=3, cooldown=5.0, clock=clock)
+    for _ in range(3):
+        breaker.record_failure()
+    assert breaker.state == "open"
+    breaker.record_success()  # the slow call from before answers now
+    assert breaker.state == "open"
+    assert not breaker.allow_call()
+    clock.now += 5
+    assert breaker.allow_call()  # the probe
+    breaker.record_success()
+    assert breaker.state == "closed"
 
 
 @pytest.mark.parametrize(
