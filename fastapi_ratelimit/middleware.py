@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterable
 from time import perf_counter
 
+from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 
 from ._types import ASGIApp, Receive, Scope, Send
@@ -85,6 +86,11 @@ class RateLimitMiddleware:
                 raise ConfigurationError("exempt", path, "paths must start with '/'")
         self.app = app
         self.limiter = limiter
+        #: The Starlette (or FastAPI) app this middleware wraps itself, if it does
+        #: (``RateLimitMiddleware(app, ...)``, outermost or given to ``Mount``): its routes
+        #: are the ones to resolve, while ``scope["app"]`` is missing or the parent app's
+        #: until Starlette sets it inside. Under ``add_middleware`` the app is set already.
+        self._wrapped = app if isinstance(app, Starlette) else None
         self._exact = frozenset(p.rstrip("/") or "/" for p in paths)
         self._prefixes = tuple((p.rstrip("/") + "/") for p in paths if p != "/")
         self._websockets = websockets
@@ -100,6 +106,8 @@ class RateLimitMiddleware:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._wrapped is not None:
+            scope["app"] = self._wrapped  # as the app itself is about to do
         # Metrics (see recorder.py): a few dict increments per request, only when enabled.
         recorder = self.limiter.recorder
         started = perf_counter() if recorder is not None else 0.0

@@ -130,7 +130,9 @@ class RouteLimit:
             parsed = (
                 rate if isinstance(rate, Rate) else parse_rate(rate, field_name=f"{where}: rate")
             )
-            default_name = f"route-{scope.replace('+', '-')}-{parsed.limit}-{parsed.period:g}s"
+            # The period in plain digits: ``:g`` turns 30 days into 2.592e+06, not a name.
+            period = f"{parsed.period:f}".rstrip("0").rstrip(".")
+            default_name = f"route-{scope.replace('+', '-')}-{parsed.limit}-{period}s"
             if parsed.burst is not None and parsed.burst != parsed.limit:
                 # Two limits of one rate and different bursts are two limits (the name keys
                 # the stored state, and equal keys count once).

@@ -863,3 +863,30 @@ async def test_an_async_user_resolver_is_awaited() -> None:
             for user in ("alice", "alice", "bob")
         ]
     assert statuses == [200, 429, 200]
+
+
+async def test_endpoint_limits_apply_when_the_middleware_wraps_the_app_itself() -> None:
+    """Found in the session-25 audit: RateLimitMiddleware(app, ...) (outermost, or given to
+    Mount) resolved no routes, since Starlette sets scope["app"] only inside the app: every
+    request was <unmatched> and endpoint limits were silently off."""
+
+    def limiter() -> RateLimiter:
+        return RateLimiter(endpoint_limits={"GET /x": "1/minute"})
+
+    def sub_app() -> FastAPI:
+        sub = FastAPI()
+
+        @sub.get("/x")
+        async def x() -> dict[str, str]:
+            return {}
+
+        return sub
+
+    outermost = RateLimitMiddleware(sub_app(), limiter=limiter())
+    parent = FastAPI()
+    parent.mount("/internal", RateLimitMiddleware(sub_app(), limiter=limiter()))
+    for app, path in ((outermost, "/x"), (parent, "/internal/x")):
+        async with client_for(app) as client:
+            answers = [await client.get(path) for _ in range(2)]
+        assert [a.status_code for a in answers] == [200, 429]
+        assert set(policies(answers[0])) == {"endpoint"}

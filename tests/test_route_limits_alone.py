@@ -250,3 +250,15 @@ async def test_a_client_leaving_a_websocket_keeps_its_handshake_charged(kind: st
         "refused",
         "refused",
     ]
+
+
+@pytest.mark.parametrize(
+    ("rate", "name"),
+    [
+        ("100/30day", "route-ip-100-2592000s"),  # was 2.592e+06: a ConfigurationError
+        ("5/minute", "route-ip-5-60s"),
+        ("2/0.5 seconds", "route-ip-2-0_5s"),
+    ],
+)
+def test_default_names_of_route_limits_hold_plain_digits(rate: str, name: str) -> None:
+    assert RateLimit(rate).limit.policy.name == name
