@@ -25,8 +25,9 @@ def evaluate(state: State | None, now: int, limit: int, window: int, cost: int) 
     else:
         cur = prev = 0
     elapsed = now - start
-    weight = (window - elapsed) / window
-    estimate = prev * weight + cur
+    # Multiply, then divide: exact whenever the product is (75 * 680000 / 1e6 is 51, where
+    # 75 * 0.68 is 51.00000000000001), so that exact figures give exact answers.
+    estimate = prev * (window - elapsed) / window + cur
     available = limit - estimate
     allowed = cost <= available
     retry = 0
@@ -42,6 +43,16 @@ def evaluate(state: State | None, now: int, limit: int, window: int, cost: int) 
         else:
             retry = 2 * window - elapsed
         retry = max(1, retry)
+        if cost <= limit:
+            # Float rounding can leave the estimate a hair high at exactly now + retry. The
+            # wait announced must be one after which the same request passes: check it as
+            # evaluate will then, and lengthen it (by 1, 2, 4 ... us) until it does.
+            step = 1
+            while step < 1 << 62 and cost > limit - _estimate(
+                now + retry, start, cur, prev, window
+            ):
+                retry += step
+                step *= 2
     if cur > 0:
         reset_keep = 2 * window - elapsed
     elif prev > 0:
@@ -61,8 +72,29 @@ def evaluate(state: State | None, now: int, limit: int, window: int, cost: int) 
     )
 
 
+def _estimate(t: int, start: int, cur: int, prev: int, window: int) -> float:
+    """The estimate :func:`evaluate` makes at time ``t`` of the state read at ``start``."""
+    at = math.floor(t / window) * window
+    if at == start:
+        c, p = cur, prev
+    elif at == start + window:
+        c, p = 0, cur
+    else:
+        c = p = 0
+    return p * (window - (t - at)) / window + c
+
+
 def refund(state: State | None, now: int, window: int, amount: int) -> State | None:
+    """Give ``amount`` back: from the current window first, then from the previous one,
+    where a request charged before the window turned sits (and weighs) now."""
+    if state is None:
+        return None
     start = math.floor(now / window) * window
-    if state is None or state[0] != start:
-        return state
-    return (start, max(0, state[1] - amount), state[2])
+    if state[0] == start:
+        cur, prev = state[1], state[2]
+        taken = min(cur, amount)
+        return (start, cur - taken, max(0, prev - (amount - taken)))
+    if state[0] == start - window:
+        # Stored as the current window of its time: its count is the previous one now.
+        return (state[0], max(0, state[1] - amount), state[2])
+    return state

@@ -289,7 +289,7 @@ class MemoryBackend:
                     cur, prev = state[1], state[2]
                 elif state[0] == start - window:
                     prev = state[1]
-            available = rate.limit - (prev * ((window - elapsed) / window) + cur)
+            available = rate.limit - (prev * (window - elapsed) / window + cur)
             if not cost <= available:
                 return None
             seen.append(key)
@@ -362,7 +362,6 @@ class MemoryBackend:
         best = best_remaining = 0
         best_share = 2.0
         window = start = elapsed = 0
-        weight = 0.0
         for _, scope, slot, key, bucket, code, limit, period, name, seconds in levels:
             if key is None:
                 identity = identities[slot]
@@ -378,7 +377,6 @@ class MemoryBackend:
                 # the same start to the bit.
                 start = floor(now / window) * window
                 elapsed = now - start
-                weight = (window - elapsed) / window
             entry = data.get(key)
             cur = prev = 0
             if entry is not None and entry[0] > now:
@@ -387,7 +385,7 @@ class MemoryBackend:
                     cur, prev = state[1], state[2]
                 elif state[0] == start - window:
                     prev = state[1]
-            available = limit - (prev * weight + cur)
+            available = limit - (prev * (window - elapsed) / window + cur)
             if not cost <= available:
                 return None
             reset_us = 2 * window - elapsed

@@ -39,14 +39,3 @@ local function ttl_ms(us, margin_ms)
   if ms < 0 then ms = 0 end
   return ms + margin_ms
 end
-
--- Refund for the windowed counters (fixed window, sliding window counter): both keep the
--- current window's start in field 's' and its count in field 'c'; a refund only touches the
--- current window.
-local function refund_window_count(key, now, window, amount)
-  local start = floor(now / window) * window
-  local raw = call('HMGET', key, 's', 'c')
-  if raw[1] and tonumber(raw[1]) == start then
-    call('HSET', key, 'c', format('%d', max(0, tonumber(raw[2]) - amount)))
-  end
-end

@@ -21,6 +21,11 @@ ALGORITHMS['fw'] = {
     call('PEXPIRE', key, ttl_ms(ends_in, margin))
   end,
   refund = function(key, now, limit, window, capacity, amount)
-    refund_window_count(key, now, window, amount)
+    -- Only the current window: a past one no longer counts.
+    local start = floor(now / window) * window
+    local raw = call('HMGET', key, 's', 'c')
+    if raw[1] and tonumber(raw[1]) == start then
+      call('HSET', key, 'c', format('%d', max(0, tonumber(raw[2]) - amount)))
+    end
   end,
 }
