@@ -142,6 +142,14 @@ class CircuitBreaker:
     def state(self) -> State:
         return self._state
 
+    def shown_state(self) -> State:
+        """The state as metrics show it: an open breaker whose cooldown is over lets the next
+        call probe, so it shows as half-open (an idle instance would otherwise report "open"
+        for ever after the backend came back, and keep the alert firing)."""
+        if self._state == "open" and self._clock() - self._opened_at >= self._cooldown:
+            return "half_open"
+        return self._state
+
     def retry_after(self) -> int:
         """Seconds until the next probe (for Retry-After on a fail-closed 503)."""
         if self._state != "open":

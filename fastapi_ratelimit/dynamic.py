@@ -36,8 +36,6 @@ from .rate import Rate
 
 __all__ = ["BehaviourTracker", "DynamicLimits", "LoadMonitor", "LoadThresholds", "scale_policy"]
 
-#: Factors are rounded to this step, so scaled policies are few and cached.
-_STEP = 0.05
 #: Seconds between prunings of the penalty box (and between its log lines).
 _PRUNE_EVERY = 10.0
 #: Most entries in the shared penalty box: every instance reloads it whole when it changes
@@ -62,6 +60,34 @@ class LoadThresholds:
     #: Mean latency (seconds) above which limits shrink; None disables it.
     latency: float | None = None
     latency_factor: float = 0.7
+
+    def __post_init__(self) -> None:
+        for name in ("cpu_high", "cpu_medium", "memory_high", "error_rate", "in_flight"):
+            _check_number(f"load.thresholds.{name}", getattr(self, name), above=0)
+        if self.latency is not None:
+            _check_number("load.thresholds.latency", self.latency, above=0)
+        for name in (
+            "cpu_high_factor",
+            "cpu_medium_factor",
+            "memory_high_factor",
+            "error_rate_factor",
+            "in_flight_factor",
+            "latency_factor",
+        ):
+            _check_number(f"load.thresholds.{name}", getattr(self, name), above=0, at_most=1)
+
+
+def _check_number(field: str, value: object, *, above: float, at_most: float | None = None) -> None:
+    """A number > ``above`` (and <= ``at_most``), never a bool: or a ConfigurationError."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not value > above
+        or (at_most is not None and value > at_most)
+        or value != value  # NaN
+    ):
+        bound = f" and at most {at_most}" if at_most is not None else ""
+        raise ConfigurationError(field, value, f"must be a number above {above}{bound}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +153,8 @@ class LoadMonitor:
     ) -> None:
         if not (isinstance(interval, (int, float)) and interval > 0):
             raise ConfigurationError("load.interval", interval, "must be > 0 seconds")
+        if thresholds is not None and not isinstance(thresholds, LoadThresholds):
+            raise ConfigurationError("load.thresholds", thresholds, "must be a LoadThresholds")
         self.thresholds = thresholds or LoadThresholds()
         self._interval = interval
         self._sampler = sampler
@@ -212,6 +240,25 @@ class BehaviourTracker:
         penalty_duration: float = 300.0,
         max_clients: int = 100_000,
     ) -> None:
+        _check_number("behaviour.good_factor", good_factor, above=0, at_most=10)
+        _check_number("behaviour.abusive_factor", abusive_factor, above=0, at_most=1)
+        for name, count in (
+            ("good_max_requests", good_max_requests),
+            ("abusive_requests", abusive_requests),
+            ("max_clients", max_clients),
+        ):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ConfigurationError(f"behaviour.{name}", count, "must be a whole number >= 1")
+        if penalty_violations is not None and (
+            isinstance(penalty_violations, bool)
+            or not isinstance(penalty_violations, int)
+            or penalty_violations < 1
+        ):
+            raise ConfigurationError(
+                "behaviour.penalty_violations", penalty_violations, "must be None or >= 1"
+            )
+        _check_number("behaviour.penalty_window", penalty_window, above=0)
+        _check_number("behaviour.penalty_duration", penalty_duration, above=0)
         self.good_factor = good_factor
         self.abusive_factor = abusive_factor
         self.good_max_requests = good_max_requests
@@ -390,6 +437,14 @@ class DynamicLimits:
         behaviour: BehaviourTracker | None = None,
         reduced_capacity_status: bool = True,
     ) -> None:
+        if load is not None and not isinstance(load, LoadMonitor):
+            raise ConfigurationError("dynamic.load", load, "must be a LoadMonitor")
+        if behaviour is not None and not isinstance(behaviour, BehaviourTracker):
+            raise ConfigurationError("dynamic.behaviour", behaviour, "must be a BehaviourTracker")
+        if not isinstance(reduced_capacity_status, bool):
+            raise ConfigurationError(
+                "dynamic.reduced_capacity_status", reduced_capacity_status, "must be True or False"
+            )
         self.load = load
         self.behaviour = behaviour
         self.reduced_capacity_status = reduced_capacity_status
@@ -454,7 +509,9 @@ class DynamicLimits:
 
     def scaled(self, policy: Policy, factor: float) -> Policy:
         """``policy`` with its quota times ``factor``, same bucket (counters carry over)."""
-        factor = round(factor / _STEP) * _STEP
+        # Three significant digits: a bounded number of cached policies, and a small factor
+        # kept (steps of 0.05 made an override of 0.02 a quota of 1).
+        factor = float(f"{factor:.3g}")
         if abs(factor - 1.0) < 1e-9:
             return policy
         key = (id(policy), factor)

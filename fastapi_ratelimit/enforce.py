@@ -247,7 +247,10 @@ class Enforcer:
             return list(checks)
         scaled = []
         for check in checks:
-            f = factor * (client_factor if check.scope in _CLIENT_SCOPES else 1.0)
+            # A client's own levels: ip, user, api_key, and the composites and route limits
+            # over several parts ("user+ip", "api_key+endpoint"), each holding a client part.
+            own = check.scope in _CLIENT_SCOPES or "+" in check.scope
+            f = factor * (client_factor if own else 1.0)
             policy = dynamic.scaled(check.policy, f)
             scaled.append(check if policy is check.policy else check._replace(policy=policy))
         return scaled

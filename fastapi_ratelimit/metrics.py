@@ -232,15 +232,19 @@ class RateLimitMetrics:
             "rate_limit_throttle_delay_seconds": _copy(recorder.delay_seconds),
         }
         states = dict.fromkeys(_BREAKER_STATES, 0.0)
-        load, override = 1.0, 1.0
+        loads: list[float] = []
+        overrides: list[float] = []
         for limiter in self.limiters:
             if limiter.breaker is not None:
-                states[limiter.breaker.state] += 1
+                states[limiter.breaker.shown_state()] += 1
             dynamic = limiter.dynamic
             if dynamic is not None:
                 if dynamic.load is not None:
-                    load = min(load, dynamic.load.factor)
-                override = min(override, dynamic.override_now())
+                    loads.append(dynamic.load.factor)
+                overrides.append(dynamic.override_now())
+        # The smallest in force (an override may raise quotas too: up to 10); 1 without any.
+        load = min(loads, default=1.0)
+        override = min(overrides, default=1.0)
         gauges: dict[str, Samples] = {
             "rate_limit_active_limiters": {(): float(len(self.limiters))},
             "rate_limit_breaker_state": {(state,): n for state, n in states.items()},

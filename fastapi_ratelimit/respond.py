@@ -33,6 +33,12 @@ __all__ = ["Responder", "denial_response", "deny", "refuse", "unavailable_respon
 _NAME = itemgetter(0)
 _LOWER = methodcaller("lower")  # bytes as ASGI says; a str from a sloppy app must not raise
 _NO_HEADERS = HeaderStyle.NONE  # a module constant: Enum member lookups run Python code
+#: The names an app's own copies of our headers may come under: ASGI says bytes, but a
+#: sloppy app's str names reach clients too (h11 takes them), and must be replaced as well.
+_REPLACED = {
+    style: names | {name.decode("latin-1") for name in names}
+    for style, names in HEADER_NAMES.items()
+}
 
 
 def denial_response(limiter: RateLimiter, context: RequestContext, verdict: Verdict) -> Response:
@@ -159,7 +165,9 @@ class Responder:
                 if ours is None or decisions is not self._decided:
                     ours = rate_limit_headers(decisions, style, now=time.time())
                 headers = message.get("headers", ())
-                names = HEADER_NAMES[style]
+                if type(headers) is not list and type(headers) is not tuple:
+                    headers = list(headers)  # any iterable, read once (as uvicorn does)
+                names = _REPLACED[style]
                 # Replace, never append: each header appears once even if the app set one.
                 # The check is C code alone (map, lower, isdisjoint); a new list, since
                 # the app's own list may be reused for other responses.
@@ -175,9 +183,16 @@ class Responder:
 
 
 async def _send_denial(send: Send, context: RequestContext, denial: Verdict) -> None:
-    """A route guard's denial, as problem+json with our headers."""
-    style = context.limiter.header_style
-    headers = rate_limit_headers(context.decisions, style, now=time.time())
+    """A route guard's denial, as problem+json with our headers, or as the limiter's own
+    ``response_builder`` makes it."""
+    limiter = context.limiter
+    headers = rate_limit_headers(context.decisions, limiter.header_style, now=time.time())
+    if limiter.response_builder is not default_response:
+        response = limiter.response_builder(denial.decisions, headers)
+        raw = response.raw_headers
+        await send({"type": "http.response.start", "status": response.status_code, "headers": raw})
+        await send({"type": "http.response.body", "body": getattr(response, "body", b"")})
+        return
     raw, body = quota_exceeded_parts(denial.decisions, headers)
     await send({"type": "http.response.start", "status": 429, "headers": raw})
     await send({"type": "http.response.body", "body": body})

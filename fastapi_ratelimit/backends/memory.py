@@ -128,6 +128,9 @@ class MemoryBackend:
         return self._check(checks, commit=False)
 
     async def refund(self, checks: Sequence[Check]) -> None:
+        if len(checks) > 1:
+            # As hit and peek, and as the Redis backend refuses: one level once per call.
+            ensure_distinct([self._key(c) for c in checks])
         now = self._clock.now_us()
         for check in checks:
             key = self._key(check)
