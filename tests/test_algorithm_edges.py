@@ -171,3 +171,19 @@ def test_the_fastest_rates_each_algorithm_keeps_are_accepted() -> None:
     Policy("p", Rate(100_000, 1, burst=10), "gcra")  # an interval of 10 us
     Policy("p", Rate(10**9, 60), "token_bucket")
     Policy("p", Rate(1, 3600, burst=87_600), "token_bucket")  # 10 years to refill
+
+
+async def test_a_sliding_log_refund_never_lets_more_than_the_limit_through(
+    backend: Backend, clock: FakeClock
+) -> None:
+    """A at 0, B at 5, A refunded at 5.1: dropping the newest entry (B's) let two more
+    through at 10, with B still in the window (three in [5, 15))."""
+    check = Check(Policy("log", Rate(2, 10), Algorithm.SLIDING_WINDOW_LOG), "ip", "192.0.2.3", 1)
+    assert (await backend.hit([check])).allowed  # A
+    clock.advance_us(5_000_000)
+    assert (await backend.hit([check])).allowed  # B
+    clock.advance_us(100_000)
+    await backend.refund([check])  # A's
+    clock.advance_us(4_900_000)  # t = 10
+    admitted = [(await backend.hit([check])).allowed for _ in range(2)]
+    assert admitted == [True, False]

@@ -48,6 +48,10 @@ def evaluate(log: State, now: int, limit: int, window: int, cost: int) -> Evalua
 
 
 def refund(log: State, amount: int) -> None:
-    """Give back ``amount`` units by dropping the newest entries, in place."""
+    """Give back ``amount`` units by dropping the oldest live entries, in place (``log``
+    trimmed with :func:`trim`). The refunded request's own time is not known; dropping the
+    newest instead could let a later request through while an older one still counts (more
+    than ``limit`` in a window), where dropping the oldest can only hold a unit a little
+    longer than it should."""
     for _ in range(min(amount, len(log))):
-        log.pop()
+        log.popleft()

@@ -141,6 +141,7 @@ class MemoryBackend:
             rate = policy.rate
             algorithm = policy.algorithm
             if algorithm is _SL:
+                sl.trim(state, now, rate.period_us)
                 sl.refund(state, check.cost)
                 if not state:
                     del self._data[key]

@@ -55,7 +55,8 @@ ALGORITHMS['sl'] = {
     call('PEXPIRE', key, ttl_ms(window, margin))
   end,
   refund = function(key, now, limit, window, capacity, amount)
+    -- The oldest live entries, as sliding_window_log.py explains.
     local count = sl_trim(key, now, window)
-    if count > 0 then call('RPOP', key, min(amount, count)) end
+    if count > 0 then call('LPOP', key, min(amount, count)) end
   end,
 }
