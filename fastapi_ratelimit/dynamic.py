@@ -267,7 +267,9 @@ class BehaviourTracker:
         self.penalty_window = penalty_window
         self.penalty_duration = penalty_duration
         self._max = max_clients
-        # All three keyed on the record's digest. client -> [hour, requests, rejected]
+        # All three keyed on the record's digest. client -> [hour, requests, rejected, and
+        # the hour before's requests and rejected]: "the last hour" is estimated as the
+        # sliding window counter does, so a record does not vanish at the top of the hour.
         self._stats: OrderedDict[str, list[float]] = OrderedDict()
         self._violations: OrderedDict[str, list[float]] = OrderedDict()
         #: Penalties this instance set: digest -> until (the box's mirror catches up later).
@@ -300,9 +302,16 @@ class BehaviourTracker:
 
     def factor(self, client: str) -> float:
         stats = self._stats.get(self._keys.digest(client))
-        if stats is None or stats[0] != _hour():
+        if stats is None:
             return 1.0
-        requests, rejected = stats[1], stats[2]
+        hour, weight = _hour_and_weight()
+        if stats[0] == hour:
+            requests = stats[3] * weight + stats[1]
+            rejected = stats[4] * weight + stats[2]
+        elif stats[0] == hour - 1:
+            requests, rejected = stats[1] * weight, stats[2] * weight
+        else:
+            return 1.0
         if requests <= 0:
             return 1.0
         rate = rejected / requests
@@ -316,8 +325,10 @@ class BehaviourTracker:
         key = self._keys.digest(client)
         hour = _hour()
         stats = self._stats.get(key)
-        if stats is None or stats[0] != hour:
-            stats = [hour, 0, 0]
+        if stats is not None and stats[0] == hour - 1:
+            stats = [hour, 0, 0, stats[1], stats[2]]  # the last hour becomes the one before
+        elif stats is None or stats[0] != hour:
+            stats = [hour, 0, 0, 0, 0]
             if key not in self._stats and len(self._stats) >= self._max:
                 self._stats.popitem(last=False)
         self._stats[key] = stats
@@ -540,3 +551,10 @@ def scale_policy(policy: Policy, factor: float) -> Policy:
 
 def _hour() -> int:
     return int(time.time() // 3600)
+
+
+def _hour_and_weight() -> tuple[int, float]:
+    """This clock hour, and how much of the hour before still lies within the last hour."""
+    now = time.time()
+    hour = int(now // 3600)
+    return hour, 1.0 - (now - hour * 3600) / 3600

@@ -203,3 +203,23 @@ async def test_a_refund_naming_one_level_twice_is_refused_as_on_redis() -> None:
     await backend.hit([check])
     with pytest.raises(ValueError, match="twice"):
         await backend.refund([check, check])
+
+
+async def test_behaviour_is_judged_over_the_last_hour_not_per_clock_hour(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An abuser refused 18 times of 20 at 10:59:50 was a clean client at 11:00:05."""
+    import types
+
+    import fastapi_ratelimit.dynamic as dynamic_module
+
+    now = [1_700_002_790.0]  # 10 s before a whole hour
+    monkeypatch.setattr(dynamic_module, "time", types.SimpleNamespace(time=lambda: now[0]))
+    tracker = BehaviourTracker()
+    for i in range(20):
+        await tracker.record("ip:203.0.113.7", i < 2)
+    assert tracker.factor("ip:203.0.113.7") == 0.3
+    now[0] += 15  # a new clock hour: the hour before still weighs
+    assert tracker.factor("ip:203.0.113.7") == 0.3
+    now[0] += 3600  # more than an hour after: forgotten
+    assert tracker.factor("ip:203.0.113.7") == 1.0
