@@ -63,8 +63,9 @@ class RequestContext:
     denial: Verdict | None = None
     #: Allow-listed: route guards do nothing.
     exempt: bool = False
-    #: Load or an operator override shrank the quotas for this request.
-    reduced: bool = False
+    #: Load or an operator override shrank these levels' quotas for this request (``None``:
+    #: nothing shrank, or the request was refused by what it used, not by the shrinking).
+    reduced: set[str] | None = None
 
     # Written out rather than generated: one is built per request, and the generated
     # __init__ (keyword arguments) costs twice as much.
@@ -98,7 +99,7 @@ class RequestContext:
         self.middleware = False
         self.denial = None
         self.exempt = False
-        self.reduced = False
+        self.reduced = None
 
 
 def report_cost(request: Any, cost: int) -> None:

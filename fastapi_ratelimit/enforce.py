@@ -18,7 +18,7 @@ from .context import RequestContext
 from .control import PollPolicy
 from .decision import Decision, Verdict
 from .denials import DenialLog
-from .errors import ConfigurationError
+from .errors import BackendError, ConfigurationError
 from .failure import FailureHandling
 from .logs import log_limited
 from .masking import mask_identity
@@ -118,6 +118,8 @@ class Enforcer:
                 verdict = never
             elif self._delays:
                 verdict = await self._wait_and_retry(enforced, verdict)
+            if context.reduced and verdict is not None and not verdict.allowed:
+                context.reduced = await self._refused_by_reduction(given, verdict, context.reduced)
         if verdict is None:
             return None
         self._record(verdict, enforced, context)
@@ -242,18 +244,38 @@ class Enforcer:
         if dynamic.behaviour is not None:
             # The worst record the request matches: a fresh identity never sheds a bad one.
             client_factor = min(dynamic.behaviour.factor(r) for r in _records(context))
-        context.reduced = factor < 1.0
         if factor == 1.0 and client_factor == 1.0:
             return list(checks)
         scaled = []
+        reduced: set[str] = set()
         for check in checks:
             # A client's own levels: ip, user, api_key, and the composites and route limits
             # over several parts ("user+ip", "api_key+endpoint"), each holding a client part.
             own = check.scope in _CLIENT_SCOPES or "+" in check.scope
             f = factor * (client_factor if own else 1.0)
             policy = dynamic.scaled(check.policy, f)
+            if factor < 1.0 and dynamic.scaled(check.policy, factor).limit < check.policy.limit:
+                # Shrunk by load or the operator (not by the client's own behaviour).
+                reduced.add(check.scope)
             scaled.append(check if policy is check.policy else check._replace(policy=policy))
+        if reduced:
+            context.reduced = reduced
         return scaled
+
+    async def _refused_by_reduction(
+        self, given: Sequence[Check], verdict: Verdict, reduced: set[str]
+    ) -> set[str] | None:
+        """``reduced`` when only the shrinking refused the request, else ``None``: the 503 of
+        reduced capacity is for a request the quotas as configured admit (a look, nothing
+        consumed); a client over those gets the 429 of its own quota."""
+        denied = {d.scope for d in verdict.decisions if not d.allowed}
+        if not denied <= reduced:
+            return None
+        try:
+            configured = await self._limiter.backend.peek([c for c in given if c.scope in denied])
+        except BackendError:
+            return reduced  # the shrinking is in force, and no look says otherwise
+        return reduced if configured.allowed else None
 
     async def _penalty(self, context: RequestContext) -> Decision | None:
         behaviour = self._limiter.dynamic.behaviour

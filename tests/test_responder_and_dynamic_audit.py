@@ -223,3 +223,28 @@ async def test_behaviour_is_judged_over_the_last_hour_not_per_clock_hour(
     assert tracker.factor("ip:203.0.113.7") == 0.3
     now[0] += 3600  # more than an hour after: forgotten
     assert tracker.factor("ip:203.0.113.7") == 1.0
+
+
+async def test_the_503_of_reduced_capacity_is_for_a_refusal_the_reduction_caused() -> None:
+    """A client that spent its whole quota as configured used to get the 503 once a cut was
+    in force; it used its quota, and gets the 429. One the cut alone refuses gets the 503."""
+    limiter = RateLimiter(ip_limit="4/minute", dynamic=DynamicLimits())
+    assert limiter.dynamic is not None
+    app = FastAPI()
+
+    @app.get("/x")
+    async def x() -> dict[str, str]:
+        return {}
+
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    async with client_for(app, ip="198.51.100.1") as spender:
+        assert [(await spender.get("/x")).status_code for _ in range(5)] == [200] * 4 + [429]
+    await limiter.dynamic.set_override(0.5, by="ops")
+    async with client_for(app, ip="198.51.100.1") as spender:
+        over = await spender.get("/x")
+    assert over.status_code == 429
+    assert over.json()["type"].endswith("#quota-exceeded")
+    async with client_for(app, ip="198.51.100.2") as newcomer:
+        answers = [await newcomer.get("/x") for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 503]  # 2 of a configured 4
+    assert answers[2].json()["type"].endswith("#temporary-reduced-capacity")
