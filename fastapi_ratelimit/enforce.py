@@ -271,8 +271,10 @@ class Enforcer:
         denied = {d.scope for d in verdict.decisions if not d.allowed}
         if not denied <= reduced:
             return None
+        backend = self._limiter.backend
+        look = getattr(backend, "look", backend.peek)  # through the denial cache, if any
         try:
-            configured = await self._limiter.backend.peek([c for c in given if c.scope in denied])
+            configured = await look([c for c in given if c.scope in denied])
         except BackendError:
             return reduced  # the shrinking is in force, and no look says otherwise
         return reduced if configured.allowed else None

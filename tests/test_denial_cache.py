@@ -132,3 +132,28 @@ async def test_a_reset_is_seen_at_once(redis_url: str) -> None:
             assert (await client.get("/hello")).status_code == 200
     finally:
         await backend.aclose()
+
+
+@pytest.mark.redis
+async def test_a_flood_under_a_reduction_costs_almost_no_round_trips_either(
+    redis_url: str,
+) -> None:
+    """While a reduction is in force, a refusal also asks whether the quota as configured
+    would admit the request (429 or 503): that look is cached like a denial."""
+    from fastapi_ratelimit.dynamic import DynamicLimits
+
+    clock = FakeClock()
+    backend = RedisBackend.from_url(redis_url, timeout=5.0, clock=clock)
+    limiter = RateLimiter(backend=backend, ip_limit="10/minute", dynamic=DynamicLimits())
+    assert limiter.dynamic is not None
+    try:
+        async with client_for(make_app(limiter), ip="198.51.100.9") as client:
+            assert [(await client.get("/hello")).status_code for _ in range(10)] == [200] * 10
+            await limiter.dynamic.set_override(0.5, by="ops")
+            before = evalsha_calls(redis_url)
+            flood = [await client.get("/hello") for _ in range(400)]
+            after = evalsha_calls(redis_url)
+        assert [r.status_code for r in flood] == [429] * 400  # over its configured quota
+        assert after - before <= 0.05 * 400
+    finally:
+        await backend.aclose()

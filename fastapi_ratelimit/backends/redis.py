@@ -123,9 +123,13 @@ class RedisBackend:
         self._client = client
         # With a test clock, the cache runs on the time Redis is told.
         self._denials: DenialCache | None = None
+        #: Refused looks (:meth:`look`), apart: a key holds one policy per cache, and a look
+        #: at the quota as configured must not displace the hit's denial at a reduced one.
+        self._looks: DenialCache | None = None
         if denial_cache:
             seconds = time.monotonic if clock is None else (lambda: clock.now_us() / 1e6)
             self._denials = DenialCache(denial_cache, seconds)
+            self._looks = DenialCache(denial_cache, seconds)
         self._cluster = isinstance(client, RedisCluster)
         self._keys = KeyBuilder(prefix, secret=key_secret)
         self._timeout = timeout
@@ -322,18 +326,39 @@ class RedisBackend:
     async def peek(self, checks: Sequence[Check]) -> Verdict:
         return await self._run("p", checks)
 
+    async def look(self, checks: Sequence[Check]) -> Verdict:
+        """:meth:`peek` through the denial cache: only whether the checks would pass, and a
+        refusal kept as a refused hit is (see :mod:`~fastapi_ratelimit.backends._denials`),
+        so that a flood asking the same (the 503-or-429 question under dynamic limits,
+        enforce.py) costs no round trip either. Its other figures are the cache's, not
+        exact: :meth:`peek` is the exact look."""
+        looks = self._looks
+        if looks is None:
+            return await self._run("p", checks)
+        keys = self._keys_of(checks)
+        known = looks.lookup(checks, keys) if looks else None
+        if known is not None:
+            return known
+        sent = looks.now()
+        verdict = await self._run("p", checks)
+        if not verdict.allowed:
+            looks.store(checks, keys, verdict, sent)
+        return verdict
+
     async def refund(self, checks: Sequence[Check]) -> None:
         if checks:
-            if self._denials:
-                self._denials.forget(self.key_for(c) for c in checks)
+            for cache in (self._denials, self._looks):
+                if cache:
+                    cache.forget([self.key_for(c) for c in checks])
             await self._run("r", checks)
 
     async def reset(self, checks: Sequence[Check]) -> None:
         keys = self._keys_of(checks)
         if not keys:
             return
-        if self._denials is not None:
-            self._denials.forget(keys)
+        for cache in (self._denials, self._looks):
+            if cache is not None:
+                cache.forget(keys)
         if self._cluster:
             # DEL of keys in several slots is a CROSSSLOT error: one DEL per slot.
             by_slot: dict[int, list[str]] = defaultdict(list)
