@@ -116,6 +116,18 @@ async def test_a_self_checking_guards_denial_uses_the_limiters_response_builder(
     assert "route-user-1-60s" in policies(denied)
 
 
+def x_app(limiter: RateLimiter) -> FastAPI:
+    """``GET /x`` behind the middleware."""
+    app = FastAPI()
+
+    @app.get("/x")
+    async def x() -> dict[str, str]:
+        return {}
+
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    return app
+
+
 def gauges(limiter: RateLimiter) -> dict[str, dict[tuple[str, ...], float]]:
     return RateLimitMetrics(limiter, registry=CollectorRegistry()).snapshot()[2]
 
@@ -145,13 +157,7 @@ async def test_a_clients_behaviour_factor_scales_its_composite_levels_too() -> N
         composite_limits=[CompositeLimit(("ip", "endpoint"), "10/minute")],
         dynamic=DynamicLimits(behaviour=behaviour),
     )
-    app = FastAPI()
-
-    @app.get("/x")
-    async def x() -> dict[str, str]:
-        return {}
-
-    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    app = x_app(limiter)
     async with client_for(app) as client:
         for _ in range(3):
             answer = await client.get("/x")
@@ -164,13 +170,7 @@ async def test_an_override_keeps_small_factors(factor: float, quota: int) -> Non
     limiter = RateLimiter(ip_limit="1000/minute", dynamic=DynamicLimits())
     assert limiter.dynamic is not None
     await limiter.dynamic.set_override(factor, by="ops")
-    app = FastAPI()
-
-    @app.get("/x")
-    async def x() -> dict[str, str]:
-        return {}
-
-    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    app = x_app(limiter)
     async with client_for(app) as client:
         answer = await client.get("/x")
     assert policies(answer)["ip"]["q"] == quota
@@ -230,13 +230,7 @@ async def test_the_503_of_reduced_capacity_is_for_a_refusal_the_reduction_caused
     in force; it used its quota, and gets the 429. One the cut alone refuses gets the 503."""
     limiter = RateLimiter(ip_limit="4/minute", dynamic=DynamicLimits())
     assert limiter.dynamic is not None
-    app = FastAPI()
-
-    @app.get("/x")
-    async def x() -> dict[str, str]:
-        return {}
-
-    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    app = x_app(limiter)
     async with client_for(app, ip="198.51.100.1") as spender:
         assert [(await spender.get("/x")).status_code for _ in range(5)] == [200] * 4 + [429]
     await limiter.dynamic.set_override(0.5, by="ops")
