@@ -36,6 +36,8 @@ from .rate import Rate
 
 __all__ = ["BehaviourTracker", "DynamicLimits", "LoadMonitor", "LoadThresholds", "scale_policy"]
 
+#: Fewest responses in a load sample for its error rate and latency to count.
+_MIN_RESPONSES = 10
 #: Seconds between prunings of the penalty box (and between its log lines).
 _PRUNE_EVERY = 10.0
 #: Most entries in the shared penalty box: every instance reloads it whole when it changes
@@ -185,11 +187,14 @@ class LoadMonitor:
         self._sampler = sampler
         cpu, memory = sampler()
         responses = self._responses
+        # The error rate and the mean latency speak from _MIN_RESPONSES responses a sample:
+        # one 500 in a quiet second must not halve every quota.
+        enough = responses >= _MIN_RESPONSES
         sample = LoadSample(
             cpu=cpu,
             memory=memory,
-            error_rate=self._errors / responses if responses else 0.0,
-            latency=self._latency_sum / responses if responses else 0.0,
+            error_rate=self._errors / responses if enough else 0.0,
+            latency=self._latency_sum / responses if enough else 0.0,
             in_flight=self.in_flight,
         )
         self._responses, self._errors, self._latency_sum = 0, 0, 0.0

@@ -226,7 +226,9 @@ class RateLimitMiddleware:
     def _skip(self, scope: Scope) -> bool:
         path: str = scope["path"]
         root = scope.get("root_path", "")
-        if root and path.startswith(root):
+        # As Starlette routes (get_route_path): the root comes off at a "/" boundary only, so
+        # that root_path="/" leaves "/health" whole.
+        if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
             path = path[len(root) :] or "/"
         if path in self._exact or path.startswith(self._prefixes):
             return True

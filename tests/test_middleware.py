@@ -890,3 +890,21 @@ async def test_endpoint_limits_apply_when_the_middleware_wraps_the_app_itself() 
             answers = [await client.get(path) for _ in range(2)]
         assert [a.status_code for a in answers] == [200, 429]
         assert set(policies(answers[0])) == {"endpoint"}
+
+
+@pytest.mark.parametrize(
+    ("root_path", "path", "skipped"),
+    [
+        ("/", "/health", True),  # was "health": limited (found in the session-25 audit)
+        ("/api", "/api/health", True),
+        ("/api", "/api", False),
+        ("/api", "/apihealth", False),  # no "/" boundary: not under the root at all
+        ("", "/health/live", True),
+    ],
+)
+def test_exempt_paths_strip_the_root_path_as_starlette_routes_do(
+    root_path: str, path: str, skipped: bool
+) -> None:
+    middleware = RateLimitMiddleware(FastAPI(), limiter=RateLimiter())
+    scope = {"type": "http", "method": "GET", "path": path, "root_path": root_path, "headers": []}
+    assert middleware._skip(scope) is skipped

@@ -343,10 +343,14 @@ async def test_app_errors_and_in_flight_feed_the_load_factor() -> None:
     load = LoadMonitor(sampler=lambda: (0.0, 0.0), interval=60)
     limiter = RateLimiter(dynamic=DynamicLimits(load=load))
     async with client_for(app_for(limiter)) as client:
-        for _ in range(3):
+        # One 500 in a quiet sample says nothing yet (fewer than 10 responses).
+        await client.get("/fail")
+        assert load.sample_now() == 1.0
+        for _ in range(9):
             await client.get("/fail")
-        await client.get("/work")
-    assert load.sample_now() == 0.5  # 75% 5xx
+        for _ in range(3):
+            await client.get("/work")
+    assert load.sample_now() == 0.5  # 9 of 12 5xx
     assert load.in_flight == 0
     await limiter.aclose()
 
