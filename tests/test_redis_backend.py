@@ -215,6 +215,34 @@ async def test_timeout_is_a_backend_error(redis_url: str) -> None:
         await backend.aclose()
 
 
+async def test_calls_queued_for_a_slot_wait_within_their_own_timeout(redis_url: str) -> None:
+    """Found in the session-25 audit: on redis-py's path (TLS, Sentinel, multiplex=False) the
+    wait for one of the max_in_flight slots was outside the timeout, so during a pause the
+    calls queued behind the first ones each waited a whole timeout more once they ran."""
+    backend = RedisBackend.from_url(redis_url, timeout=0.1, multiplex=False, max_in_flight=1)
+    admin = redis.asyncio.Redis.from_url(redis_url)
+    loop = asyncio.get_running_loop()
+
+    async def timed_hit(user: str) -> float:
+        started = loop.time()
+        with pytest.raises(BackendError, match="timed out"):
+            await backend.hit(five_levels(user))
+        return loop.time() - started
+
+    try:
+        await backend.hit(five_levels())
+        await admin.execute_command("CLIENT", "PAUSE", "30000", "WRITE")
+        waits = await asyncio.gather(*(timed_hit(f"u{i}") for i in range(20)))
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        # Queued 19 deep behind 1 slot, the last used to wait about 20 timeouts (2 s). Each
+        # now gives up at its own timeout (0.1 s): a wide margin for a busy machine.
+        assert max(waits) < 0.8, waits
+    finally:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await admin.aclose()
+        await backend.aclose()
+
+
 async def test_out_of_memory_is_a_backend_error(redis_url: str) -> None:
     backend = RedisBackend.from_url(redis_url, timeout=5.0)
     admin = redis.asyncio.Redis.from_url(redis_url)

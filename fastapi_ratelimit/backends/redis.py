@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -54,6 +55,8 @@ _Mode = Literal["h", "p", "r"]
 _CREDENTIALS_RE = re.compile(r"(?<=://)[^@/\s]*@")
 _DEFAULT_TIMEOUT = 0.05
 _VERSION = "#version"
+#: A random number a namespace's hash gets with its first write: see control_version.
+_EPOCH = "#epoch"
 _PACKED_KEYS = 8192
 _FALLBACK_TIMEOUT = 5.0
 
@@ -437,6 +440,11 @@ class RedisBackend:
     # -- operator state (see fastapi_ratelimit.control) ---------------------------------------
     # One hash per namespace; the field "#version" counts changes, so instances can poll one
     # field and reload only when something changed. Entry keys never start with "#".
+    #
+    # A Redis that loses its keyspace (a restart without persistence, FLUSHALL) counts again
+    # from 0, and a few writes later can reach the very number an instance last saw: that
+    # instance would keep its stale copy for good. So the hash also gets a random "#epoch"
+    # with its first write, and the version instances compare is epoch and count together.
 
     def _control_key(self, namespace: str) -> str:
         return f"{self._keys.prefix}:ctl:{{{namespace}}}"
@@ -444,14 +452,14 @@ class RedisBackend:
     async def control_load(self, namespace: str) -> tuple[int, dict[str, str]]:
         raw = await self._call("control", self._client.hgetall, self._control_key(namespace))
         entries = {_text(k): _text(v) for k, v in raw.items()}
-        version = int(entries.pop(_VERSION, "0"))
+        version = _versioned(entries.pop(_VERSION, None), entries.pop(_EPOCH, None))
         return version, entries
 
     async def control_version(self, namespace: str) -> int:
-        value = await self._call(
-            "control", self._client.hget, self._control_key(namespace), _VERSION
+        count, epoch = await self._call(
+            "control", self._client.hmget, self._control_key(namespace), [_VERSION, _EPOCH]
         )
-        return int(value or 0)
+        return _versioned(count, epoch)
 
     async def control_put(self, namespace: str, key: str, value: str) -> None:
         await self._call("control", self._control_update, namespace, {key: value}, [])
@@ -469,6 +477,7 @@ class RedisBackend:
             if deletes:
                 pipe.hdel(key, *deletes)
             pipe.hincrby(key, _VERSION, 1)
+            pipe.hsetnx(key, _EPOCH, str(secrets.randbits(30) + 1))
             results = await pipe.execute()
         return int(results[0]) if deletes else len(puts)
 
@@ -568,17 +577,19 @@ class RedisBackend:
         try:
             if not self._initialized:
                 await self._initialize(self._timeout)
-            async with self._slots:
-                if self._timeout is None:
+            if self._timeout is None:
+                async with self._slots:
                     try:
                         return await client.evalsha(self._script.sha, len(keys), *keys, arg)
                     except NoScriptError:
                         return await self._reload_and_run(keys, [arg])
-                async with asyncio.timeout(self._timeout):
-                    try:
-                        return await client.evalsha(self._script.sha, len(keys), *keys, arg)
-                    except NoScriptError:
-                        return await self._reload_and_run(keys, [arg])
+            # The wait for a slot counts against the timeout too: calls queued behind a Redis
+            # that stopped answering must not each wait a whole timeout more once they run.
+            async with asyncio.timeout(self._timeout), self._slots:
+                try:
+                    return await client.evalsha(self._script.sha, len(keys), *keys, arg)
+                except NoScriptError:
+                    return await self._reload_and_run(keys, [arg])
         except Exception as exc:  # see _call: never anything but a BackendError
             raise self._script_error(exc) from exc
 
@@ -649,11 +660,12 @@ class RedisBackend:
         try:
             if not self._initialized:
                 await self._initialize(self._timeout)
-            async with self._slots:
-                if self._timeout is None:
+            if self._timeout is None:
+                async with self._slots:
                     return await function(*args)
-                async with asyncio.timeout(self._timeout):
-                    return await function(*args)
+            # As in _script_call: the wait for a slot is within the timeout.
+            async with asyncio.timeout(self._timeout), self._slots:
+                return await function(*args)
         except TimeoutError as exc:
             raise BackendError(
                 f"Redis {operation} timed out after {self._timeout}s ({self._where()})"
@@ -703,3 +715,9 @@ def redact_url(url: str) -> str:
 
 def _scrub(message: str) -> str:
     return redact_url(message)[:300]
+
+
+def _versioned(count: Any, epoch: Any) -> int:
+    """A namespace's version as instances compare it: its random epoch (0 for a hash written
+    before epochs) above its change count."""
+    return (int(epoch or 0) << 32) + int(count or 0)
