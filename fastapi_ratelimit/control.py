@@ -191,6 +191,9 @@ class Mirror:
         self._interval = refresh_interval
         self._policy = policy if policy is not None else PollPolicy()
         self._version = -1
+        #: When the store last confirmed the copy (monotonic seconds): an operator call's
+        #: refresh may have loaded it long before the first request needs it.
+        self._checked_at = 0.0
         #: The local copy, parsed (replaced whole on refresh, never edited in place).
         self.entries: Mapping[str, dict[str, Any]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -226,7 +229,9 @@ class Mirror:
                 self._starting = None
 
     async def _start(self) -> None:
-        if self._version == -1:
+        # Not loaded, or loaded longer ago than the loop would allow (an operator call made
+        # before this instance served anything): look first, so no copy of any age applies.
+        if self._version == -1 or time.monotonic() - self._checked_at > self._interval:
             await self.poll()
         if self._task is None or self._task.done():
             self._task = task = asyncio.create_task(
@@ -310,6 +315,7 @@ class Mirror:
             self.entries = entries
             self._version = version
             self.generation += 1
+        self._checked_at = time.monotonic()
         self._policy.worked(self._namespace)
 
     def _failed(self, error: Exception) -> None:

@@ -453,3 +453,32 @@ async def test_a_mirror_follows_redis_after_it_lost_its_keyspace(redis_url: str)
         assert (await status(old), await status(new)) == (200, 403)
     finally:
         await limiter.aclose()
+
+
+@pytest.mark.redis
+async def test_a_copy_loaded_by_an_operator_call_is_looked_at_again_on_first_use(
+    redis_url: str,
+) -> None:
+    """Found in the session-25 audit: an operator call made on an instance before it served
+    anything loaded the copy; the first request then used that copy, however old, until the
+    loop's first poll."""
+    from fastapi_ratelimit import RedisBackend
+
+    def instance() -> RateLimiter:
+        return RateLimiter(
+            backend=RedisBackend.from_url(redis_url, timeout=0.5),
+            ip_limit="1000/minute",
+            access_lists=True,
+            refresh_interval=0.2,
+        )
+
+    first, second = instance(), instance()
+    try:
+        await first.operator.block("ip", "203.0.113.7")  # before it serves anything
+        await second.operator.unblock("ip", "203.0.113.7")
+        await asyncio.sleep(0.5)  # longer than first's refresh interval, with no request
+        async with client_for(work_app(first)) as client:
+            assert (await client.get("/work")).status_code == 200
+    finally:
+        await first.aclose()
+        await second.aclose()
