@@ -330,11 +330,11 @@ class RedisBackend:
         return await self._run("p", checks)
 
     async def look(self, checks: Sequence[Check]) -> Verdict:
-        """:meth:`peek` through the denial cache: only whether the checks would pass, and a
-        refusal kept as a refused hit is (see :mod:`~fastapi_ratelimit.backends._denials`),
-        so that a flood asking the same (the 503-or-429 question under dynamic limits,
-        enforce.py) costs no round trip either. Its other figures are the cache's, not
-        exact: :meth:`peek` is the exact look."""
+        """:meth:`peek` for whether the checks would pass, with a refusal kept until its wait
+        is over, as a refused hit is (:mod:`~fastapi_ratelimit.backends._denials`; in a cache
+        of its own), so that a flood asking the same (the 503-or-429 question under dynamic
+        limits, enforce.py) costs no round trip either. Only ``allowed`` is exact:
+        :meth:`peek` is the exact look."""
         looks = self._looks
         if looks is None:
             return await self._run("p", checks)
