@@ -31,7 +31,7 @@ from loguru import logger
 from .control import ControlStore, Mirror, PollPolicy, every, live, stop
 from .errors import ConfigurationError, check_ttl
 from .keys import KeyBuilder
-from .policy import Policy
+from .policy import MIN_GCRA_INTERVAL_US, Algorithm, Policy
 from .rate import Rate
 
 __all__ = ["BehaviourTracker", "DynamicLimits", "LoadMonitor", "LoadThresholds", "scale_policy"]
@@ -550,7 +550,11 @@ class DynamicLimits:
 def scale_policy(policy: Policy, factor: float) -> Policy:
     rate = policy.rate
     burst = None if rate.burst is None else max(1, math.floor(rate.burst * factor))
-    scaled = Rate(max(1, math.floor(rate.limit * factor)), rate.period, burst)
+    limit = max(1, math.floor(rate.limit * factor))
+    if policy.algorithm is Algorithm.GCRA:
+        # Scaled up, a GCRA rate stays within what GCRA keeps exactly (see policy.py).
+        limit = min(limit, max(rate.limit, rate.period_us // MIN_GCRA_INTERVAL_US))
+    scaled = Rate(limit, rate.period, burst)
     return Policy(policy.name, scaled, policy.algorithm, bucket=policy.bucket)
 
 

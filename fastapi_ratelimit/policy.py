@@ -145,7 +145,7 @@ class Policy:
 #: GCRA keeps an absolute time in microseconds, which a double holds to 0.25 us today: an
 #: emission interval (period / limit) under this many microseconds would be kept loosely
 #: (at 1 us or less, not at all).
-_MIN_GCRA_INTERVAL_US = 10
+MIN_GCRA_INTERVAL_US = 10
 #: The longest a bucket may take to refill (burst x period / limit): the stored times and
 #: TTLs must stay whole microseconds and milliseconds the backends can write.
 _MAX_HORIZON_US = round(MAX_PERIOD * 1_000_000)
@@ -155,11 +155,11 @@ def _check_arithmetic(name: str, rate: Rate, algorithm: Algorithm) -> None:
     """Refuse rates whose arithmetic the backends cannot carry exactly (found in an audit:
     GCRA at millions a second admitted everything; a token bucket refilling over millennia
     failed on Redis)."""
-    if algorithm is Algorithm.GCRA and rate.period_us < _MIN_GCRA_INTERVAL_US * rate.limit:
+    if algorithm is Algorithm.GCRA and rate.period_us < MIN_GCRA_INTERVAL_US * rate.limit:
         raise ConfigurationError(
             f"policy {name!r}: rate",
             str(rate),
-            f"is more than {1_000_000 // _MIN_GCRA_INTERVAL_US} a second, finer than GCRA "
+            f"is more than {1_000_000 // MIN_GCRA_INTERVAL_US} a second, finer than GCRA "
             "keeps time: use token_bucket (or sliding_window_counter) for it",
         )
     if algorithm.uses_burst and rate.capacity * rate.period_us > _MAX_HORIZON_US * rate.limit:

@@ -24,6 +24,7 @@ from .backends.base import Check, storage_key
 from .context import RequestContext
 from .errors import ConfigurationError
 from .keys import Identity
+from .logs import log_limited
 from .policy import Algorithm, Policy
 from .rate import Rate, parse_rate
 from .responses import cost_exceeds_limit_response, quota_exceeded_response
@@ -163,7 +164,14 @@ class RouteLimit:
             return policy
         variant = self.variants.get(algorithm)
         if variant is None:
-            variant = self.variants[algorithm] = Policy(policy.name, policy.rate, algorithm)
+            try:
+                variant = Policy(policy.name, policy.rate, algorithm)
+            except ConfigurationError as exc:
+                # A rate that algorithm cannot keep (GCRA over 100,000 a second): found on a
+                # request, which must not fail for it. The limit keeps its own algorithm.
+                log_limited("WARNING", "route-limit-algorithm", "{}; kept {}", exc, policy.code)
+                variant = policy
+            self.variants[algorithm] = variant
         return variant
 
     @property

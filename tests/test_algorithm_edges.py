@@ -187,3 +187,20 @@ async def test_a_sliding_log_refund_never_lets_more_than_the_limit_through(
     clock.advance_us(4_900_000)  # t = 10
     admitted = [(await backend.hit([check])).allowed for _ in range(2)]
     assert admitted == [True, False]
+
+
+def test_scaling_a_gcra_rate_up_stays_within_what_gcra_keeps() -> None:
+    """An override of up to x10 on a fast GCRA level must not build a policy that the
+    construction checks refuse (that would fail the request)."""
+    from fastapi_ratelimit.dynamic import scale_policy
+
+    scaled = scale_policy(Policy("g", Rate(60_000, 1, burst=10), "gcra"), 10)
+    assert scaled.rate.limit == 100_000  # at the bound, not 600,000
+    assert scale_policy(Policy("g", Rate(200, 1), "gcra"), 10).rate.limit == 2000
+
+
+async def test_a_route_limit_too_fast_for_the_limiters_gcra_keeps_its_own_algorithm() -> None:
+    from fastapi_ratelimit import RateLimit
+
+    guard = RateLimit(Rate(200_000, 1))  # no algorithm named: the limiter's default applies
+    assert guard.limit.policy_for(Algorithm.GCRA) is guard.limit.policy
