@@ -254,7 +254,8 @@ class Enforcer:
             own = check.scope in _CLIENT_SCOPES or "+" in check.scope
             f = factor * (client_factor if own else 1.0)
             policy = dynamic.scaled(check.policy, f)
-            if factor < 1.0 and dynamic.scaled(check.policy, factor).limit < check.policy.limit:
+            by_load = policy if f == factor else dynamic.scaled(check.policy, factor)
+            if factor < 1.0 and by_load.limit < check.policy.limit:
                 # Shrunk by load or the operator (not by the client's own behaviour).
                 reduced.add(check.scope)
             scaled.append(check if policy is check.policy else check._replace(policy=policy))

@@ -14,6 +14,7 @@ from fastapi import Depends, FastAPI
 from http_helpers import client_for, policies
 from prometheus_client import CollectorRegistry
 from starlette.responses import PlainTextResponse, Response
+from test_hostile_input import raw_get
 
 from fastapi_ratelimit import (
     Algorithm,
@@ -33,35 +34,10 @@ from fastapi_ratelimit.dynamic import BehaviourTracker, DynamicLimits, LoadMonit
 from fastapi_ratelimit.metrics import RateLimitMetrics
 
 
-def scope(path: str = "/x") -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"t")],
-        "client": ("203.0.113.7", 40000),
-        "server": ("t", 80),
-    }
-
-
 async def start_message(app: Any) -> dict[str, Any]:
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
+    """The response start ``app`` sends behind the middleware (ip level: 10 a minute)."""
     middleware = RateLimitMiddleware(app, limiter=RateLimiter(ip_limit="10/minute"))
-    await middleware(scope(), receive, send)
-    return sent[0]
+    return await raw_get(middleware, "/x", b"")
 
 
 async def test_an_apps_headers_given_as_a_generator_are_kept() -> None:
